@@ -1,0 +1,139 @@
+"""The functional API for training loops, in the manner of torch.distributed.checkpoint.
+
+``save`` writes each rank's ``state_dict`` as a new row; ``load`` fills a live
+``state_dict`` in place from the elected row, onto the devices of the live tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from . import engine
+from .codec import Path, path_str
+from .comm import resolve
+from .election import elect, elect_offline
+from .errors import CheckpointError, CheckpointStateSchemaError
+from .retention import rows_to_delete
+from .store import Store
+
+StoreLike = str | os.PathLike[str] | Store
+
+
+def _store(store: StoreLike) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def save(
+    state_dict: dict[str, Any],
+    store: StoreLike,
+    *,
+    row: int | None = None,
+    comm: Any = None,
+    keep: int | None = None,
+    **metadata: Any,
+) -> int:
+    """Collective: commit every rank's ``state_dict`` as one new row; returns the row id.
+
+    Each rank's values are its own (ranks may hold different tensors under one key).
+    ``keep`` retains only the newest N committed rows afterwards. ``metadata`` must be
+    JSON-like (scalars, lists, dicts, datetimes) and comes back from :func:`metadata`.
+    """
+    st = _store(store)
+    c = resolve(comm)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"state_dict must be a dict, not {type(state_dict).__qualname__}")
+    content = engine.RowContent(states=dict(state_dict), schemas={}, metadata=metadata)
+    manifest = engine.save_row(st, c, content, row=row)
+    if keep is not None:
+        engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
+    return manifest.row
+
+
+def load(
+    state_dict: dict[str, Any],
+    store: StoreLike,
+    *,
+    row: int | None = None,
+    comm: Any = None,
+    strict: bool = True,
+) -> int:
+    """Collective: fill ``state_dict`` in place from the elected (or given) row.
+
+    Tensors are copied into the live tensors (so they keep their device, e.g. ``cuda:N``);
+    shapes and dtypes must match. Keys present in the row but not in ``state_dict`` are
+    added (a fresh optimizer has no state yet); keys missing from the row raise unless
+    ``strict=False``. Everything is read and verified before anything is modified.
+    Returns the row id.
+    """
+    st = _store(store)
+    c = resolve(comm)
+    view = engine.open_row(st, c, row)
+    saved = engine.read_all(view, c)
+    _check_fits(state_dict, saved, (), strict)
+    _merge(state_dict, saved)
+    return view.row
+
+
+def latest(store: StoreLike, *, comm: Any = None) -> int | None:
+    """The row a restart would elect, or None. Offline unless ``comm`` is given."""
+    st = _store(store)
+    if comm is None:
+        return elect_offline(st)
+    c = resolve(comm)
+    return elect(st, c) if st.exists() else None
+
+
+def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict[str, Any]:
+    """The metadata a rank saved with a row (default: the latest row, rank 0)."""
+    st = _store(store)
+    chosen = elect_offline(st) if row is None else row
+    if chosen is None:
+        return {}
+    return engine.RowView(st, st.read_manifest(chosen, rank)).metadata
+
+
+def _check_fits(target: Any, saved: Any, path: Path, strict: bool) -> None:
+    """Raise before any write if a saved value cannot go into the live one."""
+    if isinstance(target, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            raise CheckpointStateSchemaError(
+                f"{path_str(path)!r}: live value is a tensor, saved value is a "
+                f"{type(saved).__qualname__}"
+            )
+        if target.shape != saved.shape or target.dtype != saved.dtype:
+            raise CheckpointStateSchemaError(
+                f"{path_str(path)!r}: saved tensor is {tuple(saved.shape)} {saved.dtype}, "
+                f"live tensor is {tuple(target.shape)} {target.dtype}"
+            )
+        return
+    if isinstance(target, dict) and isinstance(saved, dict):
+        for key, value in target.items():
+            if key in saved:
+                _check_fits(value, saved[key], (*path, key), strict)
+            elif strict:
+                raise CheckpointStateSchemaError(
+                    f"{path_str((*path, key))!r} is not in the checkpoint "
+                    "(load with strict=False to keep the live value)"
+                )
+    elif isinstance(target, list) and isinstance(saved, list) and len(target) == len(saved):
+        for i, (t, s) in enumerate(zip(target, saved, strict=True)):
+            _check_fits(t, s, (*path, i), strict)
+
+
+def _merge(target: dict[Any, Any] | list[Any], saved: Any) -> None:
+    keys = list(saved.keys()) if isinstance(target, dict) else list(range(len(saved)))
+    for key in keys:
+        value = saved[key]
+        live = target.get(key) if isinstance(target, dict) else target[key]
+        if isinstance(live, torch.Tensor):
+            with torch.no_grad():
+                live.copy_(value)
+        elif (isinstance(live, dict) and isinstance(value, dict)) or (
+            isinstance(live, list) and isinstance(value, list) and len(live) == len(value)
+        ):
+            _merge(live, value)
+        else:
+            target[key] = value

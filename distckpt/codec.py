@@ -1,0 +1,168 @@
+"""Lossless JSON encoding of state trees, with tensors pulled out as leaves.
+
+This replaces pickle: a saved tree is JSON whose nodes are tagged by type, so loading can
+rebuild dicts, lists, tuples, scalars, datetimes and tensors but can never run code.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CheckpointSerializationError
+
+Json = Any
+Path = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A tensor found in a tree; ``numpy`` marks one that must come back as an ndarray."""
+
+    path: Path
+    tensor: torch.Tensor
+    numpy: bool
+
+
+def path_str(path: Path) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def encode(obj: Any, leaves: list[Leaf], path: Path = ()) -> Json:
+    """Encode ``obj`` as a tagged JSON node, appending each tensor to ``leaves``."""
+    if isinstance(obj, torch.Tensor):
+        leaves.append(Leaf(path, obj, False))
+        return {"tensor": len(leaves) - 1}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise CheckpointSerializationError(
+                f"numpy array of objects at {path_str(path)!r} cannot be stored without pickle"
+            )
+        leaves.append(Leaf(path, torch.from_numpy(np.ascontiguousarray(obj)), True))
+        return {"ndarray": len(leaves) - 1}
+    if obj is None or isinstance(obj, bool | str):
+        return {"v": obj}
+    if isinstance(obj, int):
+        return {"v": int(obj)}
+    if isinstance(obj, float):
+        return {"v": obj} if math.isfinite(obj) else {"float": repr(obj)}
+    if isinstance(obj, dict):
+        items = []
+        for k, v in obj.items():
+            if not isinstance(k, str | int) or isinstance(k, bool):
+                raise CheckpointSerializationError(
+                    f"dict key {k!r} at {path_str(path)!r} is not a str or int"
+                )
+            items.append([k, encode(v, leaves, (*path, k))])
+        return {"dict": items}
+    if isinstance(obj, list):
+        return {"list": [encode(v, leaves, (*path, i)) for i, v in enumerate(obj)]}
+    if isinstance(obj, torch.Size):
+        return {"size": list(obj)}
+    if isinstance(obj, tuple):
+        return {"tuple": [encode(v, leaves, (*path, i)) for i, v in enumerate(obj)]}
+    if isinstance(obj, _dt.datetime):
+        return {"datetime": obj.isoformat()}
+    if isinstance(obj, _dt.date):
+        return {"date": obj.isoformat()}
+    if isinstance(obj, _dt.timedelta):
+        return {"timedelta": [obj.days, obj.seconds, obj.microseconds]}
+    if isinstance(obj, np.datetime64 | np.timedelta64):
+        return {"np_time": [obj.dtype.str, int(obj.astype(np.int64))]}
+    if isinstance(obj, np.generic):
+        value = obj.item()
+        if isinstance(value, complex):
+            value = [value.real, value.imag]
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = repr(value)
+        return {"np_scalar": [obj.dtype.str, value]}
+    if isinstance(obj, torch.dtype):
+        return {"dtype": str(obj).removeprefix("torch.")}
+    if isinstance(obj, bytes):
+        return {"bytes": base64.b64encode(obj).decode()}
+    if isinstance(obj, complex):
+        return {"complex": [obj.real, obj.imag]}
+    raise CheckpointSerializationError(
+        f"value of type {type(obj).__qualname__} at {path_str(path)!r} cannot be stored "
+        "(supported: tensors, numpy arrays, dict/list/tuple, scalars, str, bytes, datetimes)"
+    )
+
+
+def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
+    """Rebuild the object encoded by :func:`encode`; tensors come from ``get_leaf``."""
+    try:
+        (tag, value), *rest = node.items()
+    except (AttributeError, ValueError) as exc:
+        raise CheckpointSerializationError(f"malformed stored value {node!r:.80}") from exc
+    if rest:
+        raise CheckpointSerializationError(f"malformed stored value {node!r:.80}")
+    if tag == "v":
+        return value
+    if tag == "tensor":
+        return get_leaf(int(value), False)
+    if tag == "ndarray":
+        return get_leaf(int(value), True)
+    if tag == "dict":
+        return {k: decode(v, get_leaf) for k, v in value}
+    if tag == "list":
+        return [decode(v, get_leaf) for v in value]
+    if tag == "tuple":
+        return tuple(decode(v, get_leaf) for v in value)
+    if tag == "size":
+        return torch.Size(value)
+    if tag == "float":
+        return float(value)
+    if tag == "datetime":
+        return _dt.datetime.fromisoformat(value)
+    if tag == "date":
+        return _dt.date.fromisoformat(value)
+    if tag == "timedelta":
+        return _dt.timedelta(days=value[0], seconds=value[1], microseconds=value[2])
+    if tag == "np_time":
+        dtype = np.dtype(value[0])
+        return np.array(value[1], dtype=np.int64).astype(dtype)[()]
+    if tag == "np_scalar":
+        dtype = np.dtype(value[0])
+        if dtype.hasobject:
+            raise CheckpointSerializationError(f"refusing object dtype {value[0]!r}")
+        v = value[1]
+        if isinstance(v, list):
+            v = complex(v[0], v[1])
+        return dtype.type(float(v) if isinstance(v, str) else v)
+    if tag == "dtype":
+        from .dtypes import torch_dtype
+
+        return torch_dtype(value)
+    if tag == "bytes":
+        return base64.b64decode(value)
+    if tag == "complex":
+        return complex(value[0], value[1])
+    raise CheckpointSerializationError(f"unknown stored value tag {tag!r}")
+
+
+def encode_metadata(metadata: dict[str, Any]) -> Json:
+    """Metadata is a tree without tensors: refuse tensors so it stays small and inline."""
+    leaves: list[Leaf] = []
+    node = encode(dict(metadata), leaves)
+    if leaves:
+        raise CheckpointSerializationError(
+            f"metadata may not hold tensors (found one at {path_str(leaves[0].path)!r})"
+        )
+    return node
+
+
+def decode_metadata(node: Json) -> dict[str, Any]:
+    def no_leaf(index: int, numpy: bool) -> Any:
+        raise CheckpointSerializationError("metadata refers to a tensor")
+
+    value = decode(node, no_leaf)
+    if not isinstance(value, dict):
+        raise CheckpointSerializationError("stored metadata is not a mapping")
+    return value

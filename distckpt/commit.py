@@ -1,0 +1,75 @@
+"""The commit protocol: the one place that decides in what order bytes become durable.
+
+A rank's part of a row is committed by its manifest: data files are written and fsynced
+first (rowio), then the manifest is published atomically here. Removal runs the other way:
+manifests go first (the row stops counting), data after. A crash at any instant leaves
+either a committed row or garbage that the election ignores and GC removes.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .faults import fault_point
+from .format import ZARR_JSON, group_document
+from .manifest import RankManifest
+from .plan import RankPlan
+from .rowio import write_rank_arrays, write_rank_group
+from .store import Store, utcnow
+
+
+def prepare_row(store: Store, row: int) -> None:
+    """Create the row's group and manifests directory (coordinator, before any rank writes)."""
+    fs = store.fs
+    row_dir = store.row_dir(row)
+    fs.makedirs(store.manifests_dir(row))
+    doc = group_document({"distckpt": {"row": row, "created": utcnow()}})
+    fs.write_file(os.path.join(row_dir, ZARR_JSON), [doc])
+    fs.fsync_dir(row_dir)
+    fs.fsync_dir(store.rows_dir)
+
+
+def commit_rank(store: Store, plan: RankPlan, manifest: RankManifest) -> RankManifest:
+    """Write this rank's data durably, then publish its manifest: the rank's commit point."""
+    row, rank = manifest.row, manifest.rank
+    fault_point("before_data", rank=rank, row=row)
+    rank_dir = store.rank_dir(row, rank)
+    write_rank_group(store.fs, rank_dir, rank)
+    entries = write_rank_arrays(store.fs, store.row_dir(row), plan)
+    store.fs.fsync_dir(rank_dir)
+    store.fs.fsync_dir(store.row_dir(row))
+    fault_point("after_data", rank=rank, row=row)
+    final = RankManifest(
+        row=row,
+        rank=rank,
+        world_size=manifest.world_size,
+        write_count=manifest.write_count,
+        created=manifest.created,
+        name=manifest.name,
+        level=manifest.level,
+        lead_time=manifest.lead_time,
+        arrays=tuple(entries),
+        states=manifest.states,
+        metadata=manifest.metadata,
+    )
+    store.fs.atomic_write(store.manifest_path(row, rank), final.to_json())
+    fault_point("after_manifest", rank=rank, row=row)
+    return final
+
+
+def retract_rank(store: Store, row: int, rank: int) -> None:
+    """Withdraw one rank's commit (its row stops counting); data is left for GC."""
+    store.fs.remove(store.manifest_path(row, rank))
+    if store.fs.exists(store.manifests_dir(row)):
+        store.fs.fsync_dir(store.manifests_dir(row))
+
+
+def delete_row(store: Store, row: int) -> None:
+    """Uncommit ``row`` (every manifest, durably) and only then delete its data."""
+    mdir = store.manifests_dir(row)
+    for name in store.fs.listdir(mdir):
+        store.fs.remove(os.path.join(mdir, name))
+    if store.fs.exists(mdir):
+        store.fs.fsync_dir(mdir)
+    store.fs.rmtree(store.row_dir(row))
+    store.fs.fsync_dir(store.rows_dir)

@@ -1,0 +1,113 @@
+"""Election: which row every rank restores.
+
+A row counts when every one of its ranks published a manifest that parses, validates and
+agrees with the others (world size, row, write count). Online, each rank reports the rows
+its own manifest commits, the reports are gathered, and all ranks elect the same newest row
+from the same data. Offline (CLI, no process group) all manifests of a shared store are read.
+A bad manifest makes its row uncommitted; it never raises out of the election.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from .comm import Communicator
+from .manifest import InvalidManifest, RankManifest
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowStatus:
+    """What the manifests of one row say, read without a process group."""
+
+    row: int
+    committed: bool
+    world_size: int | None
+    write_count: int | None
+    valid_ranks: tuple[int, ...]
+    missing_ranks: tuple[int, ...]
+    problems: tuple[str, ...]
+    manifests: tuple[RankManifest, ...] = ()
+
+
+def row_status(store: Store, row: int) -> RowStatus:
+    valid: dict[int, RankManifest] = {}
+    problems: list[str] = []
+    for rank in store.manifest_ranks(row):
+        try:
+            valid[rank] = store.read_manifest(row, rank)
+        except InvalidManifest as exc:
+            problems.append(str(exc))
+    sizes = {m.world_size for m in valid.values()}
+    counts = {m.write_count for m in valid.values()}
+    if len(sizes) > 1:
+        problems.append(f"manifests disagree on world size: {sorted(sizes)}")
+    if len(counts) > 1:
+        problems.append(f"manifests disagree on write count: {sorted(counts)}")
+    world = max(sizes) if sizes else None
+    missing = tuple(r for r in range(world) if r not in valid) if world else ()
+    committed = world is not None and not missing and len(sizes) == 1 and len(counts) == 1
+    return RowStatus(
+        row=row,
+        committed=committed,
+        world_size=world,
+        write_count=next(iter(counts)) if len(counts) == 1 else None,
+        valid_ranks=tuple(sorted(valid)),
+        missing_ranks=missing,
+        problems=tuple(problems),
+        manifests=tuple(valid[r] for r in sorted(valid)),
+    )
+
+
+def elect_offline(store: Store, *, world_size: int | None = None) -> int | None:
+    """Newest committed row (of ``world_size`` ranks, if given) from the manifests alone.
+
+    Scans newest first and stops at the first committed row, so its cost does not grow with
+    the number of older rows.
+    """
+    if store.root_attributes() is None:
+        return None
+    for row in reversed(store.rows()):
+        status = row_status(store, row)
+        if status.committed and (world_size is None or status.world_size == world_size):
+            return row
+    return None
+
+
+def committed_rows_offline(store: Store) -> list[RowStatus]:
+    if store.root_attributes() is None:
+        return []
+    return [s for s in (row_status(store, r) for r in store.rows()) if s.committed]
+
+
+def local_commits(store: Store, rank: int, world_size: int) -> dict[int, int]:
+    """Rows this rank's own manifest commits at ``world_size``: row -> write count."""
+    out: dict[int, int] = {}
+    for row in store.rows():
+        try:
+            manifest = store.read_manifest(row, rank)
+        except InvalidManifest as exc:
+            log.debug("row %d not committed by rank %d: %s", row, rank, exc)
+            continue
+        if manifest.world_size == world_size:
+            out[row] = manifest.write_count
+    return out
+
+
+def elect(store: Store, comm: Communicator) -> int | None:
+    """Collective: the newest row committed by every rank of ``comm``, same on all ranks."""
+    if comm.world_size == 1:
+        return elect_offline(store, world_size=1)
+    mine = local_commits(store, comm.rank, comm.world_size)
+    reports = comm.allgather({str(r): c for r, c in mine.items()})
+    common = set(reports[0])
+    for report in reports[1:]:
+        common &= set(report)
+    for key in sorted(common, key=int, reverse=True):
+        if len({report[key] for report in reports}) == 1:
+            return int(key)
+        log.warning("row %s: ranks disagree on write count; not elected", key)
+    return None

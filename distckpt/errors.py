@@ -1,0 +1,61 @@
+"""The one error hierarchy: every failure distckpt raises is a ``CheckpointError``.
+
+Messages name the store, row, rank, array or file at fault so a restart script's log says
+what to fix without a debugger.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base of every error raised by distckpt."""
+
+
+class CheckpointStateCollision(CheckpointError):
+    """Two live objects tried to bind state under the same id."""
+
+
+class CheckpointSerializationError(CheckpointError):
+    """A value cannot be stored without pickle (or cannot be decoded back)."""
+
+
+class CheckpointStateSchemaError(CheckpointError):
+    """Saved state does not match the live object's schema (fields, versions)."""
+
+
+class StoreFormatError(CheckpointError):
+    """The directory is not a distckpt store, or was written by a newer format version."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Stored bytes fail their checksum, are truncated or missing."""
+
+
+class NoCommittedRowError(CheckpointError):
+    """There is no row that every rank committed."""
+
+
+class WorldSizeMismatchError(CheckpointError):
+    """A row was written by a different number of ranks than are restoring it."""
+
+
+class CommunicatorError(CheckpointError):
+    """Ranks cannot be coordinated (no process group where one is needed, a failed peer)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A rank failed to write its part of a row; the row is not committed."""
+
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointSerializationError",
+    "CheckpointStateCollision",
+    "CheckpointStateSchemaError",
+    "CheckpointWriteError",
+    "CommunicatorError",
+    "CorruptCheckpointError",
+    "NoCommittedRowError",
+    "StoreFormatError",
+    "WorldSizeMismatchError",
+]

@@ -1,0 +1,168 @@
+"""The filesystem seam: every byte distckpt puts on or takes off storage goes through here.
+
+One small interface so a backend (local POSIX, later object stores) is one class. The local
+backend writes with few syscalls straight from tensor memory and fsyncs what must be durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from .errors import CheckpointWriteError
+
+Buffer = bytes | bytearray | memoryview
+
+
+class FileSystem(ABC):
+    """Storage contract used by the store and the commit protocol."""
+
+    @abstractmethod
+    def write_file(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> int:
+        """Create or replace ``path`` with the concatenation of ``parts``; fsync if durable."""
+
+    @abstractmethod
+    def atomic_write(self, path: str, data: bytes) -> None:
+        """Publish ``data`` at ``path`` all-or-nothing: temp file, fsync, rename, fsync dir."""
+
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes: ...
+
+    @abstractmethod
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        """Fill ``out`` from ``path`` starting at byte ``offset``; return bytes read."""
+
+    @abstractmethod
+    def size(self, path: str) -> int: ...
+
+    @abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def makedirs(self, path: str) -> None: ...
+
+    @abstractmethod
+    def listdir(self, path: str) -> list[str]:
+        """Entry names in ``path``; empty when it does not exist."""
+
+    @abstractmethod
+    def remove(self, path: str) -> None:
+        """Delete a file; no error when it is already gone."""
+
+    @abstractmethod
+    def rmtree(self, path: str) -> None:
+        """Delete a directory tree; no error when it is already gone."""
+
+    @abstractmethod
+    def fsync_dir(self, path: str) -> None: ...
+
+
+def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
+    views = [memoryview(p).cast("B") for p in parts if len(memoryview(p).cast("B"))]
+    total = sum(len(v) for v in views)
+    written = 0
+    iov_max = 1024
+    while views:
+        n = os.writev(fd, views[:iov_max])
+        written += n
+        # Drop fully written buffers, trim a partially written one.
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+    assert written == total
+    return total
+
+
+class LocalFileSystem(FileSystem):
+    """POSIX files: the shared parallel filesystem or node-local NVMe."""
+
+    def write_file(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> int:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+        try:
+            n = _write_all(fd, parts)
+            if durable:
+                os.fsync(fd)
+            return n
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+        finally:
+            os.close(fd)
+
+    def atomic_write(self, path: str, data: bytes) -> None:
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.write_file(tmp, [data], durable=True)
+            os.replace(tmp, path)
+        except BaseException:
+            self.remove(tmp)
+            raise
+        self.fsync_dir(directory)
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        out = out.cast("B")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < len(out):
+                n = os.preadv(fd, [out[got:]], offset + got)
+                if n == 0:
+                    break
+                got += n
+            return got
+        finally:
+            os.close(fd)
+
+    def size(self, path: str) -> int:
+        return os.stat(path).st_size
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def makedirs(self, path: str) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return os.listdir(path)
+        except FileNotFoundError:
+            return []
+
+    def remove(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+    def rmtree(self, path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CheckpointWriteError(f"no space left writing {path}: {exc.strerror}")
+    return CheckpointWriteError(f"cannot write {path}: {exc.strerror or exc}")

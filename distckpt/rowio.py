@@ -1,0 +1,196 @@
+"""Moving one rank's tensors between memory and its zarr arrays in a row directory.
+
+Mechanism only: bytes go straight from tensor memory to files (one writev per chunk file,
+checksum trailer included) and come back into freshly allocated tensors, each verified
+against the checksum its manifest recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .dtypes import spec_for, torch_dtype
+from .errors import CorruptCheckpointError
+from .format import (
+    CRC_BYTES,
+    PACKED_ARRAY,
+    ZARR_JSON,
+    array_document,
+    checksum,
+    crc_trailer,
+    group_document,
+    single_chunk_key,
+)
+from .fs import FileSystem
+from .manifest import ArrayEntry
+from .plan import PlannedTensor, RankPlan
+
+
+def byte_view(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a CPU contiguous tensor, without a copy."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def write_rank_arrays(fs: FileSystem, row_dir: str, plan: RankPlan) -> list[ArrayEntry]:
+    """Write every planned tensor durably; return the entries for the manifest.
+
+    Directories are fsynced after their files so the whole tree survives a power loss before
+    the manifest (the commit point) is published.
+    """
+    entries: list[ArrayEntry] = []
+    crcs = [checksum(byte_view(p.tensor)) for p in plan.tensors]
+    packed = [(p, c) for p, c in zip(plan.tensors, crcs, strict=True) if p.packed]
+    dirs: set[str] = set()
+    if packed:
+        dirs |= _write_packed(fs, row_dir, [p for p, _ in packed], plan.packed_nbytes)
+    for planned, crc in zip(plan.tensors, crcs, strict=True):
+        if not planned.packed:
+            dirs |= _write_own(fs, row_dir, planned, crc)
+        entries.append(
+            ArrayEntry(
+                name=planned.name,
+                array=planned.array,
+                dtype=planned.spec.name,
+                shape=tuple(planned.tensor.shape),
+                nbytes=planned.nbytes,
+                offset=planned.offset,
+                crc32c=crc,
+            )
+        )
+    for d in sorted(dirs, key=len, reverse=True):
+        fs.fsync_dir(d)
+    return entries
+
+
+def write_rank_group(fs: FileSystem, rank_dir: str, rank: int) -> None:
+    fs.makedirs(rank_dir)
+    doc = group_document({"distckpt": {"rank": rank}})
+    fs.write_file(os.path.join(rank_dir, ZARR_JSON), [doc])
+
+
+def _write_own(fs: FileSystem, row_dir: str, p: PlannedTensor, crc: int) -> set[str]:
+    array_dir = os.path.join(row_dir, p.array)
+    attrs = {"distckpt": {"name": p.name, "dtype": p.spec.name}}
+    shape = tuple(p.tensor.shape)
+    chunk = os.path.join(array_dir, single_chunk_key(len(shape)))
+    fs.makedirs(os.path.dirname(chunk))
+    fs.write_file(os.path.join(array_dir, ZARR_JSON), [array_document(shape, p.spec, attrs)])
+    if p.tensor.numel():
+        fs.write_file(chunk, [byte_view(p.tensor), crc_trailer(crc)])
+    return _dirs_between(row_dir, os.path.dirname(chunk))
+
+
+def _write_packed(
+    fs: FileSystem, row_dir: str, tensors: Sequence[PlannedTensor], total: int
+) -> set[str]:
+    """All small tensors of the rank as one 1-D uint8 array of a single chunk.
+
+    The array's attributes list each tensor's name, dtype, shape and byte range, so a plain
+    zarr reader can find any tensor without the manifest.
+    """
+    array_dir = os.path.join(row_dir, tensors[0].array)
+    index = [
+        {
+            "name": p.name,
+            "dtype": p.spec.name,
+            "shape": list(p.tensor.shape),
+            "offset": p.offset,
+            "nbytes": p.nbytes,
+        }
+        for p in tensors
+    ]
+    attrs = {"distckpt": {"packed": index}}
+    spec = spec_for(torch.uint8)
+    chunk = os.path.join(array_dir, single_chunk_key(1))
+    fs.makedirs(os.path.dirname(chunk))
+    fs.write_file(os.path.join(array_dir, ZARR_JSON), [array_document((total,), spec, attrs)])
+    if total:
+        views = [byte_view(p.tensor) for p in tensors]
+        crc = 0
+        for v in views:
+            crc = checksum(v, crc)
+        fs.write_file(chunk, [*views, crc_trailer(crc)])
+    return _dirs_between(row_dir, os.path.dirname(chunk))
+
+
+def _dirs_between(row_dir: str, leaf_dir: str) -> set[str]:
+    out = set()
+    d = leaf_dir
+    while len(d) >= len(row_dir):
+        out.add(d)
+        d = os.path.dirname(d)
+    return out
+
+
+class RankReader:
+    """Reads and verifies the tensors of one rank's manifest, sharing one read of the pack."""
+
+    def __init__(self, fs: FileSystem, row_dir: str, *, row: int, rank: int) -> None:
+        self._fs = fs
+        self._row_dir = row_dir
+        self._row = row
+        self._rank = rank
+        self._packs: dict[str, torch.Tensor] = {}
+
+    def _fail(self, entry: ArrayEntry, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"row {self._row}, rank {self._rank}, array {entry.name!r} "
+            f"({os.path.join(self._row_dir, entry.array)}): {problem}"
+        )
+
+    def read(self, entry: ArrayEntry) -> torch.Tensor:
+        dtype = torch_dtype(entry.dtype)
+        out = torch.empty(entry.shape, dtype=dtype)
+        expected = out.numel() * out.element_size()
+        if expected != entry.nbytes:
+            raise self._fail(entry, f"manifest says {entry.nbytes} bytes, shape needs {expected}")
+        if expected == 0:
+            return out
+        dest = byte_view(out)
+        if entry.array.endswith("/" + PACKED_ARRAY):
+            pack = self._pack(entry)
+            if entry.offset + entry.nbytes > pack.numel():
+                raise self._fail(entry, "byte range lies beyond the packed chunk")
+            out.reshape(-1).view(torch.uint8).copy_(
+                pack[entry.offset : entry.offset + entry.nbytes]
+            )
+        else:
+            chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(len(entry.shape)))
+            self._read_chunk(entry, chunk, dest)
+        if checksum(dest) != entry.crc32c:
+            raise self._fail(entry, "checksum mismatch (data corrupted)")
+        return out
+
+    def _read_chunk(self, entry: ArrayEntry, chunk: str, dest: memoryview) -> None:
+        try:
+            size = self._fs.size(chunk)
+        except FileNotFoundError as exc:
+            raise self._fail(entry, "chunk file is missing") from exc
+        if size != len(dest) + CRC_BYTES:
+            raise self._fail(entry, f"chunk file has {size} bytes, expected {len(dest) + 4}")
+        got = self._fs.read_into(chunk, dest)
+        if got != len(dest):
+            raise self._fail(entry, "chunk file is truncated")
+
+    def _pack(self, entry: ArrayEntry) -> torch.Tensor:
+        pack = self._packs.get(entry.array)
+        if pack is None:
+            chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(1))
+            try:
+                size = self._fs.size(chunk)
+            except FileNotFoundError as exc:
+                raise self._fail(entry, "packed chunk file is missing") from exc
+            buf = np.empty(size, dtype=np.uint8)
+            got = self._fs.read_into(chunk, memoryview(buf))  # type: ignore[arg-type]
+            if got != size or size < CRC_BYTES:
+                raise self._fail(entry, "packed chunk file is truncated")
+            pack = torch.from_numpy(buf[: size - CRC_BYTES])
+            self._packs[entry.array] = pack
+        return pack
