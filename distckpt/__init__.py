@@ -1,6 +1,15 @@
 """distckpt: distributed-first restart checkpoints for PyTorch, in zarr v3 stores."""
 
 from .api import latest, load, metadata, save
+from .binding import CheckpointState, bind_checkpoint_state
+from .checkpoint import (
+    Checkpoint,
+    CheckpointEntry,
+    CheckpointSession,
+    NullCheckpoint,
+    default_checkpoint_path,
+)
+from .comm import Communicator, MPIComm, SingleProcessComm, TorchDistComm
 from .errors import (
     CheckpointError,
     CheckpointSerializationError,
@@ -13,10 +22,23 @@ from .errors import (
     StoreFormatError,
     WorldSizeMismatchError,
 )
+from .store import Store
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Checkpoint",
+    "CheckpointEntry",
+    "CheckpointSession",
+    "CheckpointState",
+    "Communicator",
+    "MPIComm",
+    "NullCheckpoint",
+    "SingleProcessComm",
+    "Store",
+    "TorchDistComm",
+    "bind_checkpoint_state",
+    "default_checkpoint_path",
     "CheckpointError",
     "CheckpointSerializationError",
     "CheckpointStateCollision",

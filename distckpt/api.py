@@ -14,8 +14,8 @@ import torch
 from . import engine
 from .codec import Path, path_str
 from .comm import resolve
-from .election import elect, elect_offline
-from .errors import CheckpointError, CheckpointStateSchemaError
+from .election import elect, elect_offline, row_status
+from .errors import CheckpointError, CheckpointStateSchemaError, NoCommittedRowError
 from .retention import rows_to_delete
 from .store import Store
 
@@ -72,7 +72,16 @@ def load(
     c = resolve(comm)
     view = engine.open_row(st, c, row)
     saved = engine.read_all(view, c)
-    _check_fits(state_dict, saved, (), strict)
+    problem: str | None = None
+    try:
+        _check_fits(state_dict, saved, (), strict)
+    except CheckpointStateSchemaError as exc:
+        problem = str(exc)
+    failures = engine.agree(c, problem)
+    if failures:
+        raise CheckpointStateSchemaError(
+            f"row {view.row} of {st.path} does not fit the live state: " + engine.describe(failures)
+        )
     _merge(state_dict, saved)
     return view.row
 
@@ -82,8 +91,7 @@ def latest(store: StoreLike, *, comm: Any = None) -> int | None:
     st = _store(store)
     if comm is None:
         return elect_offline(st)
-    c = resolve(comm)
-    return elect(st, c) if st.exists() else None
+    return elect(st, resolve(comm))
 
 
 def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict[str, Any]:
@@ -92,7 +100,14 @@ def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict
     chosen = elect_offline(st) if row is None else row
     if chosen is None:
         return {}
-    return engine.RowView(st, st.read_manifest(chosen, rank)).metadata
+    status = row_status(st, chosen)
+    if not status.committed:
+        raise NoCommittedRowError(f"row {chosen} of {st.path} is not committed")
+    if rank not in status.valid_ranks:
+        raise CheckpointError(
+            f"row {chosen} of {st.path} has ranks 0..{status.world_size}; no rank {rank}"
+        )
+    return engine.RowView(st, status.manifests[status.valid_ranks.index(rank)]).metadata
 
 
 def _check_fits(target: Any, saved: Any, path: Path, strict: bool) -> None:

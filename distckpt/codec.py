@@ -7,6 +7,7 @@ rebuild dicts, lists, tuples, scalars, datetimes and tensors but can never run c
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as _dt
 import math
 from collections.abc import Callable
@@ -31,6 +32,10 @@ class Leaf:
     numpy: bool
 
 
+def qualified_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
 def path_str(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
@@ -41,12 +46,11 @@ def encode(obj: Any, leaves: list[Leaf], path: Path = ()) -> Json:
         leaves.append(Leaf(path, obj, False))
         return {"tensor": len(leaves) - 1}
     if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise CheckpointSerializationError(
-                f"numpy array of objects at {path_str(path)!r} cannot be stored without pickle"
-            )
-        leaves.append(Leaf(path, torch.from_numpy(np.ascontiguousarray(obj)), True))
-        return {"ndarray": len(leaves) - 1}
+        return {"ndarray": _ndarray_leaf(obj, leaves, path)}
+    if isinstance(obj, np.generic):
+        # Before the plain scalar checks: np.float64 is a float and np.str_ a str, but
+        # they must come back as the numpy types they were.
+        return {"np_scalar": [obj.dtype.str, _np_scalar_value(obj, path)]}
     if obj is None or isinstance(obj, bool | str):
         return {"v": obj}
     if isinstance(obj, int):
@@ -74,25 +78,69 @@ def encode(obj: Any, leaves: list[Leaf], path: Path = ()) -> Json:
         return {"date": obj.isoformat()}
     if isinstance(obj, _dt.timedelta):
         return {"timedelta": [obj.days, obj.seconds, obj.microseconds]}
-    if isinstance(obj, np.datetime64 | np.timedelta64):
-        return {"np_time": [obj.dtype.str, int(obj.astype(np.int64))]}
-    if isinstance(obj, np.generic):
-        value = obj.item()
-        if isinstance(value, complex):
-            value = [value.real, value.imag]
-        elif isinstance(value, float) and not math.isfinite(value):
-            value = repr(value)
-        return {"np_scalar": [obj.dtype.str, value]}
     if isinstance(obj, torch.dtype):
         return {"dtype": str(obj).removeprefix("torch.")}
     if isinstance(obj, bytes):
         return {"bytes": base64.b64encode(obj).decode()}
     if isinstance(obj, complex):
-        return {"complex": [obj.real, obj.imag]}
+        return {"complex": [_float_json(obj.real), _float_json(obj.imag)]}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = [
+            [f.name, encode(getattr(obj, f.name), leaves, (*path, f.name))]
+            for f in dataclasses.fields(obj)
+        ]
+        return {"dataclass": {"type": qualified_name(type(obj)), "fields": fields}}
     raise CheckpointSerializationError(
         f"value of type {type(obj).__qualname__} at {path_str(path)!r} cannot be stored "
         "(supported: tensors, numpy arrays, dict/list/tuple, scalars, str, bytes, datetimes)"
     )
+
+
+def _float_json(x: float) -> float | str:
+    """A float as strict JSON: non-finite values as their repr, which float() reads back."""
+    return x if math.isfinite(x) else repr(x)
+
+
+def _np_scalar_value(obj: np.generic, path: Path) -> Json:
+    kind = obj.dtype.kind
+    if kind in "mM":
+        return int(obj.view(np.int64))
+    if kind == "c":
+        c = complex(obj)
+        return [_float_json(c.real), _float_json(c.imag)]
+    if kind == "f":
+        if obj.dtype.itemsize > 8:
+            raise CheckpointSerializationError(
+                f"numpy {obj.dtype} scalar at {path_str(path)!r} cannot be stored losslessly"
+            )
+        return _float_json(float(obj))
+    if kind in "biu":
+        return obj.item()
+    if kind == "U":
+        return str(obj)
+    raise CheckpointSerializationError(
+        f"numpy {obj.dtype} scalar at {path_str(path)!r} cannot be stored"
+    )
+
+
+def _ndarray_leaf(obj: np.ndarray, leaves: list[Leaf], path: Path) -> int:
+    if obj.dtype.kind not in "biufc":
+        raise CheckpointSerializationError(
+            f"numpy array of dtype {obj.dtype} at {path_str(path)!r} cannot be stored "
+            "(numeric and bool arrays only)"
+        )
+    if not obj.dtype.isnative:
+        obj = obj.astype(obj.dtype.newbyteorder("="))
+    if not obj.flags.c_contiguous:
+        obj = obj.copy(order="C")
+    try:
+        tensor = torch.from_numpy(obj)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointSerializationError(
+            f"numpy array of dtype {obj.dtype} at {path_str(path)!r} cannot be stored: {exc}"
+        ) from exc
+    leaves.append(Leaf(path, tensor, True))
+    return len(leaves) - 1
 
 
 def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
@@ -125,17 +173,18 @@ def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
         return _dt.date.fromisoformat(value)
     if tag == "timedelta":
         return _dt.timedelta(days=value[0], seconds=value[1], microseconds=value[2])
-    if tag == "np_time":
-        dtype = np.dtype(value[0])
-        return np.array(value[1], dtype=np.int64).astype(dtype)[()]
     if tag == "np_scalar":
         dtype = np.dtype(value[0])
         if dtype.hasobject:
             raise CheckpointSerializationError(f"refusing object dtype {value[0]!r}")
         v = value[1]
-        if isinstance(v, list):
-            v = complex(v[0], v[1])
-        return dtype.type(float(v) if isinstance(v, str) else v)
+        if dtype.kind in "mM":
+            return np.array(v, dtype=np.int64).view(dtype)[()]
+        if dtype.kind == "c":
+            return dtype.type(complex(float(v[0]), float(v[1])))
+        if dtype.kind == "f":
+            return dtype.type(float(v))
+        return dtype.type(v)
     if tag == "dtype":
         from .dtypes import torch_dtype
 
@@ -143,7 +192,11 @@ def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
     if tag == "bytes":
         return base64.b64decode(value)
     if tag == "complex":
-        return complex(value[0], value[1])
+        return complex(float(value[0]), float(value[1]))
+    if tag == "dataclass":
+        # Types are never imported from a checkpoint: fields come back as a dict and the
+        # live object (if any) is filled in place by the binding layer.
+        return {k: decode(v, get_leaf) for k, v in value["fields"]}
     raise CheckpointSerializationError(f"unknown stored value tag {tag!r}")
 
 

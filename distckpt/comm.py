@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -214,10 +215,11 @@ def resolve(comm: Any = None) -> Communicator:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return _cached(id(dist.group.WORLD), lambda: TorchDistComm())
+        world = dist.group.WORLD
+        return _cached(world, lambda: TorchDistComm())
     if under_mpi_launcher():
         try:
-            return _cached(-1, lambda: MPIComm())
+            return _cached(None, lambda: MPIComm())
         except ImportError as exc:
             raise CommunicatorError(f"launched under MPI but mpi4py is unusable: {exc}") from exc
     hint = launch_hint()
@@ -227,20 +229,30 @@ def resolve(comm: Any = None) -> Communicator:
             "process group is initialised: call torch.distributed.init_process_group() first "
             "or pass comm=; ranks that cannot coordinate would overwrite each other's commits"
         )
-    return _cached(0, SingleProcessComm)
+    return _cached(SingleProcessComm, SingleProcessComm)
 
 
-def _cached(key: int, make: Any) -> Communicator:
+def _cached(owner: Any, make: Any) -> Communicator:
+    """One communicator per process group or MPI communicator: creating one for an NCCL
+    group is itself collective, so it must not happen again on every save.
+
+    The entry lives exactly as long as its owner: it is dropped when the owner is garbage
+    collected (``destroy_process_group``), so the cache neither keeps a destroyed group
+    alive nor hands out a stale communicator for a new group that reuses its id.
+    """
+    key = id(owner)
     found = _cache.get(key)
     if found is None:
         found = _cache[key] = make()
+        if owner is not None and not isinstance(owner, type):
+            weakref.finalize(owner, _cache.pop, key, None)
     return found
 
 
 def _wrap(comm: Any) -> Communicator:
     module = type(comm).__module__
     if module.startswith("mpi4py"):
-        return _cached(id(comm), lambda: MPIComm(comm))
+        return _cached(comm, lambda: MPIComm(comm))
     if module.startswith("torch"):
-        return _cached(id(comm), lambda: TorchDistComm(comm))
+        return _cached(comm, lambda: TorchDistComm(comm))
     raise CommunicatorError(f"cannot coordinate over {type(comm).__qualname__}")

@@ -23,6 +23,9 @@ def prepare_row(store: Store, row: int) -> None:
     fs = store.fs
     row_dir = store.row_dir(row)
     fs.makedirs(store.manifests_dir(row))
+    # manifests/ is an (empty) zarr group so zarr readers walking the row see no strangers.
+    note = {"distckpt": "rank commit manifests (JSON files), not zarr data"}
+    fs.write_file(os.path.join(store.manifests_dir(row), ZARR_JSON), [group_document(note)])
     doc = group_document({"distckpt": {"row": row, "created": utcnow()}})
     fs.write_file(os.path.join(row_dir, ZARR_JSON), [doc])
     fs.fsync_dir(row_dir)

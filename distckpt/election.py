@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from .comm import Communicator
+from .errors import CheckpointError, StoreFormatError
 from .manifest import InvalidManifest, RankManifest
 from .store import Store
 
@@ -98,16 +99,32 @@ def local_commits(store: Store, rank: int, world_size: int) -> dict[int, int]:
 
 
 def elect(store: Store, comm: Communicator) -> int | None:
-    """Collective: the newest row committed by every rank of ``comm``, same on all ranks."""
+    """Collective: the newest row committed by every rank of ``comm``, same on all ranks.
+
+    A rank that cannot read the store reports why instead of leaving the others waiting;
+    then every rank raises the same error.
+    """
     if comm.world_size == 1:
         return elect_offline(store, world_size=1)
-    mine = local_commits(store, comm.rank, comm.world_size)
-    reports = comm.allgather({str(r): c for r, c in mine.items()})
-    common = set(reports[0])
-    for report in reports[1:]:
-        common &= set(report)
+    report: dict[str, object]
+    try:
+        if store.root_attributes() is None:
+            report = {"rows": {}}
+        else:
+            mine = local_commits(store, comm.rank, comm.world_size)
+            report = {"rows": {str(r): c for r, c in mine.items()}}
+    except CheckpointError as exc:
+        report = {"error": f"{type(exc).__name__}: {exc}"}
+    reports = comm.allgather(report)
+    errors = [f"rank {i}: {r['error']}" for i, r in enumerate(reports) if "error" in r]
+    if errors:
+        raise StoreFormatError(f"cannot elect a row of {store.path}: " + "; ".join(errors))
+    commits = [r["rows"] for r in reports]
+    common = set(commits[0])
+    for rows in commits[1:]:
+        common &= set(rows)
     for key in sorted(common, key=int, reverse=True):
-        if len({report[key] for report in reports}) == 1:
+        if len({rows[key] for rows in commits}) == 1:
             return int(key)
         log.warning("row %s: ranks disagree on write count; not elected", key)
     return None

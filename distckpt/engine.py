@@ -13,17 +13,19 @@ from typing import Any
 
 import torch
 
-from . import codec
+from . import codec, errors
 from .comm import Communicator
 from .commit import commit_rank, delete_row, prepare_row, retract_rank
-from .election import elect
+from .election import committed_rows_offline, elect
 from .errors import (
     CheckpointError,
+    CheckpointSerializationError,
     CheckpointWriteError,
     CorruptCheckpointError,
     NoCommittedRowError,
     WorldSizeMismatchError,
 )
+from .faults import fault_point
 from .manifest import InvalidManifest, RankManifest, StateRecord
 from .plan import DEFAULT_PACK_THRESHOLD, plan_rank
 from .rowio import RankReader
@@ -37,21 +39,62 @@ class RowContent:
     """What one rank wants in a row besides its tensors' bytes."""
 
     states: dict[str, Any]
-    schemas: dict[str, tuple[str | None, int]]  # state id -> (schema hash, version)
+    schemas: dict[str, StateSchema]
     metadata: dict[str, Any]
     write_count: int = 0
     lead_time: Any = None
     level: int | None = None
 
 
-def _agree(comm: Communicator, error: str | None) -> list[tuple[int, str]]:
+@dataclass(frozen=True)
+class StateSchema:
+    """What a bound state promises about its shape: checked before it is restored."""
+
+    digest: str
+    version: int
+    fields: dict[str, str]
+
+
+def _record(tree: Any, schema: StateSchema | None) -> StateRecord:
+    if schema is None:
+        return StateRecord(tree)
+    return StateRecord(tree, schema.digest, schema.version, dict(schema.fields))
+
+
+def agree(comm: Communicator, error: str | None) -> list[tuple[int, str]]:
     """Exchange per-rank errors; every rank gets the same list of (rank, message)."""
     reports = comm.allgather(error)
     return [(rank, msg) for rank, msg in enumerate(reports) if msg is not None]
 
 
-def _describe(failures: list[tuple[int, str]]) -> str:
+def describe(failures: list[tuple[int, str]]) -> str:
     return "; ".join(f"rank {rank}: {msg}" for rank, msg in failures)
+
+
+def _report(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def agree_or_raise(
+    comm: Communicator, exc: BaseException | None, default: type[CheckpointError], context: str
+) -> None:
+    """Collective: if any rank failed, every rank raises the same typed error.
+
+    The error's class is that of the first failing rank when it is one of ours (so a
+    serialization problem stays a CheckpointSerializationError), else ``default``.
+    """
+    reports = comm.allgather(None if exc is None else _report(exc))
+    failures = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if not failures:
+        return
+    first = failures[0][1]
+    cls = getattr(errors, first["type"], None)
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
+        cls = default
+    detail = "; ".join(f"rank {rank}: {r['message']}" for rank, r in failures)
+    if comm.world_size == 1:
+        detail = first["message"]
+    raise cls(f"{context}: {detail}") from exc
 
 
 def save_row(
@@ -65,9 +108,24 @@ def save_row(
 ) -> RankManifest:
     """Collective: write this rank's part of a new row and commit it. Returns its manifest.
 
-    Raises CheckpointWriteError on every rank if any rank failed; the row is then not
-    committed (failed ranks never published, the others retract their manifests).
+    Four agreed steps, so no rank is left waiting when another fails: plan (nothing touches
+    the disk if any rank's state cannot be stored), open the row, write data then manifest,
+    and agree on success. If any rank failed, every rank raises; ranks that had published
+    retract their manifests, so the row never looks committed.
     """
+    failure: BaseException | None = None
+    plan = None
+    try:
+        plan = plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
+        lead = None if content.lead_time is None else {"lead_time": content.lead_time}
+        encoded_lead = None if lead is None else codec.encode_metadata(lead)
+        encoded_meta = codec.encode_metadata(content.metadata)
+        states = {sid: _record(tree, content.schemas.get(sid)) for sid, tree in plan.states.items()}
+    except Exception as exc:
+        failure = exc
+    agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
+    assert plan is not None
+
     setup: dict[str, Any] = {}
     if comm.is_coordinator:
         try:
@@ -76,27 +134,27 @@ def save_row(
             newest = existing[-1] if existing else -1
             chosen = newest + 1 if row is None else row
             if chosen <= newest:
-                raise CheckpointError(
+                raise CheckpointWriteError(
                     f"row {chosen} is not newer than row {newest} in {store.path}; rows are "
                     "never rewritten in place"
                 )
             prepare_row(store, chosen)
             setup = {"row": chosen}
-        except (CheckpointError, OSError) as exc:
-            setup = {"error": str(exc)}
-    setup = comm.broadcast(setup)
-    if "error" in setup:
-        raise CheckpointWriteError(f"cannot start a row in {store.path}: {setup['error']}")
-    chosen = int(setup["row"])
+        except Exception as exc:
+            failure = exc
+            setup = {"row": -1}
+    chosen = int(comm.broadcast(setup)["row"])
+    if not comm.is_coordinator and chosen >= 0:
+        # Node-local storage: this rank's directory tree may not be the coordinator's.
+        try:
+            store.create(name)
+            store.fs.makedirs(store.manifests_dir(chosen))
+        except Exception as exc:
+            failure = exc
+    agree_or_raise(comm, failure, CheckpointWriteError, f"cannot start a row in {store.path}")
 
-    error: str | None = None
     manifest: RankManifest | None = None
     try:
-        plan = plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
-        states = {
-            sid: StateRecord(tree, *content.schemas.get(sid, (None, 0)))
-            for sid, tree in plan.states.items()
-        }
         draft = RankManifest(
             row=chosen,
             rank=comm.rank,
@@ -105,24 +163,24 @@ def save_row(
             created=utcnow(),
             name=name,
             level=content.level,
-            lead_time=None
-            if content.lead_time is None
-            else codec.encode_metadata({"lead_time": content.lead_time}),
+            lead_time=encoded_lead,
             states=states,
-            metadata=codec.encode_metadata(content.metadata),
+            metadata=encoded_meta,
         )
         manifest = commit_rank(store, plan, draft)
-    except (CheckpointError, OSError) as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        log.error("rank %d failed to write row %d: %s", comm.rank, chosen, error)
-    failures = _agree(comm, error)
-    if failures:
+    except Exception as exc:
+        failure = exc
+        log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
+    try:
+        agree_or_raise(
+            comm, failure, CheckpointWriteError, f"row {chosen} of {store.path} was not committed"
+        )
+    except CheckpointError:
         if manifest is not None:
             retract_rank(store, chosen, comm.rank)
-        raise CheckpointWriteError(
-            f"row {chosen} of {store.path} was not committed: {_describe(failures)}"
-        )
+        raise
     assert manifest is not None
+    fault_point("after_commit", rank=comm.rank, row=chosen)
     return manifest
 
 
@@ -131,27 +189,42 @@ def choose_row(store: Store, comm: Communicator, row: int | None) -> int:
     if row is None:
         elected = elect(store, comm)
         if elected is None:
-            raise NoCommittedRowError(f"no row of {store.path} was committed by all ranks")
+            raise _nothing_to_restore(store, comm.world_size)
         return elected
-    problem: str | None = None
+    problem: dict[str, Any] | None = None
     try:
         manifest = store.read_manifest(row, comm.rank)
         if manifest.world_size != comm.world_size:
-            problem = (
-                f"row {row} was written by {manifest.world_size} ranks; this job has "
-                f"{comm.world_size}"
-            )
+            problem = {"size": manifest.world_size}
     except InvalidManifest as exc:
-        problem = f"row {row} is not committed: {exc}"
-    failures = _agree(comm, problem)
-    if failures:
-        kind = (
-            WorldSizeMismatchError
-            if all("ranks; this job has" in m for _, m in failures)
-            else NoCommittedRowError
+        problem = {"invalid": str(exc)}
+    reports = comm.allgather(problem)
+    sizes = {r["size"] for r in reports if r is not None and "size" in r}
+    if sizes:
+        raise WorldSizeMismatchError(
+            f"row {row} of {store.path} was written by {sorted(sizes)[0]} ranks; this job has "
+            f"{comm.world_size}"
         )
-        raise kind(f"{store.path}: {_describe(failures)}")
+    invalid = [(rank, r["invalid"]) for rank, r in enumerate(reports) if r is not None]
+    if invalid:
+        raise NoCommittedRowError(f"row {row} is not committed: {describe(invalid)}")
     return row
+
+
+def _nothing_to_restore(store: Store, world_size: int) -> CheckpointError:
+    """Say whether rows exist at another world size: that is a different fix for the user."""
+    try:
+        others = [s for s in committed_rows_offline(store) if s.world_size != world_size]
+    except CheckpointError:
+        others = []
+    if others:
+        newest = others[-1]
+        return WorldSizeMismatchError(
+            f"no row of {store.path} was committed by all {world_size} ranks of this job; "
+            f"row {newest.row} was committed by {newest.world_size} ranks (restoring "
+            f"rank-private state at another world size is not supported)"
+        )
+    return NoCommittedRowError(f"no row of {store.path} was committed by all ranks")
 
 
 class RowView:
@@ -161,7 +234,11 @@ class RowView:
         self.store = store
         self.manifest = manifest
         self._reader = RankReader(
-            store.fs, store.row_dir(manifest.row), row=manifest.row, rank=manifest.rank
+            store.fs,
+            store.row_dir(manifest.row),
+            row=manifest.row,
+            rank=manifest.rank,
+            entries=manifest.arrays,
         )
 
     @property
@@ -216,9 +293,9 @@ def read_all(view: RowView, comm: Communicator) -> dict[str, Any]:
             out[state_id] = view.read_state(state_id)
     except CheckpointError as exc:
         error = str(exc)
-    failures = _agree(comm, error)
+    failures = agree(comm, error)
     if failures:
-        raise CorruptCheckpointError(f"cannot restore row {view.row}: {_describe(failures)}")
+        raise CorruptCheckpointError(f"cannot restore row {view.row}: {describe(failures)}")
     return out
 
 

@@ -1,8 +1,10 @@
 """Named fault points in the commit path, used by the crash tests to SIGKILL a real process.
 
 ``DISTCKPT_FAULT="point[@rank][:row]"`` kills this process with SIGKILL when it reaches
-``point``; unset (the normal case) it costs one dict lookup. Points: ``before_data``,
-``after_data`` (data durable, manifest not yet written), ``after_manifest``.
+``point``; unset (the normal case) it costs one comparison. Points, in order: ``before_data``,
+``after_data`` (data durable, manifest not yet written), ``after_manifest`` (this rank's
+manifest published; others may still be writing) and ``after_commit`` (every rank published
+and the ranks agreed; ``save`` has not returned yet).
 """
 
 from __future__ import annotations

@@ -69,17 +69,29 @@ class StateRecord:
     tree: Json
     schema: str | None = None
     version: int = 0
+    fields: dict[str, str] | None = None  # field name -> annotation, for schema messages
 
     def to_json(self) -> Json:
-        return {"tree": self.tree, "schema": self.schema, "version": self.version}
+        doc = {"tree": self.tree, "schema": self.schema, "version": self.version}
+        if self.fields is not None:
+            doc["fields"] = self.fields
+        return doc
 
     @staticmethod
     def from_json(doc: Json) -> StateRecord:
         schema = doc.get("schema") if isinstance(doc, dict) else None
         if schema is not None and not isinstance(schema, str):
             raise InvalidManifest("state schema is not a string")
+        fields = doc.get("fields")
+        if fields is not None and not (
+            isinstance(fields, dict) and all(isinstance(v, str) for v in fields.values())
+        ):
+            raise InvalidManifest("state fields are not a name -> annotation mapping")
         return StateRecord(
-            tree=_typed(doc, "tree", dict), schema=schema, version=_typed(doc, "version", int)
+            tree=_typed(doc, "tree", dict),
+            schema=schema,
+            version=_typed(doc, "version", int),
+            fields=fields,
         )
 
 

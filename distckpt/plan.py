@@ -53,6 +53,11 @@ def stage(tensor: torch.Tensor, *, where: str) -> torch.Tensor:
         raise CheckpointSerializationError(
             f"tensor at {where!r} has layout {tensor.layout}; only dense tensors can be stored"
         )
+    if tensor.is_nested or tensor.is_quantized or tensor.device.type == "meta":
+        kind = "nested" if tensor.is_nested else "quantized" if tensor.is_quantized else "meta"
+        raise CheckpointSerializationError(
+            f"tensor at {where!r} is a {kind} tensor; only dense tensors with data can be stored"
+        )
     if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
         raise CheckpointSerializationError(
             f"tensor at {where!r} is a {type(tensor).__qualname__}; pass a plain tensor"

@@ -132,11 +132,14 @@ def _dirs_between(row_dir: str, leaf_dir: str) -> set[str]:
 class RankReader:
     """Reads and verifies the tensors of one rank's manifest, sharing one read of the pack."""
 
-    def __init__(self, fs: FileSystem, row_dir: str, *, row: int, rank: int) -> None:
+    def __init__(
+        self, fs: FileSystem, row_dir: str, *, row: int, rank: int, entries: Sequence[ArrayEntry]
+    ) -> None:
         self._fs = fs
         self._row_dir = row_dir
         self._row = row
         self._rank = rank
+        self._entries = entries
         self._packs: dict[str, torch.Tensor] = {}
 
     def _fail(self, entry: ArrayEntry, problem: str) -> CorruptCheckpointError:
@@ -178,19 +181,60 @@ class RankReader:
         got = self._fs.read_into(chunk, dest)
         if got != len(dest):
             raise self._fail(entry, "chunk file is truncated")
+        trailer = bytearray(CRC_BYTES)
+        self._fs.read_into(chunk, memoryview(trailer), offset=len(dest))
+        if int.from_bytes(trailer, "little") != entry.crc32c:
+            raise self._fail(entry, "chunk checksum trailer does not match the manifest")
+
+    def _fail_pack(
+        self, array: str, problem: str, *, all_lost: bool = True
+    ) -> CorruptCheckpointError:
+        """An error for the packed chunk; names every tensor in it when all are lost."""
+        if not all_lost:
+            return CorruptCheckpointError(
+                f"row {self._row}, rank {self._rank}, packed array "
+                f"({os.path.join(self._row_dir, array)}): {problem}"
+            )
+        names = [e.name for e in self._entries if e.array == array]
+        held = ", ".join(repr(n) for n in names[:5]) + (
+            f" +{len(names) - 5} more" if len(names) > 5 else ""
+        )
+        return CorruptCheckpointError(
+            f"row {self._row}, rank {self._rank}, packed array holding {held} "
+            f"({os.path.join(self._row_dir, array)}): {problem}"
+        )
 
     def _pack(self, entry: ArrayEntry) -> torch.Tensor:
+        """The packed chunk's data, read once and checked whole against its trailer."""
         pack = self._packs.get(entry.array)
-        if pack is None:
-            chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(1))
-            try:
-                size = self._fs.size(chunk)
-            except FileNotFoundError as exc:
-                raise self._fail(entry, "packed chunk file is missing") from exc
-            buf = np.empty(size, dtype=np.uint8)
-            got = self._fs.read_into(chunk, memoryview(buf))  # type: ignore[arg-type]
-            if got != size or size < CRC_BYTES:
-                raise self._fail(entry, "packed chunk file is truncated")
-            pack = torch.from_numpy(buf[: size - CRC_BYTES])
-            self._packs[entry.array] = pack
+        if pack is not None:
+            return pack
+        members = [e for e in self._entries if e.array == entry.array]
+        expected = max(e.offset + e.nbytes for e in members) + CRC_BYTES
+        chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(1))
+        try:
+            size = self._fs.size(chunk)
+        except FileNotFoundError as exc:
+            raise self._fail_pack(entry.array, "chunk file is missing") from exc
+        if size != expected:
+            raise self._fail_pack(
+                entry.array, f"chunk has {size} bytes, manifest expects {expected}"
+            )
+        buf = np.empty(size, dtype=np.uint8)
+        got = self._fs.read_into(chunk, memoryview(buf))  # type: ignore[arg-type]
+        if got != size:
+            raise self._fail_pack(entry.array, "chunk file is truncated")
+        data = buf[: size - CRC_BYTES]
+        if checksum(memoryview(data)) != int.from_bytes(buf[-CRC_BYTES:].tobytes(), "little"):  # type: ignore[arg-type]
+            bad = [
+                e.name
+                for e in members
+                if checksum(memoryview(data[e.offset : e.offset + e.nbytes])) != e.crc32c  # type: ignore[arg-type]
+            ]
+            problem = f"corrupted tensors {bad}" if bad else "checksum trailer damaged"
+            raise self._fail_pack(
+                entry.array, f"chunk fails its checksum: {problem}", all_lost=False
+            )
+        pack = torch.from_numpy(data)
+        self._packs[entry.array] = pack
         return pack

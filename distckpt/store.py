@@ -56,9 +56,16 @@ class Store:
         try:
             raw = self.fs.read_bytes(root)
         except FileNotFoundError:
-            if self.fs.listdir(self.path):
+            # A store being created right now holds only rows/ and the root's temp file.
+            foreign = [
+                n
+                for n in self.fs.listdir(self.path)
+                if n != ROWS_DIR and not (n.startswith(f".{ZARR_JSON}.") and n.endswith(".tmp"))
+            ]
+            if foreign:
                 raise StoreFormatError(
-                    f"{self.path} exists but is not a distckpt store (no {ZARR_JSON})"
+                    f"{self.path} exists but is not a distckpt store (no {ZARR_JSON}; "
+                    f"found {sorted(foreign)[:3]})"
                 ) from None
             return None
         try:
@@ -77,10 +84,14 @@ class Store:
         return self.root_attributes() is not None
 
     def create(self, name: str = "") -> None:
-        """Create the root if missing (coordinator only); idempotent."""
+        """Create the root if missing; idempotent, and safe for several ranks at once
+        (each publishes an equivalent root document atomically)."""
         if self.root_attributes() is not None:
             return
         self.fs.makedirs(self.rows_dir)
+        rows_doc = os.path.join(self.rows_dir, ZARR_JSON)
+        if not self.fs.exists(rows_doc):
+            self.fs.atomic_write(rows_doc, group_document({}))
         doc = group_document(
             {"distckpt": {"format": FORMAT_VERSION, "name": name, "created": utcnow()}}
         )

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Create or refresh the project's virtualenv in .venv (idempotent; quick when up to date).
+#
+# Needs only Python 3.11 (python3.11 or python3). torch is pinned to 2.13.0 and installed
+# first: pip then takes the CPU build that lies on this machine's disk, and the project's own
+# pin keeps a later install from pulling a multi-GB CUDA build.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+STAMP="$VENV/.distckpt-setup-stamp"
+TORCH_VERSION="2.13.0"
+
+if [[ -x "$PY" && -f "$STAMP" && ! pyproject.toml -nt "$STAMP" ]] \
+    && "$PY" -c 'import distckpt, tensorstore, mpi4py' >/dev/null 2>&1; then
+    echo "setup: .venv is up to date"
+    exit 0
+fi
+
+find_python() {
+    local cand
+    for cand in python3.11 python3; do
+        if command -v "$cand" >/dev/null 2>&1 \
+            && "$cand" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+            echo "$cand"
+            return 0
+        fi
+    done
+    return 1
+}
+
+if [[ ! -x "$PY" ]]; then
+    if ! BASE_PY="$(find_python)"; then
+        echo "setup: need Python 3.11 or newer (python3.11 or python3) on PATH" >&2
+        exit 1
+    fi
+    echo "setup: creating .venv with $("$BASE_PY" --version 2>&1)"
+    "$BASE_PY" -m venv "$VENV"
+fi
+
+echo "setup: upgrading pip"
+if ! "$PY" -m pip install --quiet --upgrade pip; then
+    echo "setup: warning: could not upgrade pip; going on with $("$PY" -m pip --version)" >&2
+fi
+
+if "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" \
+    >/dev/null 2>&1; then
+    echo "setup: torch $TORCH_VERSION already installed"
+else
+    echo "setup: installing torch==$TORCH_VERSION"
+    "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
+fi
+
+echo "setup: installing distckpt (editable) with its test tools"
+"$PY" -m pip install -qq -e '.[test]'
+
+"$PY" -c 'import distckpt, tensorstore, mpi4py'
+touch "$STAMP"
+echo "setup: done ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"

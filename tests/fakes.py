@@ -1,0 +1,91 @@
+"""Test doubles: a communicator that plays several ranks one after another in one process,
+and a filesystem that fails on chosen writes."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from distckpt.comm import Communicator
+from distckpt.fs import Buffer, LocalFileSystem
+
+
+class SequentialComm(Communicator):
+    """Rank ``rank`` of ``world_size`` ranks that run one after another.
+
+    Broadcasts replay what the root sent earlier (the root must run first); gathers report
+    every rank as agreeing with this one. Enough to write multi-rank rows in one process.
+    """
+
+    _sent: dict[int, bytes] = {}  # noqa: RUF012
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self._rank = rank
+        self._size = world_size
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._size
+
+    def barrier(self) -> None:
+        pass
+
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        return [data] * self._size
+
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        if self._rank == root:
+            assert data is not None
+            SequentialComm._sent[root] = data
+            return data
+        return SequentialComm._sent[root]
+
+
+def save_as_ranks(store: Any, world_size: int, make_state: Any, **metadata: Any) -> int:
+    """Write one row as ``world_size`` ranks in turn; returns the row id."""
+    import distckpt
+
+    row = -1
+    for rank in range(world_size):
+        row = distckpt.save(
+            make_state(rank), store, comm=SequentialComm(rank, world_size), **metadata
+        )
+    return row
+
+
+class FullDiskFS(LocalFileSystem):
+    """Raises ENOSPC once ``budget`` bytes have been written."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.written = 0
+
+    def write_file(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> int:
+        size = sum(len(memoryview(p).cast("B")) for p in parts)
+        if self.written + size > self.budget:
+            from distckpt.fs import _write_error
+
+            raise _write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        self.written += size
+        return super().write_file(path, parts, durable=durable)
+
+
+class RecordingFS(LocalFileSystem):
+    """Records removals and tree deletions in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def remove(self, path: str) -> None:
+        self.events.append(("remove", path))
+        super().remove(path)
+
+    def rmtree(self, path: str) -> None:
+        self.events.append(("rmtree", path))
+        super().rmtree(path)

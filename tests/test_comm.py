@@ -1,0 +1,80 @@
+"""Every communicator backend passes the same contract tests (in-process, one rank).
+
+Multi-rank behaviour of the same backends runs under torchrun and mpiexec in
+test_multiproc.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+import distckpt
+from distckpt.comm import Communicator, MPIComm, SingleProcessComm, TorchDistComm, resolve
+
+
+@pytest.fixture(params=["single", "torch-gloo", "mpi"])
+def comm(request, tmp_path):
+    if request.param == "single":
+        yield SingleProcessComm()
+    elif request.param == "torch-gloo":
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
+        try:
+            yield TorchDistComm()
+        finally:
+            dist.destroy_process_group()
+    else:
+        pytest.importorskip("mpi4py")
+        yield MPIComm()
+
+
+def test_contract(comm: Communicator):
+    assert comm.rank == 0 and comm.world_size == 1 and comm.is_coordinator
+    comm.barrier()
+    assert comm.allgather_bytes(b"") == [b""]
+    payload = bytes(range(256)) * 1000
+    assert comm.allgather_bytes(payload) == [payload]
+    assert comm.broadcast_bytes(payload) == payload
+    assert comm.allgather({"row": 3, "name": "température"}) == [{"row": 3, "name": "température"}]
+    assert comm.broadcast([1, None, "x"]) == [1, None, "x"]
+
+
+def test_save_and_load_through_each_backend(comm: Communicator, tmp_path):
+    import torch
+
+    row = distckpt.save({"x": torch.arange(3)}, tmp_path / "s", comm=comm)
+    target = {"x": torch.zeros(3, dtype=torch.int64)}
+    assert distckpt.load(target, tmp_path / "s", comm=comm) == row
+    assert torch.equal(target["x"], torch.arange(3))
+
+
+def test_initialised_torch_distributed_is_detected(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdzv", rank=0, world_size=1)
+    try:
+        assert isinstance(resolve(), TorchDistComm)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_single_process_when_nothing_is_launched(monkeypatch):
+    for var in ["WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK"]:
+        monkeypatch.delenv(var, raising=False)
+    assert isinstance(resolve(), SingleProcessComm)
+
+
+@pytest.mark.parametrize(
+    "size_var,rank_var", [("WORLD_SIZE", "RANK"), ("SLURM_NTASKS", "SLURM_PROCID")]
+)
+def test_a_launcher_without_process_group_is_refused(monkeypatch, tmp_path, size_var, rank_var):
+    for var in ["WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMI_RANK"]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(size_var, "4")
+    monkeypatch.setenv(rank_var, "2")
+    with pytest.raises(distckpt.CommunicatorError, match=f"rank 2 of 4 \\({size_var}\\)"):
+        distckpt.save({"a": 1}, tmp_path)
+    assert not (tmp_path / "zarr.json").exists()
+
+
+def test_explicit_objects_are_wrapped():
+    with pytest.raises(distckpt.CommunicatorError, match="cannot coordinate"):
+        resolve(object())

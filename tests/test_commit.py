@@ -1,0 +1,128 @@
+"""The commit protocol: a failed write raises, keeps earlier rows and commits nothing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from fakes import FullDiskFS, RecordingFS, SequentialComm, save_as_ranks
+
+import distckpt
+from distckpt.commit import delete_row
+from distckpt.election import elect_offline, row_status
+from distckpt.retention import rows_to_delete
+from distckpt.store import Store
+
+
+def _big_state(rank: int = 0) -> dict:
+    return {"w": torch.arange(1 << 19, dtype=torch.float32) + rank, "step": rank}
+
+
+def test_full_disk_raises_names_the_file_and_keeps_earlier_rows(tmp_path):
+    path = tmp_path / "store"
+    distckpt.save(_big_state(), path)
+    fs = FullDiskFS(budget=4096)
+    with pytest.raises(distckpt.CheckpointWriteError, match="no space left"):
+        distckpt.save(_big_state(), Store(path, fs=fs))
+    store = Store(path)
+    assert elect_offline(store) == 0
+    assert not row_status(store, 1).committed
+    assert store.manifest_ranks(1) == []
+    target = {"w": torch.zeros(1 << 19), "step": -1}
+    assert distckpt.load(target, path) == 0
+    assert torch.equal(target["w"], _big_state()["w"])
+
+
+def test_unserializable_state_fails_before_anything_is_written(tmp_path):
+    path = tmp_path / "store"
+    distckpt.save({"a": 1}, path)
+    with pytest.raises(distckpt.CheckpointSerializationError, match="'bad'"):
+        distckpt.save({"bad": object()}, path)
+    assert distckpt.latest(path) == 0
+    assert Store(path).rows() == [0]
+
+
+def test_failure_report_from_another_rank_makes_this_rank_raise(tmp_path):
+    class PeerFailed(SequentialComm):
+        """Rank 1 reports a failure at the last agreement: after rank 0 published."""
+
+        agreements = 0
+
+        def allgather(self, obj):
+            result = super().allgather(obj)
+            if obj is None or (isinstance(obj, dict) and "type" in obj):
+                self.agreements += 1
+                if self.agreements == 3:
+                    result[1] = {"type": "OSError", "message": "OSError: peer disk failed"}
+            return result
+
+    path = tmp_path / "store"
+    save_as_ranks(path, 2, lambda r: {"x": torch.ones(2) * r})
+    with pytest.raises(distckpt.CheckpointWriteError, match="rank 1: OSError: peer disk failed"):
+        distckpt.save({"x": torch.ones(2)}, path, comm=PeerFailed(0, 2))
+    store = Store(path)
+    assert store.manifest_ranks(1) == []  # rank 0 retracted its own manifest
+    assert elect_offline(store) == 0
+
+
+def test_rows_are_never_rewritten_in_place(tmp_path):
+    path = tmp_path / "store"
+    distckpt.save({"a": 1}, path)
+    distckpt.save({"a": 2}, path)
+    with pytest.raises(distckpt.CheckpointWriteError, match="not newer"):
+        distckpt.save({"a": 3}, path, row=1)
+    assert distckpt.save({"a": 3}, path, row=10) == 10
+    target = {"a": 0}
+    distckpt.load(target, path)
+    assert target["a"] == 3
+
+
+def test_manifest_is_the_last_file_written(tmp_path):
+    class Order(RecordingFS):
+        def write_file(self, path, parts, *, durable=True):
+            self.events.append(("write", path))
+            return super().write_file(path, parts, durable=durable)
+
+    fs = Order()
+    distckpt.save(_big_state(), Store(tmp_path / "s", fs=fs))
+    writes = [p for kind, p in fs.events if kind == "write"]
+    manifest_writes = [i for i, p in enumerate(writes) if "/manifests/.rank_000000.json" in p]
+    assert len(manifest_writes) == 1
+    assert manifest_writes[0] == len(writes) - 1
+    final = os.path.join(tmp_path, "s", "rows", "000000000000", "manifests", "rank_000000.json")
+    assert os.path.exists(final)
+    leftovers = sorted(os.listdir(os.path.dirname(final)))
+    assert leftovers == ["rank_000000.json", "zarr.json"]  # the temp file was renamed away
+
+
+def test_delete_row_removes_manifests_before_data(tmp_path):
+    fs = RecordingFS()
+    store = Store(tmp_path / "s", fs=fs)
+    save_as_ranks(store, 2, lambda r: _big_state(r))
+    delete_row(store, 0)
+    kinds = [kind for kind, _ in fs.events]
+    assert kinds.index("rmtree") > max(i for i, k in enumerate(kinds) if k == "remove")
+    assert all("/manifests/" in p for k, p in fs.events if k == "remove")
+    assert store.rows() == []
+
+
+def test_retention_never_deletes_the_newest_committed_row_or_newer(tmp_path):
+    store = Store(tmp_path / "s")
+    for _ in range(4):
+        distckpt.save({"a": 1}, store)
+    # Row 4 is being written (no manifest yet); row 1 lost its manifest (garbage).
+    os.makedirs(store.manifests_dir(4))
+    os.remove(store.manifest_path(1, 0))
+    assert rows_to_delete(store, keep=1) == [0, 1, 2]
+    assert rows_to_delete(store, keep=2) == [0, 1]
+    assert rows_to_delete(store, keep=None) == [1]
+    assert 3 not in rows_to_delete(store, keep=1)
+    assert 4 not in rows_to_delete(store, keep=1)
+
+
+def test_keep_prunes_old_rows_after_a_save(tmp_path):
+    path = tmp_path / "s"
+    for i in range(5):
+        distckpt.save({"i": i}, path, keep=2)
+    assert Store(path).rows() == [3, 4]
