@@ -223,6 +223,10 @@ def _unwrap(state: Any) -> Any:
 def bind_checkpoint_state(state: T, *, state_id: str | None = None) -> CheckpointState[T]:
     """Register a dataclass instance's fields as restartable state.
 
+    A dataclass may define ``__checkpoint_save__()`` (called just before its fields are
+    written, e.g. to capture generator states into fields) and ``__checkpoint_restore__()``
+    (called right after its fields were restored, e.g. to apply them to live generators).
+
     Inside an active session the fields are restored at once when the selected row holds
     this state. With a checkpoint constructed but no session entered yet, binding waits and
     restores when the session is entered. Without any checkpoint the proxy is inert

@@ -334,6 +334,9 @@ class CheckpointSession:
                     f"state {state_id!r} of row {view.row} is not a mapping of fields"
                 )
             restore_into(instance, saved, self.catalog.device)
+            hook = getattr(instance, "__checkpoint_restore__", None)
+            if hook is not None:
+                hook()
             loaded = True
         if proxy is None:
             proxy = CheckpointState(instance, state_id)
@@ -371,6 +374,9 @@ class CheckpointSession:
         if cat.level > 0:
             for sid, proxy in self.bound_states.items():
                 instance = proxy.checkpoint_dataclass
+                hook = getattr(instance, "__checkpoint_save__", None)
+                if hook is not None:
+                    hook()
                 states[sid] = state_fields(instance)
                 schemas[sid] = schema_of(instance)
         base = dict(self._entry.metadata) if self._entry is not None else {}

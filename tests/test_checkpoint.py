@@ -349,3 +349,25 @@ def test_catalog_lists_only_committed_rows(tmp_path):
     assert [e.lead_time for e in ck.catalog] == [1]
     with ck as session:
         assert session.lead_time == 1
+
+
+def test_save_and_restore_hooks_run_around_the_fields(tmp_path):
+    @dataclasses.dataclass
+    class Captures:
+        value: int = 0
+
+        def __checkpoint_save__(self) -> None:
+            self.value = LIVE["counter"]
+
+        def __checkpoint_restore__(self) -> None:
+            LIVE["counter"] = self.value
+
+    LIVE = {"counter": 41}
+    with _ckpt(tmp_path) as session:
+        bind_checkpoint_state(Captures())
+        LIVE["counter"] = 42
+        session.write()
+    LIVE["counter"] = 0
+    with _ckpt(tmp_path):
+        bind_checkpoint_state(Captures())
+    assert LIVE["counter"] == 42
