@@ -46,6 +46,11 @@ def encode(obj: Any, leaves: list[Leaf], path: Path = ()) -> Json:
         leaves.append(Leaf(path, obj, False))
         return {"tensor": len(leaves) - 1}
     if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "mM":  # datetimes as their int64 counts, unit kept in the node
+            index = _ndarray_leaf(obj.view(np.int64), leaves, path)
+            return {"np_time_array": [obj.dtype.str, index]}
+        if obj.dtype.kind == "U":  # e.g. variable names in coordinates: small, kept inline
+            return {"np_str_array": [obj.dtype.str, list(obj.shape), obj.reshape(-1).tolist()]}
         return {"ndarray": _ndarray_leaf(obj, leaves, path)}
     if isinstance(obj, np.generic):
         # Before the plain scalar checks: np.float64 is a float and np.str_ a str, but
@@ -157,6 +162,16 @@ def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
         return get_leaf(int(value), False)
     if tag == "ndarray":
         return get_leaf(int(value), True)
+    if tag == "np_time_array":
+        dtype = np.dtype(value[0])
+        if dtype.kind not in "mM":
+            raise CheckpointSerializationError(f"not a datetime dtype: {value[0]!r}")
+        return get_leaf(int(value[1]), True).view(dtype)
+    if tag == "np_str_array":
+        dtype = np.dtype(value[0])
+        if dtype.kind != "U":
+            raise CheckpointSerializationError(f"not a str dtype: {value[0]!r}")
+        return np.array(value[2], dtype=dtype).reshape(value[1])
     if tag == "dict":
         return {k: decode(v, get_leaf) for k, v in value}
     if tag == "list":

@@ -1,0 +1,23 @@
+"""Reference workflows: small, CPU-friendly, real models and an ensemble forecast loop.
+
+They show how components bind restart state and are what the crash tests kill: a
+deterministic persistence-like model, a stochastic model with an evolving per-member noise
+state (in the manner of FourCastNet 3), a Gaussian initial-condition perturbation with its
+own generators, and an ensemble workflow that spreads members over ranks and batches.
+"""
+
+from .ensemble import EnsembleConfig, assign_members, run_ensemble
+from .models import Persistence, StochasticModel, initial_condition
+from .output import ForecastStore
+from .perturbation import GaussianPerturbation
+
+__all__ = [
+    "EnsembleConfig",
+    "ForecastStore",
+    "GaussianPerturbation",
+    "Persistence",
+    "StochasticModel",
+    "assign_members",
+    "initial_condition",
+    "run_ensemble",
+]
