@@ -22,6 +22,8 @@ from .errors import (
     StoreFormatError,
     WorldSizeMismatchError,
 )
+from .rng import GeneratorState, GlobalRngState, RngStateError
+from .rollout import ResumableRollout, RolloutBoundary
 from .store import Store
 
 __version__ = "0.1.0"
@@ -33,7 +35,12 @@ __all__ = [
     "CheckpointState",
     "Communicator",
     "MPIComm",
+    "GeneratorState",
+    "GlobalRngState",
     "NullCheckpoint",
+    "ResumableRollout",
+    "RngStateError",
+    "RolloutBoundary",
     "SingleProcessComm",
     "Store",
     "TorchDistComm",

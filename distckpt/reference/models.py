@@ -148,12 +148,20 @@ class StochasticModel:
 
     # -- model -----------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, coords: Coords) -> tuple[torch.Tensor, Coords]:
-        """One step from the caller's ``x`` with the members' current noise state
-        (initialised first for members that have none)."""
+        """One step from the caller's ``x`` (never replaced by restored state) with the
+        members' current noise state: restored from the checkpoint if this model was, else
+        initialised from the seed."""
         members = member_ids(coords)
         missing = [m for m in members if m not in self._noise]
-        if missing:
-            self._init_noise(missing, x, coords)
+        saved = self._state.checkpoint_dataclass
+        restorable = [
+            m for m in missing if self._state.checkpoint_state_loaded and m in saved.noise
+        ]
+        if restorable:  # a restored model continues its members' noise
+            self._restore_noise(restorable, x.device)
+        fresh = [m for m in missing if m not in restorable]
+        if fresh:
+            self._init_noise(fresh, x, coords)
         noise = torch.stack([self._noise[m] for m in members])
         out = _relax(x, self.rate) + self.sigma * noise
         scale = math.sqrt(1 - self.phi**2)
