@@ -8,6 +8,7 @@ either a committed row or garbage that the election ignores and GC removes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from .faults import fault_point
@@ -42,19 +43,7 @@ def commit_rank(store: Store, plan: RankPlan, manifest: RankManifest) -> RankMan
     store.fs.fsync_dir(rank_dir)
     store.fs.fsync_dir(store.row_dir(row))
     fault_point("after_data", rank=rank, row=row)
-    final = RankManifest(
-        row=row,
-        rank=rank,
-        world_size=manifest.world_size,
-        write_count=manifest.write_count,
-        created=manifest.created,
-        name=manifest.name,
-        level=manifest.level,
-        lead_time=manifest.lead_time,
-        arrays=tuple(entries),
-        states=manifest.states,
-        metadata=manifest.metadata,
-    )
+    final = dataclasses.replace(manifest, arrays=tuple(entries))
     store.fs.atomic_write(store.manifest_path(row, rank), final.to_json())
     fault_point("after_manifest", rank=rank, row=row)
     return final
