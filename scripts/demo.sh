@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv, then kill a 2-rank training run part-way, resume it, and check that the
-# result equals an uninterrupted run bit for bit. Arguments go to scripts/demo.py (--help).
+# Set up .venv, then SIGKILL a 2-rank ensemble forecast and a 2-rank training run part-way,
+# resume them, and check that each equals an uninterrupted run bit for bit.
+# Arguments go to scripts/demo.py (--help).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=("stochastic", "persistence"), default="stochastic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, nargs=2, default=(16, 32), metavar=("LAT", "LON"))
+    p.add_argument("--pid-dir", help="each rank writes its process id to DIR/rank_<r>.pid")
     args = p.parse_args(argv)
 
     logging.basicConfig(level=os.environ.get("DISTCKPT_LOG", "WARNING"))
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" in os.environ and not under_mpi_launcher() and not dist.is_initialized():
         dist.init_process_group("gloo")
     comm = resolve()
+    if args.pid_dir:  # lets a driver (scripts/demo.py) kill one rank's process for real
+        os.makedirs(args.pid_dir, exist_ok=True)
+        with open(os.path.join(args.pid_dir, f"rank_{comm.rank}.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
 
     cfg = EnsembleConfig(nensemble=args.members, nsteps=args.steps, batch_size=args.batch_size)
     x0, coords0 = initial_condition(tuple(args.grid), seed=args.seed)
