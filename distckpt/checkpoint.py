@@ -252,8 +252,7 @@ class CheckpointSession:
         self._pending_metadata: dict[str, Any] = {}
         self._dirty = False
         self._reusable: set[str] = set()
-        self._token: Any = None
-        self._entered = False
+        self._tokens: list[Any] = []  # one per nested `with`: sessions are re-entrant
 
     # -- properties ------------------------------------------------------------------------
     @property
@@ -290,7 +289,14 @@ class CheckpointSession:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return dict(self._entry.metadata) if self._entry is not None else {}
+        """The selected row's metadata (this rank's), with its ``lead_time`` as
+        Earth2Studio's sessions report it; ``{}`` for a new session."""
+        if self._entry is None:
+            return {}
+        meta = dict(self._entry.metadata)
+        if self._entry.lead_time is not None:
+            meta.setdefault("lead_time", self._entry.lead_time)
+        return meta
 
     @property
     def device(self) -> torch.device:
@@ -349,12 +355,19 @@ class CheckpointSession:
         """Record a boundary; commits a row every ``flush_interval`` writes (collective)."""
         self._write_count += 1
         self._writes_since_start += 1
-        self._pending_lead_time = _normalise_lead_time(lead_time)
+        if lead_time is not None:
+            self._pending_lead_time = _normalise_lead_time(lead_time)
         self._pending_metadata.update(metadata)
         self._dirty = True
         interval = self.catalog.flush_interval
         if interval is not None and self._write_count % interval == 0:
-            return self.flush()
+            try:
+                return self.flush()
+            except BaseException:
+                # The boundary did not become a row: a retried write must count it again.
+                self._write_count -= 1
+                self._writes_since_start -= 1
+                raise
         return None
 
     def flush(self, lead_time: Any = None, **metadata: Any) -> CheckpointEntry | None:
@@ -402,17 +415,14 @@ class CheckpointSession:
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> CheckpointSession:
-        if not self._entered:
-            self._entered = True
-            self._token = _ACTIVE_SESSION.set(self)
+        self._tokens.append(_ACTIVE_SESSION.set(self))
+        if len(self._tokens) == 1:  # outermost entry: adopt states bound while inactive
             for proxy, reusable in self.catalog._take_pending():
                 if reusable:
                     self._reusable.add(proxy.checkpoint_id)
                 elif self.exists:
                     late_restore_warning(proxy.checkpoint_id)
                 self.bind(proxy.checkpoint_dataclass, state_id=proxy.checkpoint_id, proxy=proxy)
-        elif self._token is None:
-            self._token = _ACTIVE_SESSION.set(self)
         return self
 
     def __exit__(
@@ -421,12 +431,11 @@ class CheckpointSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._token is not None:
-            _ACTIVE_SESSION.reset(self._token)
-            self._token = None
-        for proxy in self.bound_states.values():
-            self.catalog._park(proxy)
-        self._entered = False
+        if self._tokens:
+            _ACTIVE_SESSION.reset(self._tokens.pop())
+        if not self._tokens:  # outermost exit: states wait for the next session
+            for proxy in self.bound_states.values():
+                self.catalog._park(proxy)
 
     def __repr__(self) -> str:
         return (
@@ -445,9 +454,21 @@ class NullCheckpoint:
     device = torch.device("cpu")
     checkpoint_device = torch.device("cpu")
 
+    level = 0
+    row = None
+
     @property
     def write_count(self) -> int:
         return 0
+
+    @write_count.setter
+    def write_count(self, value: int) -> None:
+        """Accepted and ignored: workflows reset the count between work items."""
+
+    @property
+    def catalog(self) -> NullCheckpoint:
+        """Itself, so ``ckpt.catalog.level`` reads 0 as on a real session."""
+        return self
 
     @property
     def metadata(self) -> dict[str, Any]:

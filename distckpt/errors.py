@@ -7,8 +7,8 @@ what to fix without a debugger.
 from __future__ import annotations
 
 
-class CheckpointError(Exception):
-    """Base of every error raised by distckpt."""
+class CheckpointError(RuntimeError):
+    """Base of every error raised by distckpt (a RuntimeError, as Earth2Studio's is)."""
 
 
 class CheckpointStateCollision(CheckpointError):

@@ -102,7 +102,8 @@ def test_new_session_then_resume_restores_bound_state(tmp_path):
         assert session.exists
         assert session.write_count == 3
         assert session.lead_time == np.timedelta64(18, "h")
-        assert session.metadata == {"done": [2]}
+        # Earth2Studio's sessions report the row's lead time among the metadata too.
+        assert session.metadata == {"done": [2], "lead_time": np.timedelta64(18, "h")}
         live = Noise()
         state = bind_checkpoint_state(live)
         assert state.checkpoint_state_loaded
@@ -164,8 +165,8 @@ def test_select_indexes_committed_rows(tmp_path):
     with ck as session:
         for i in range(3):
             session.write(lead_time=i, i=i)
-    assert ck.select(-1).metadata == {"i": 2}
-    assert ck.select(0).metadata == {"i": 0}
+    assert ck.select(-1).metadata == {"i": 2, "lead_time": 2}
+    assert ck.select(0).metadata == {"i": 0, "lead_time": 0}
     assert ck.select(-3).row == ck.catalog[0].row
     with pytest.raises(IndexError):
         ck.select(3)
@@ -336,6 +337,34 @@ def test_null_checkpoint_records_nothing():
         assert session.write(lead_time=1, done=[1]) is None
         assert session.flush() is None
         assert session.write_count == 0 and session.metadata == {}
+        session.write_count = 0  # workflows reset it between items: accepted, ignored
+        assert session.catalog.level == 0 and session.level == 0
+
+
+def test_sessions_are_reentrant(tmp_path):
+    """A workflow given a session enters it again; leaving that inner `with` must not end
+    the caller's session."""
+    ck = _ckpt(tmp_path)
+    with ck as outer:
+        with outer as inner:
+            assert inner is outer and outer.is_active
+        assert outer.is_active
+        late = bind_checkpoint_state(Noise(step=3))
+        assert late.checkpoint_selected is False and late.checkpoint_session is outer
+        outer.write()
+    assert not outer.is_active
+
+
+def test_write_without_lead_time_keeps_the_pending_one(tmp_path):
+    ck = _ckpt(tmp_path, flush_interval=2)
+    with ck as session:
+        session.write(lead_time=6)
+        entry = session.write()
+    assert entry.lead_time == 6
+
+
+def test_errors_are_runtime_errors_like_earth2studios():
+    assert issubclass(CheckpointError, RuntimeError)
 
 
 def test_catalog_lists_only_committed_rows(tmp_path):
@@ -371,3 +400,12 @@ def test_save_and_restore_hooks_run_around_the_fields(tmp_path):
     with _ckpt(tmp_path):
         bind_checkpoint_state(Captures())
     assert LIVE["counter"] == 42
+
+
+def test_a_write_whose_flush_fails_does_not_count(tmp_path):
+    ck = _ckpt(tmp_path)
+    with ck as session:
+        session.write()
+        with pytest.raises(CheckpointSerializationError):
+            session.write(bad=object())
+        assert session.write_count == 1

@@ -1,0 +1,1 @@
+"""Adapters that route other libraries' checkpoint calls to distckpt."""
