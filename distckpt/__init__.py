@@ -1,5 +1,6 @@
 """distckpt: distributed-first restart checkpoints for PyTorch, in zarr v3 stores."""
 
+from . import lease, rng
 from .api import latest, load, metadata, save
 from .binding import CheckpointState, bind_checkpoint_state
 from .checkpoint import (
@@ -18,6 +19,8 @@ from .errors import (
     CheckpointWriteError,
     CommunicatorError,
     CorruptCheckpointError,
+    LeaseHeldError,
+    LeaseLostError,
     NoCommittedRowError,
     StoreFormatError,
     WorldSizeMismatchError,
@@ -29,6 +32,8 @@ from .store import Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "lease",
+    "rng",
     "Checkpoint",
     "CheckpointEntry",
     "CheckpointSession",
@@ -53,6 +58,8 @@ __all__ = [
     "CheckpointWriteError",
     "CommunicatorError",
     "CorruptCheckpointError",
+    "LeaseHeldError",
+    "LeaseLostError",
     "NoCommittedRowError",
     "StoreFormatError",
     "WorldSizeMismatchError",

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from . import engine
+from . import engine, lease
 from .binding import (
     _ACTIVE_SESSION,
     _CURRENT_CHECKPOINT,
@@ -207,6 +207,8 @@ class Checkpoint:
     ) -> None:
         session = self._sessions.pop()
         session.__exit__(exc_type, exc, tb)
+        if not self._sessions and self.comm.is_coordinator:
+            lease.release(self.store)  # the job is done writing here
 
     def __repr__(self) -> str:
         lines = [

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import codec, errors
+from . import codec, errors, lease
 from .comm import Communicator
 from .commit import commit_rank, delete_row, prepare_row, retract_rank
 from .election import committed_rows_offline, elect
@@ -130,6 +130,8 @@ def save_row(
     if comm.is_coordinator:
         try:
             store.create(name)
+            # One writing job per store: a second one is refused here, on every rank.
+            lease.hold(store)
             existing = store.rows()
             newest = existing[-1] if existing else -1
             chosen = newest + 1 if row is None else row

@@ -47,6 +47,18 @@ class CheckpointWriteError(CheckpointError):
     """A rank failed to write its part of a row; the row is not committed."""
 
 
+class LeaseHeldError(CheckpointError):
+    """Another live writer holds the store's lease."""
+
+    def __init__(self, message: str, holder: object | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder  # the holder's LeaseInfo, when known
+
+
+class LeaseLostError(LeaseHeldError):
+    """This process's lease was taken over (or removed) since it was acquired."""
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointSerializationError",
@@ -55,6 +67,8 @@ __all__ = [
     "CheckpointWriteError",
     "CommunicatorError",
     "CorruptCheckpointError",
+    "LeaseHeldError",
+    "LeaseLostError",
     "NoCommittedRowError",
     "StoreFormatError",
     "WorldSizeMismatchError",

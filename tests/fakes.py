@@ -56,6 +56,7 @@ def save_as_ranks(store: Any, world_size: int, make_state: Any, **metadata: Any)
         row = distckpt.save(
             make_state(rank), store, comm=SequentialComm(rank, world_size), **metadata
         )
+    distckpt.lease.release(store)  # the writing "job" is over
     return row
 
 

@@ -100,6 +100,7 @@ def test_delete_row_removes_manifests_before_data(tmp_path):
     fs = RecordingFS()
     store = Store(tmp_path / "s", fs=fs)
     save_as_ranks(store, 2, lambda r: _big_state(r))
+    fs.events.clear()
     delete_row(store, 0)
     kinds = [kind for kind, _ in fs.events]
     assert kinds.index("rmtree") > max(i for i, k in enumerate(kinds) if k == "remove")
