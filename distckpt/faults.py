@@ -28,6 +28,11 @@ def _parse(spec: str) -> tuple[str, int | None, int | None] | None:
 _PARSED = _parse(_SPEC)
 
 
+def active() -> bool:
+    """Whether a fault is armed (lets callers skip work that only serves fault targeting)."""
+    return _PARSED is not None
+
+
 def fault_point(point: str, *, rank: int, row: int) -> None:
     if _PARSED is None:
         return

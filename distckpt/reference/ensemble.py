@@ -27,6 +27,7 @@ import torch
 from ..checkpoint import CheckpointSession, NullCheckpoint
 from ..comm import Communicator
 from ..errors import CheckpointError
+from ..faults import active as faults_active
 from ..faults import fault_point
 from ..rollout import Coords
 from .output import ForecastStore
@@ -131,10 +132,14 @@ def _run_batch(
 
     def boundary(step: int) -> None:
         if step == cfg.nsteps:
-            completed.update(batch)
+            # Every rank finishes batch b at this same write: record all ranks' members, so
+            # any rank's row (and a restart at another world size) knows the whole set.
+            for members in comm.allgather(batch):
+                completed.update(members)
         done = b + 1 if step == cfg.nsteps else b
-        next_row = (ckpt.row if tracking and ckpt.row is not None else -1) + 1
-        fault_point("after_output", rank=comm.rank, row=next_row)
+        if faults_active() and tracking:
+            rows = ckpt.catalog.store.rows()
+            fault_point("after_output", rank=comm.rank, row=(rows[-1] if rows else -1) + 1)
         ckpt.write(
             lead_time=np.timedelta64(6 * step, "h"),
             completed_ensembles=sorted(completed),
