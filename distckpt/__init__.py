@@ -1,6 +1,6 @@
 """distckpt: distributed-first restart checkpoints for PyTorch, in zarr v3 stores."""
 
-from . import lease, rng
+from . import lease, logs, rng
 from .api import latest, load, metadata, save
 from .binding import CheckpointState, bind_checkpoint_state
 from .checkpoint import (
@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "lease",
+    "logs",
     "rng",
     "Checkpoint",
     "CheckpointEntry",

@@ -7,7 +7,6 @@ and ``flush`` are therefore collective: every rank calls them the same number of
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +33,14 @@ from .comm import Communicator, resolve
 from .election import elect, row_status
 from .errors import CheckpointStateSchemaError, CommunicatorError
 from .format import row_name
+from .logs import get_logger
 from .manifest import RankManifest
 from .names import escape_component
 from .plan import DEFAULT_PACK_THRESHOLD
 from .retention import rows_to_delete
 from .store import Store
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CheckpointLevel = Literal[0, 1, 2]
 

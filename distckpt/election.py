@@ -9,15 +9,15 @@ A bad manifest makes its row uncommitted; it never raises out of the election.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from .comm import Communicator
 from .errors import CheckpointError, StoreFormatError
+from .logs import get_logger
 from .manifest import InvalidManifest, RankManifest
 from .store import Store
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)

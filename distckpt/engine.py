@@ -6,7 +6,6 @@ raise together instead of one raising while the others wait forever.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,13 @@ from .errors import (
     WorldSizeMismatchError,
 )
 from .faults import fault_point
+from .logs import get_logger
 from .manifest import InvalidManifest, RankManifest, StateRecord
 from .plan import DEFAULT_PACK_THRESHOLD, plan_rank
 from .rowio import RankReader
 from .store import Store, utcnow
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)

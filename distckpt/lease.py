@@ -40,7 +40,6 @@ import atexit
 import contextlib
 import dataclasses
 import json
-import logging
 import os
 import socket
 import threading
@@ -52,9 +51,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import CheckpointError, LeaseHeldError, LeaseLostError, StoreFormatError
+from .logs import get_logger
 from .store import Store
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 LEASE_FILE = "lease.json"
 LOCK_FILE = "lease.lock"

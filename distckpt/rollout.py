@@ -9,7 +9,6 @@ not yield the initial condition again, and the model does not re-initialise its 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +17,9 @@ import numpy as np
 import torch
 
 from .binding import bind_checkpoint_state
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 Coords = dict[str, Any]
 StepFn = Callable[[torch.Tensor, Coords], tuple[torch.Tensor, Coords]]

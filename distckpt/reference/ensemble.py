@@ -15,7 +15,6 @@ Resume, by the level of the row found:
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -29,10 +28,11 @@ from ..comm import Communicator
 from ..errors import CheckpointError
 from ..faults import active as faults_active
 from ..faults import fault_point
+from ..logs import get_logger
 from ..rollout import Coords
 from .output import ForecastStore
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
