@@ -1,0 +1,167 @@
+"""python -m benchmarks: distckpt against raw I/O, torch.save, DCP and Earth2Studio, in one run.
+
+One rank runs in this process; more ranks run as torchrun gloo jobs of
+``benchmarks.worker``. Prints a table, writes ``<out>/results.json`` and
+``<out>/throughput.png`` (if matplotlib is installed). See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .common import ALL_CASES, Config, Ctx
+from .report import derive, format_table, goals, machine_info, plot, write_json
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the issue's real sizes: 1 GiB per rank, election over 1,000 rows x 64 ranks",
+    )
+    p.add_argument(
+        "--sizes", type=int, nargs="+", help="MiB per rank to save/restore (default 256; full 1024)"
+    )
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts (default 1 2)")
+    p.add_argument("--repeat", type=int, default=3, help="repeats per measurement (median)")
+    p.add_argument("--tensors", type=int, default=64, help="tensors per rank for save/restore")
+    p.add_argument("--small-count", type=int, default=10_000, help="small tensors per rank")
+    p.add_argument("--small-bytes", type=int, default=4096, help="bytes per small tensor")
+    p.add_argument("--election-rows", type=int, help="rows (default 200; full 1000)")
+    p.add_argument("--election-ranks", type=int, default=64, help="ranks per row")
+    p.add_argument(
+        "--election-tensors", type=int, default=8, help="array entries per election manifest"
+    )
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        choices=ALL_CASES,
+        default=list(ALL_CASES),
+        help="cases to run (default all)",
+    )
+    p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    p.add_argument(
+        "--workdir", help="where stores are written (default <out>/work; same filesystem matters)"
+    )
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per torchrun job")
+    return p.parse_args(argv)
+
+
+def run_ranks(n: int, cfg: Config, out: str, timeout: float) -> list[dict[str, Any]]:
+    """Run the per-rank cases as an n-rank torchrun gloo job; return its records."""
+    cfg_path = os.path.join(out, f"config-ranks{n}.json")
+    result = os.path.join(out, f"records-ranks{n}.json")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg.to_json(), f)
+    if os.path.exists(result):
+        os.remove(result)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={n}",
+        "-m",
+        "benchmarks.worker",
+        "--config",
+        os.path.abspath(cfg_path),
+        "--result",
+        os.path.abspath(result),
+    ]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    print(f"[ranks={n}] {' '.join(cmd[1:6])} -m benchmarks.worker ...", file=sys.stderr)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, check=False)
+    if proc.returncode != 0 or not os.path.exists(result):
+        print(f"[ranks={n}] torchrun failed (exit {proc.returncode}); skipped", file=sys.stderr)
+        return []
+    with open(result) as f:
+        records: list[dict[str, Any]] = json.load(f)
+    os.remove(result)
+    os.remove(cfg_path)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = args.sizes or ([1024] if args.full else [256])
+    rows = args.election_rows or (1000 if args.full else 200)
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    workdir = args.workdir or os.path.join(out, "work")
+    os.makedirs(workdir, exist_ok=True)
+    cfg = Config(
+        workdir=os.path.abspath(workdir),
+        sizes_mib=sizes,
+        tensors=args.tensors,
+        small_count=args.small_count,
+        small_bytes=args.small_bytes,
+        election_rows=rows,
+        election_ranks=args.election_ranks,
+        election_tensors=args.election_tensors,
+        repeat=args.repeat,
+        cases=args.cases,
+    )
+    start = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    per_rank = [c for c in cfg.cases if c != "election"]
+    for n in args.ranks:
+        if not per_rank:
+            break
+        if n == 1:
+            from .cases import run_rank_cases
+
+            records += run_rank_cases(Ctx(), cfg)
+        else:
+            records += run_ranks(n, cfg, out, args.timeout)
+    if "election" in cfg.cases:
+        from .cases import election_case
+
+        records += election_case(cfg)
+    elapsed = time.perf_counter() - start
+    for root, _, _ in sorted(os.walk(workdir), key=lambda w: -len(w[0])):
+        with contextlib.suppress(OSError):  # only empty directories are removed
+            os.rmdir(root)
+
+    derive(records)
+    machine = machine_info(workdir)
+    config = {**cfg.to_json(), "ranks": args.ranks, "full": args.full, "elapsed_s": elapsed}
+    json_path = os.path.join(out, "results.json")
+    write_json(json_path, machine, config, records)
+    print()
+    print(format_table(records))
+    print()
+    print("Goals (reference only, not asserted):")
+    for line in goals(records):
+        print("  " + line)
+    print()
+    skipped = plot(os.path.join(out, "throughput.png"), records)
+    if skipped:
+        print(f"plot skipped: {skipped}")
+    else:
+        print(f"plot: {os.path.join(out, 'throughput.png')}")
+    print(f"results: {json_path}")
+    print(
+        f"machine: {machine['cpu_count']} CPUs, torch {machine['torch']}, zarr {machine['zarr']}, "
+        f"{machine['filesystem']}; total {elapsed:.0f} s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

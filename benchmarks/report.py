@@ -1,0 +1,249 @@
+"""Derived ratios, the printed table, results.json and the throughput plot."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+Record = dict[str, Any]
+
+
+def _key(r: Record, case: str | None = None) -> tuple[Any, ...]:
+    return (r["case"] if case is None else case, r["ranks"], r["size_label"])
+
+
+def derive(records: list[Record]) -> None:
+    """Add vs_raw / vs_dcp (throughput ratios, i.e. the other tool's seconds over this one's)
+    to save and restore records, and the crc share of distckpt's save and restore times."""
+    by: dict[tuple[Any, ...], dict[str, Record]] = {}
+    for r in records:
+        by.setdefault(_key(r), {})[r["tool"]] = r
+    for r in records:
+        if r["op"] in ("save", "restore"):
+            peers = by[_key(r)]
+            for tool, field in (("raw", "vs_raw"), ("DCP", "vs_dcp")):
+                peer = peers.get(tool)
+                r[field] = peer["seconds"] / r["seconds"] if peer and r["seconds"] else None
+        elif r["op"] == "crc":
+            for op in ("save", "restore"):
+                case = f"{r['of_case']} {op}".strip()
+                d = by.get(_key(r, case), {}).get("distckpt")
+                r[f"share_of_{op}"] = r["seconds"] / d["seconds"] if d else None
+
+
+def _fmt(value: Any, spec: str, empty: str = "-") -> str:
+    return empty if value is None else format(value, spec)
+
+
+def _note(r: Record) -> str:
+    if r["op"] == "crc":
+        parts = []
+        if r.get("share_of_save") is not None:
+            parts.append(f"{r['share_of_save']:.0%} of distckpt save")
+        if r.get("share_of_restore") is not None:
+            parts.append(f"{r['share_of_restore']:.0%} of restore")
+        return ", ".join(parts)
+    if r["op"] == "election":
+        return f"reads {r['manifests_read']} manifests"
+    if r["tool"] == "earth2studio":
+        return "data files not fsynced"
+    return ""
+
+
+COLUMNS = (
+    "case",
+    "ranks",
+    "size/rank",
+    "tool",
+    "seconds",
+    "GB/s",
+    "vs raw",
+    "vs DCP",
+    "slowest rank s",
+    "files/rank",
+    "note",
+)
+
+
+def table_rows(records: list[Record]) -> list[list[str]]:
+    return [
+        [
+            r["case"],
+            str(r["ranks"]),
+            r["size_label"],
+            r["tool"],
+            f"{r['seconds']:.3f}",
+            _fmt(r.get("gbps"), ".2f"),
+            _fmt(r.get("vs_raw"), ".2f"),
+            _fmt(r.get("vs_dcp"), ".2f"),
+            _fmt(r.get("slowest_rank_s"), ".3f"),
+            _fmt(r.get("files_per_rank"), "d"),
+            _note(r),
+        ]
+        for r in records
+    ]
+
+
+def format_table(records: list[Record], *, markdown: bool = False) -> str:
+    rows = table_rows(records)
+    if markdown:
+        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]
+    fmt = "  ".join(f"{{:{'<' if i in (0, 2, 3, 10) else '>'}{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*COLUMNS).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
+    lines += [fmt.format(*row).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def goals(records: list[Record]) -> list[str]:
+    """The reference goals, side by side with what was measured (nothing is asserted)."""
+    out: list[str] = []
+
+    def find(case: str, tool: str) -> list[Record]:
+        return [r for r in records if r["case"] == case and r["tool"] == tool]
+
+    def line(text: str, value: float | None, goal: float, *, less: bool = False) -> None:
+        if value is None:
+            return
+        ok = value < goal if less else value >= goal
+        rel = "<" if less else ">="
+        out.append(f"{text}: {value:.2f} (goal {rel} {goal:g}) {'met' if ok else 'NOT met'}")
+
+    for r in find("save", "distckpt"):
+        where = f"ranks={r['ranks']} {r['size_label']}"
+        line(f"save    distckpt/raw  {where}", r.get("vs_raw"), 0.9)
+        line(f"save    distckpt/DCP  {where}", r.get("vs_dcp"), 1.2)
+    for r in find("restore", "distckpt"):
+        where = f"ranks={r['ranks']} {r['size_label']}"
+        line(f"restore distckpt/raw  {where}", r.get("vs_raw"), 0.8)
+        line(f"restore distckpt/DCP  {where}", r.get("vs_dcp"), 3.0)
+    for case in ("small save", "small restore"):
+        for r in find(case, "distckpt"):
+            line(f"{case:13s} distckpt/DCP ranks={r['ranks']}", r.get("vs_dcp"), 5.0)
+    for r in records:
+        if r["op"] == "election" and r["tool"] != "local_commits(rank 0)":
+            line(f"election {r['tool']} over {r['size_label']} (s)", r["seconds"], 1.0, less=True)
+    return out
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _filesystem(path: str) -> str | None:
+    """Device and type of the mount holding ``path`` (longest matching mount point)."""
+    real = os.path.realpath(path)
+    best: tuple[int, str] | None = None
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                dev, mnt, fstype, *_ = line.split()
+                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and (
+                    best is None or len(mnt) > best[0]
+                ):
+                    best = (len(mnt), f"{dev} on {mnt} ({fstype})")
+    except OSError:
+        return None
+    return best[1] if best else None
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(workdir: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_gib": _memory_gib(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "zarr": _version("zarr"),
+        "numpy": _version("numpy"),
+        "crc32c": _version("crc32c"),
+        "earth2studio": _version("earth2studio"),
+        "distckpt": _version("distckpt"),
+        "workdir": os.path.abspath(workdir),
+        "filesystem": _filesystem(workdir),
+    }
+
+
+def write_json(
+    path: str, machine: dict[str, Any], config: dict[str, Any], records: list[Record]
+) -> None:
+    doc = {"machine": machine, "config": config, "records": records}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def plot(path: str, records: list[Record]) -> str | None:
+    """Throughput against size per rank, one line per tool and rank count; save and restore
+    side by side. Returns why it was skipped, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"matplotlib is not installed ({exc})"
+    if not any(r["case"] in ("save", "restore") for r in records):
+        return "no save or restore measurements"
+    tools = sorted({r["tool"] for r in records if r["case"] in ("save", "restore")})
+    colors = {t: f"C{i % 10}" for i, t in enumerate(tools)}
+    styles = {1: ("-", "o"), 2: ("--", "s"), 4: (":", "^")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, op in zip(axes, ("save", "restore"), strict=True):
+        lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        for r in records:
+            if r["case"] == op and r.get("gbps") is not None:
+                lines.setdefault((r["tool"], r["ranks"]), []).append((r["size_mib"], r["gbps"]))
+        sizes: set[float] = set()
+        for (tool, ranks), pts in sorted(lines.items()):
+            pts.sort()
+            sizes.update(p[0] for p in pts)
+            style, marker = styles.get(ranks, ("-.", "x"))
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                style,
+                marker=marker,
+                color=colors[tool],
+                label=f"{tool}, {ranks} rank{'s' if ranks > 1 else ''}",
+            )
+        ax.set_xscale("log", base=2)
+        if sizes:
+            ax.set_xticks(sorted(sizes), [f"{s:g}" for s in sorted(sizes)])
+        ax.set_xlabel("MiB per rank")
+        ax.set_ylabel("aggregate GB/s (median)")
+        ax.set_title(f"{op} ({'durable: fsync' if op == 'save' else 'files in page cache'})")
+        ax.grid(True, alpha=0.3)
+        if lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
