@@ -50,7 +50,7 @@ def parse_manifest_name(name: str) -> int | None:
 
 def group_document(attributes: dict[str, Any]) -> bytes:
     doc = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
-    return json.dumps(doc, indent=1, sort_keys=True).encode()
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def array_document(
@@ -76,17 +76,18 @@ def array_document(
             "name": "regular",
             "configuration": {"chunk_shape": [max(1, d) for d in shape]},
         },
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        # "." keeps the chunk beside its zarr.json: no nested directories to create and fsync.
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": spec.fill_value,
         "codecs": codecs,
         "attributes": attributes,
     }
-    return json.dumps(doc, indent=1, sort_keys=True).encode()
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def single_chunk_key(ndim: int) -> str:
     """Path of the only chunk of a one-chunk array, relative to the array directory."""
-    return "c" if ndim == 0 else "c/" + "/".join("0" * 1 for _ in range(ndim))
+    return "c" if ndim == 0 else "c." + ".".join("0" for _ in range(ndim))
 
 
 def crc_trailer(crc: int) -> bytes:

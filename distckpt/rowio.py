@@ -41,18 +41,19 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 def write_rank_arrays(fs: FileSystem, row_dir: str, plan: RankPlan) -> list[ArrayEntry]:
     """Write every planned tensor durably; return the entries for the manifest.
 
-    Directories are fsynced after their files so the whole tree survives a power loss before
-    the manifest (the commit point) is published.
+    Files are written first and made durable together at the end, then their directories,
+    so the whole tree survives a power loss before the manifest (the commit point) is
+    published, at one batch of fsyncs instead of one stall per file.
     """
     entries: list[ArrayEntry] = []
     crcs = [checksum(byte_view(p.tensor)) for p in plan.tensors]
     packed = [(p, c) for p, c in zip(plan.tensors, crcs, strict=True) if p.packed]
-    dirs: set[str] = set()
+    files: list[str] = []
     if packed:
-        dirs |= _write_packed(fs, row_dir, [p for p, _ in packed], plan.packed_nbytes)
+        files += _write_packed(fs, row_dir, [p for p, _ in packed], plan.packed_nbytes)
     for planned, crc in zip(plan.tensors, crcs, strict=True):
         if not planned.packed:
-            dirs |= _write_own(fs, row_dir, planned, crc)
+            files += _write_own(fs, row_dir, planned, crc)
         entries.append(
             ArrayEntry(
                 name=planned.name,
@@ -64,7 +65,8 @@ def write_rank_arrays(fs: FileSystem, row_dir: str, plan: RankPlan) -> list[Arra
                 crc32c=crc,
             )
         )
-    for d in sorted(dirs, key=len, reverse=True):
+    fs.fsync_files(files)
+    for d in sorted({os.path.dirname(f) for f in files}, key=len, reverse=True):
         fs.fsync_dir(d)
     return entries
 
@@ -75,21 +77,24 @@ def write_rank_group(fs: FileSystem, rank_dir: str, rank: int) -> None:
     fs.write_file(os.path.join(rank_dir, ZARR_JSON), [doc])
 
 
-def _write_own(fs: FileSystem, row_dir: str, p: PlannedTensor, crc: int) -> set[str]:
+def _write_own(fs: FileSystem, row_dir: str, p: PlannedTensor, crc: int) -> list[str]:
+    """An array of its own: ``zarr.json`` and one chunk file (not yet fsynced)."""
     array_dir = os.path.join(row_dir, p.array)
     attrs = {"distckpt": {"name": p.name, "dtype": p.spec.name}}
     shape = tuple(p.tensor.shape)
+    fs.makedirs(array_dir)
+    doc = os.path.join(array_dir, ZARR_JSON)
+    fs.write_file(doc, [array_document(shape, p.spec, attrs)], durable=False)
+    if not p.tensor.numel():
+        return [doc]
     chunk = os.path.join(array_dir, single_chunk_key(len(shape)))
-    fs.makedirs(os.path.dirname(chunk))
-    fs.write_file(os.path.join(array_dir, ZARR_JSON), [array_document(shape, p.spec, attrs)])
-    if p.tensor.numel():
-        fs.write_file(chunk, [byte_view(p.tensor), crc_trailer(crc)])
-    return _dirs_between(row_dir, os.path.dirname(chunk))
+    fs.write_file(chunk, [byte_view(p.tensor), crc_trailer(crc)], durable=False)
+    return [doc, chunk]
 
 
 def _write_packed(
     fs: FileSystem, row_dir: str, tensors: Sequence[PlannedTensor], total: int
-) -> set[str]:
+) -> list[str]:
     """All small tensors of the rank as one 1-D uint8 array of a single chunk.
 
     The array's attributes list each tensor's name, dtype, shape and byte range, so a plain
@@ -108,25 +113,18 @@ def _write_packed(
     ]
     attrs = {"distckpt": {"packed": index}}
     spec = spec_for(torch.uint8)
+    fs.makedirs(array_dir)
+    doc = os.path.join(array_dir, ZARR_JSON)
+    fs.write_file(doc, [array_document((total,), spec, attrs)], durable=False)
+    if not total:
+        return [doc]
+    views = [byte_view(p.tensor) for p in tensors]
+    crc = 0
+    for v in views:
+        crc = checksum(v, crc)
     chunk = os.path.join(array_dir, single_chunk_key(1))
-    fs.makedirs(os.path.dirname(chunk))
-    fs.write_file(os.path.join(array_dir, ZARR_JSON), [array_document((total,), spec, attrs)])
-    if total:
-        views = [byte_view(p.tensor) for p in tensors]
-        crc = 0
-        for v in views:
-            crc = checksum(v, crc)
-        fs.write_file(chunk, [*views, crc_trailer(crc)])
-    return _dirs_between(row_dir, os.path.dirname(chunk))
-
-
-def _dirs_between(row_dir: str, leaf_dir: str) -> set[str]:
-    out = set()
-    d = leaf_dir
-    while len(d) >= len(row_dir):
-        out.add(d)
-        d = os.path.dirname(d)
-    return out
+    fs.write_file(chunk, [*views, crc_trailer(crc)], durable=False)
+    return [doc, chunk]
 
 
 class RankReader:

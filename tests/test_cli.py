@@ -431,7 +431,7 @@ def test_verify_reports_manifest_problems(multi):
     assert result.exit_code == EXIT_CORRUPT
     assert "row 0, rank 1: state 'x' cannot be decoded: refers to tensor 7" in result.stdout
     # A deleted zarr.json breaks plain zarr readers even though the bytes are intact.
-    os.remove(_chunk(multi, 0, 0, "big").parent.parent / "zarr.json")
+    os.remove(_chunk(multi, 0, 0, "big").parent / "zarr.json")
     assert "row 0, rank 0, array 'big': zarr.json is missing" in run("verify", multi, "0").stdout
 
 
