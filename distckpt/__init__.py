@@ -25,6 +25,7 @@ from .errors import (
     StoreFormatError,
     WorldSizeMismatchError,
 )
+from .preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
 from .rng import GeneratorState, GlobalRngState, RngStateError
 from .rollout import ResumableRollout, RolloutBoundary
 from .store import Store
@@ -44,6 +45,8 @@ __all__ = [
     "GeneratorState",
     "GlobalRngState",
     "NullCheckpoint",
+    "PreemptionHandler",
+    "REQUEUE_EXIT_CODE",
     "ResumableRollout",
     "RngStateError",
     "RolloutBoundary",
@@ -66,6 +69,7 @@ __all__ = [
     "WorldSizeMismatchError",
     "__version__",
     "latest",
+    "preemption",
     "load",
     "metadata",
     "save",

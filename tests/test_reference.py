@@ -109,3 +109,30 @@ def test_finished_run_relaunched_does_nothing_more(tmp_path, reference):
     summary, data = _run(tmp_path)
     assert summary["batches_run"] == 0
     assert np.array_equal(data, reference)
+
+
+def test_preemption_stops_at_a_boundary_and_the_relaunch_finishes(tmp_path, reference):
+    from distckpt.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
+
+    comm = SingleProcessComm()
+    x0, coords0 = initial_condition(GRID)
+    ForecastStore.create(tmp_path / "out", nensemble=4, nsteps=4, shape=GRID, comm=comm)
+    with Checkpoint("e", path=tmp_path / "ckpt") as session:
+        model, pert = StochasticModel(seed=4), GaussianPerturbation(seed=4)
+        with PreemptionHandler(comm=comm) as handler, pytest.raises(SystemExit) as stop:
+            handler.request_stop()  # as if SIGUSR1 had arrived
+            run_ensemble(
+                x0=x0,
+                coords0=coords0,
+                cfg=CFG,
+                model=model,
+                perturbation=pert,
+                output=ForecastStore(tmp_path / "out"),
+                checkpoint=session,
+                comm=comm,
+                preemption=handler,
+            )
+    assert stop.value.code == REQUEUE_EXIT_CODE
+    summary, data = _run(tmp_path)
+    assert summary["resumed_from"] == 0  # stopped right after the first boundary's row
+    assert np.array_equal(data.view(np.uint32), reference.view(np.uint32))

@@ -29,6 +29,7 @@ from ..errors import CheckpointError
 from ..faults import active as faults_active
 from ..faults import fault_point
 from ..logs import get_logger
+from ..preempt import PreemptionHandler
 from ..rollout import Coords
 from .output import ForecastStore
 
@@ -61,8 +62,13 @@ def run_ensemble(
     output: ForecastStore,
     checkpoint: Any = None,
     comm: Communicator,
+    preemption: PreemptionHandler | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the ensemble; returns a summary of what this call did."""
+    """Run (or resume) the ensemble; returns a summary of what this call did.
+
+    With ``preemption``, every boundary asks (collectively) whether a rank was signalled;
+    then the row just written is flushed and the process exits with the requeue status.
+    """
     checkpoint = NullCheckpoint() if checkpoint is None else checkpoint
     members = assign_members(cfg.nensemble, comm.rank, comm.world_size)
     nbatches = batches_per_rank(cfg, comm.world_size)
@@ -108,6 +114,7 @@ def run_ensemble(
                 ckpt,
                 completed,
                 comm,
+                preemption,
             )
             summary["batches_run"] += 1
         ckpt.flush()
@@ -127,6 +134,7 @@ def _run_batch(
     ckpt: Any,
     completed: set[int],
     comm: Communicator,
+    preemption: PreemptionHandler | None,
 ) -> None:
     tracking = isinstance(ckpt, CheckpointSession)
 
@@ -146,6 +154,8 @@ def _run_batch(
             batch=b,
             batches_done=done,
         )
+        if preemption is not None:
+            preemption.at_boundary(ckpt)
 
     first = restart_step + 1
     if not batch:  # this rank has no members in batch b: keep the rows in lockstep
