@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -587,3 +588,17 @@ def test_lease_command(single):
         doc = json.loads(run("lease", single, "--json").stdout)
         assert doc["state"] == "held" and doc["pid"] == os.getpid() and doc["job"] == "42"
         assert "lease: held by" in run("ls", single).stdout
+
+
+def test_verify_accepts_coordinate_arrays_in_states(tmp_path: Path) -> None:
+    """Stores of the ensemble workflow hold datetime and str arrays (coordinates)."""
+    path = tmp_path / "coords"
+    coords = {
+        "time": np.array(["2026-01-01T00"], dtype="datetime64[h]"),
+        "lead_time": np.array([0, 6], dtype="timedelta64[h]"),
+        "variable": np.array(["t2m", "u10"]),
+    }
+    distckpt.save({"boundary": {"coords": coords, "x": torch.ones(3)}}, path)
+    distckpt.lease.release(path)
+    result = run("verify", path, "--all")
+    assert result.exit_code == 0, result.output
