@@ -12,14 +12,23 @@ from .store import Store
 
 def rows_to_delete(store: Store, keep: int | None) -> list[int]:
     """Committed rows beyond the newest ``keep`` (None: keep all), and uncommitted rows
-    older than the newest committed one. Newer uncommitted rows may be in flight: kept."""
+    older than the newest committed one. Newer uncommitted rows may be in flight: kept.
+
+    Rows are examined newest first; with ``keep`` the scan stops at the ``keep``-th
+    committed row, since every older row goes either way (beyond retention, or garbage).
+    A store of many rows therefore costs a few manifest reads per commit, not all of them.
+    """
     rows = store.rows()
-    statuses = {r: row_status(store, r) for r in rows}
-    committed = [r for r in rows if statuses[r].committed]
-    if not committed:
-        return []
-    newest = committed[-1]
-    doomed = [r for r in rows if r < newest and not statuses[r].committed]
-    if keep is not None:
-        doomed += committed[: max(0, len(committed) - max(1, keep))]
+    kept: list[int] = []
+    doomed: list[int] = []
+    limit = None if keep is None else max(1, keep)
+    for index in range(len(rows) - 1, -1, -1):
+        row = rows[index]
+        if limit is not None and len(kept) == limit:
+            doomed.extend(rows[: index + 1])
+            break
+        if row_status(store, row).committed:
+            kept.append(row)
+        elif kept:  # older than the newest committed row: a killed or half-deleted write
+            doomed.append(row)
     return sorted(doomed)

@@ -127,3 +127,20 @@ def test_keep_prunes_old_rows_after_a_save(tmp_path):
     for i in range(5):
         distckpt.save({"i": i}, path, keep=2)
     assert Store(path).rows() == [3, 4]
+
+
+def test_retention_with_keep_reads_only_the_rows_it_keeps(tmp_path, monkeypatch):
+    """A commit's retention pass must not grow with the store's history."""
+    store = Store(tmp_path / "s")
+    for _ in range(12):
+        distckpt.save({"a": 1}, store)
+    read: list[int] = []
+    original = Store.read_manifest
+
+    def counting(self, row, rank):
+        read.append(row)
+        return original(self, row, rank)
+
+    monkeypatch.setattr(Store, "read_manifest", counting)
+    assert rows_to_delete(store, keep=2) == list(range(10))
+    assert set(read) == {10, 11}
