@@ -16,8 +16,11 @@ from .codec import Path, path_str
 from .comm import resolve
 from .election import elect, elect_offline, row_status
 from .errors import CheckpointError, CheckpointStateSchemaError, NoCommittedRowError
+from .logs import get_logger
 from .retention import rows_to_delete
 from .store import Store
+
+log = get_logger(__name__)
 
 StoreLike = str | os.PathLike[str] | Store
 
@@ -73,8 +76,9 @@ def load(
     view = engine.open_row(st, c, row)
     saved = engine.read_all(view, c)
     problem: str | None = None
+    kept: list[str] = []
     try:
-        _check_fits(state_dict, saved, (), strict)
+        _check_fits(state_dict, saved, (), strict, kept)
     except CheckpointStateSchemaError as exc:
         problem = str(exc)
     failures = engine.agree(c, problem)
@@ -83,6 +87,14 @@ def load(
             f"row {view.row} of {st.path} does not fit the live state: " + engine.describe(failures)
         )
     _merge(state_dict, saved)
+    if kept:  # nothing is skipped silently
+        log.warning(
+            "row %d of %s has no value for %d live key(s), which kept their values: %s",
+            view.row,
+            st.path,
+            len(kept),
+            ", ".join(kept[:20]) + (" ..." if len(kept) > 20 else ""),
+        )
     return view.row
 
 
@@ -110,8 +122,11 @@ def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict
     return engine.RowView(st, status.manifests[status.valid_ranks.index(rank)]).metadata
 
 
-def _check_fits(target: Any, saved: Any, path: Path, strict: bool) -> None:
-    """Raise before any write if a saved value cannot go into the live one."""
+def _check_fits(
+    target: Any, saved: Any, path: Path, strict: bool, kept: list[str] | None = None
+) -> None:
+    """Raise before any write if a saved value cannot go into the live one; with
+    ``strict=False``, collect in ``kept`` the live keys the row does not have."""
     if isinstance(target, torch.Tensor):
         if not isinstance(saved, torch.Tensor):
             raise CheckpointStateSchemaError(
@@ -127,15 +142,18 @@ def _check_fits(target: Any, saved: Any, path: Path, strict: bool) -> None:
     if isinstance(target, dict) and isinstance(saved, dict):
         for key, value in target.items():
             if key in saved:
-                _check_fits(value, saved[key], (*path, key), strict)
-            elif strict:
+                _check_fits(value, saved[key], (*path, key), strict, kept)
+            elif not strict:
+                if kept is not None:
+                    kept.append(path_str((*path, key)))
+            else:
                 raise CheckpointStateSchemaError(
                     f"{path_str((*path, key))!r} is not in the checkpoint "
                     "(load with strict=False to keep the live value)"
                 )
     elif isinstance(target, list) and isinstance(saved, list) and len(target) == len(saved):
         for i, (t, s) in enumerate(zip(target, saved, strict=True)):
-            _check_fits(t, s, (*path, i), strict)
+            _check_fits(t, s, (*path, i), strict, kept)
 
 
 def _merge(target: dict[Any, Any] | list[Any], saved: Any) -> None:

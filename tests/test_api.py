@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import pytest
 import torch
@@ -80,15 +81,19 @@ def test_python_values_and_nested_structure_round_trip(tmp_path):
     assert target["nan"] != target["nan"]
 
 
-def test_missing_key_is_an_error_naming_it_and_nothing_is_modified(tmp_path):
+def test_missing_key_is_an_error_naming_it_and_nothing_is_modified(tmp_path, caplog):
     distckpt.save({"a": torch.ones(2)}, tmp_path)
     target = {"a": torch.zeros(2), "b": torch.zeros(2)}
     with pytest.raises(distckpt.CheckpointStateSchemaError, match="'b'"):
         distckpt.load(target, tmp_path)
     assert torch.equal(target["a"], torch.zeros(2))
-    distckpt.load(target, tmp_path, strict=False)
+    with caplog.at_level(logging.WARNING, logger="distckpt"):
+        distckpt.load(target, tmp_path, strict=False)
     assert torch.equal(target["a"], torch.ones(2))
     assert torch.equal(target["b"], torch.zeros(2))
+    # Nothing is skipped silently: the key that kept its live value is reported.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.endswith("1 live key(s), which kept their values: b") for m in warnings)
 
 
 def test_shape_or_dtype_mismatch_is_an_error_naming_the_tensor(tmp_path):
