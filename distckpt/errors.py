@@ -47,6 +47,15 @@ class CheckpointWriteError(CheckpointError):
     """A rank failed to write its part of a row; the row is not committed."""
 
 
+class ImportFormatError(CheckpointError):
+    """A file or directory cannot be imported: unknown format, damaged, or it would need
+    arbitrary code (pickle globals) to load. Nothing is written when this is raised."""
+
+
+class ExportFormatError(CheckpointError):
+    """A row cannot be written in the requested external format (a value it cannot hold)."""
+
+
 class LeaseHeldError(CheckpointError):
     """Another live writer holds the store's lease."""
 
@@ -67,6 +76,8 @@ __all__ = [
     "CheckpointWriteError",
     "CommunicatorError",
     "CorruptCheckpointError",
+    "ExportFormatError",
+    "ImportFormatError",
     "LeaseHeldError",
     "LeaseLostError",
     "NoCommittedRowError",

@@ -1,0 +1,29 @@
+"""Imports from and exports to other checkpoint formats (torch.save, Lightning,
+safetensors, torch.distributed.checkpoint); see docs/import.md."""
+
+from .api import (
+    EXPORT_FORMATS,
+    ImportResult,
+    export_row,
+    import_checkpoint,
+    import_report,
+    read_row,
+    resolve_format,
+)
+from .detect import IMPORT_FORMATS, Detection, detect
+from .records import Exported, Imported
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "IMPORT_FORMATS",
+    "Detection",
+    "Exported",
+    "ImportResult",
+    "Imported",
+    "detect",
+    "export_row",
+    "import_checkpoint",
+    "import_report",
+    "read_row",
+    "resolve_format",
+]

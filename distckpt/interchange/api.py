@@ -1,0 +1,184 @@
+"""Import a foreign checkpoint as one new row; export a row to a foreign format.
+
+An import parses and validates the whole source in memory first and only then writes,
+through ``distckpt.save``: a source that fails anywhere leaves the store untouched (a store
+that did not exist is not created).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import codec, engine
+from ..api import StoreLike, save
+from ..comm import SingleProcessComm
+from ..election import elect_offline, row_status
+from ..errors import (
+    CheckpointError,
+    CheckpointSerializationError,
+    ExportFormatError,
+    ImportFormatError,
+    NoCommittedRowError,
+)
+from ..logs import get_logger
+from ..store import Store
+from .dcp import read_dcp
+from .detect import DCP, DISTCKPT, IMPORT_FORMATS, LIGHTNING, SAFETENSORS, TORCH, Detection
+from .detect import detect as detect_format
+from .lightning import read_lightning
+from .records import Exported, Imported
+from .safetensors import read_safetensors, write_safetensors
+from .torchfile import read_torch, write_torch
+
+log = get_logger(__name__)
+
+READERS: dict[str, Callable[[str], Imported]] = {
+    TORCH: read_torch,
+    LIGHTNING: read_lightning,
+    SAFETENSORS: read_safetensors,
+    DCP: read_dcp,
+}
+EXPORT_FORMATS = (SAFETENSORS, TORCH)
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """The row an import wrote, what was detected, and what was dropped on the way."""
+
+    row: int
+    detection: Detection
+    tensors: int
+    notes: tuple[str, ...]
+
+
+def resolve_format(source: str | os.PathLike[str], format: str | None) -> Detection:
+    """The detection for ``source``; an explicit ``format`` overrides it, with that said."""
+    path = os.fspath(source)
+    found = detect_format(path)
+    if format is None:
+        if found.format == DISTCKPT:
+            raise ImportFormatError(f"{path} is already a distckpt store; nothing to import")
+        if found.format is None:
+            raise ImportFormatError(
+                f"{path}: not a checkpoint format distckpt can import ({found.explain()}); "
+                f"formats: {', '.join(IMPORT_FORMATS)}"
+            )
+        return found
+    if format not in IMPORT_FORMATS:
+        raise ImportFormatError(
+            f"unknown import format {format!r}; choose one of {', '.join(IMPORT_FORMATS)}"
+        )
+    if found.format == format:
+        return found
+    seen = found.format or "nothing recognised"
+    return Detection(format, path, (f"format {format} given explicitly (detected: {seen})",))
+
+
+def read_source(detection: Detection) -> Imported:
+    """Parse and validate the source completely, in memory; ImportFormatError otherwise."""
+    assert detection.format is not None
+    imported = READERS[detection.format](detection.path)
+    if not imported.state:
+        raise ImportFormatError(f"{detection.path}: holds no tensors or values to import")
+    try:
+        codec.encode(imported.state, [])
+    except CheckpointSerializationError as exc:
+        raise ImportFormatError(f"{detection.path}: {exc}") from None
+    return imported
+
+
+def import_report(
+    source: str | os.PathLike[str],
+    store: StoreLike,
+    *,
+    format: str | None = None,
+    **metadata: Any,
+) -> ImportResult:
+    """Like :func:`import_checkpoint`, returning what was detected and dropped too."""
+    detection = resolve_format(source, format)
+    imported = read_source(detection)
+    leaves: list[codec.Leaf] = []
+    codec.encode(imported.state, leaves)
+    record: dict[str, Any] = {
+        "imported_from": os.path.abspath(detection.path),
+        "import_format": detection.format,
+        "import_evidence": detection.explain(),
+        **imported.metadata,
+    }
+    if imported.notes:
+        record["import_notes"] = list(imported.notes)
+        for note in imported.notes:
+            log.warning("importing %s: %s", detection.path, note)
+    record.update(metadata)
+    row = save(imported.state, store, comm=SingleProcessComm(), **record)
+    return ImportResult(row, detection, len(leaves), imported.notes)
+
+
+def import_checkpoint(
+    source: str | os.PathLike[str],
+    store: StoreLike,
+    *,
+    format: str | None = None,
+    **metadata: Any,
+) -> int:
+    """Import a torch.save file, Lightning ``.ckpt``, safetensors file or DCP directory
+    into ``store`` as a new row (single process); returns the row id.
+
+    ``format`` overrides detection (one of ``torch``, ``lightning``, ``safetensors``,
+    ``dcp``). The row's metadata records the source path, the format and why it was
+    detected, plus ``metadata``. Raises ImportFormatError, writing nothing, for a source
+    that is damaged, unknown, or would need code from the file to load.
+    """
+    return import_report(source, store, format=format, **metadata).row
+
+
+def read_row(store: StoreLike, row: int | None = None, rank: int = 0) -> tuple[int, Any]:
+    """The committed row (default: the latest) and one rank's full state tree, offline."""
+    st = store if isinstance(store, Store) else Store(store)
+    chosen = elect_offline(st) if row is None else row
+    if chosen is None:
+        raise NoCommittedRowError(f"no committed row in {st.path} to export")
+    status = row_status(st, chosen)
+    if not status.committed:
+        raise NoCommittedRowError(f"row {chosen} of {st.path} is not committed")
+    if rank not in status.valid_ranks:
+        raise CheckpointError(
+            f"row {chosen} of {st.path} has ranks 0..{len(status.valid_ranks) - 1}; no rank {rank}"
+        )
+    view = engine.RowView(st, status.manifests[status.valid_ranks.index(rank)])
+    return chosen, {sid: view.read_state(sid) for sid in view.manifest.states}
+
+
+def export_row(
+    store: StoreLike,
+    dest: str | os.PathLike[str],
+    *,
+    format: str,
+    row: int | None = None,
+    rank: int = 0,
+) -> Exported:
+    """Write one rank's state of a committed row (default: the latest) to ``dest``.
+
+    ``safetensors``: tensors under dotted names, the row's whole tree (nesting, non-tensor
+    values) as JSON in ``__metadata__``. ``torch``: a ``torch.save`` file that
+    ``torch.load(weights_only=True)`` reads. ``dest`` appears complete or not at all.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ExportFormatError(
+            f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}"
+        )
+    out = os.fspath(dest)
+    chosen, tree = read_row(store, row, rank)
+    if format == SAFETENSORS:
+        count = write_safetensors(tree, out)
+        return Exported(out, format, chosen, rank, count)
+    leaves: list[codec.Leaf] = []
+    codec.encode(tree, leaves)
+    try:
+        notes = write_torch(tree, out)
+    except ExportFormatError as exc:
+        raise ExportFormatError(f"cannot export row {chosen} to {out}: {exc}") from None
+    return Exported(out, format, chosen, rank, len(leaves), tuple(notes))
