@@ -396,7 +396,7 @@ def _lease_line(ls: LeaseStatus) -> str:
 
 # -- commands --------------------------------------------------------------------------------
 
-json_option = click.option(
+json_option: Callable[[F], F] = click.option(
     "--json", "as_json", is_flag=True, help="Print machine-readable JSON (stable keys) on stdout."
 )
 progress_option = click.option(
@@ -636,8 +636,14 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
     (state id, a prefix of the schema hash, schema version) and every saved tensor: its
     name, shape, dtype, size, and whether it lives in the rank's packed array (small
     tensors, with its byte offset) or in an array of its own (with the array's path).
-    Use --rank to limit the output to some ranks of a large job.
+    Use --rank to limit the output to some ranks of a large job. On a file or directory
+    that is not a store (torch, Lightning, safetensors, DCP), says which format it detected
+    and why, and summarises its keys.
     """
+    from .cli_interchange import show_foreign
+
+    if show_foreign(store, row, as_json):
+        return
     st, attrs = open_store(store)
     chosen = _choose_row(st, attrs, row)
     status = row_status(st, chosen)
@@ -669,6 +675,8 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
         out("metadata   " + "  ".join(f"{k}={human_value(v, 30)}" for k, v in meta.items()))
     else:
         out(f"metadata   {human_value(meta) if meta else '-'}")
+    if isinstance(meta, dict) and "imported_from" in meta:  # see distckpt/interchange
+        out(f"imported   from {meta['imported_from']} ({meta.get('import_format')})")
     out(f"size       {human_bytes(summary['bytes'])} on disk")
     for problem in summary["problems"]:
         out(f"problem    {problem}")
@@ -938,6 +946,12 @@ def lease_command(store: str, as_json: bool) -> None:
         click.echo(_lease_line(status))
     if status.held:
         raise click.exceptions.Exit(EXIT_LEASE)
+
+
+from .cli_interchange import export_command, import_command  # noqa: E402
+
+cli.add_command(import_command)
+cli.add_command(export_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

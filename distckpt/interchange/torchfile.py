@@ -41,7 +41,9 @@ def load_weights_only(
                 "could run code from the file (distckpt reads torch files with "
                 "weights_only=True only). Re-save it as a plain state_dict."
             ) from None
-        raise ImportFormatError(f"{path}: not a loadable {what}: {_reason(text)}") from None
+        raise ImportFormatError(
+            f"{path}: not a loadable {what} (damaged, or not a torch file): {_reason(text)}"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError, TypeError, KeyError) as exc:
         raise ImportFormatError(
             f"{path}: cannot read this {what} (truncated or damaged?): {_reason(str(exc))}"
