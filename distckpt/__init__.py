@@ -19,12 +19,15 @@ from .errors import (
     CheckpointWriteError,
     CommunicatorError,
     CorruptCheckpointError,
+    ExportFormatError,
+    ImportFormatError,
     LeaseHeldError,
     LeaseLostError,
     NoCommittedRowError,
     StoreFormatError,
     WorldSizeMismatchError,
 )
+from .interchange import export_row, import_checkpoint
 from .preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
 from .rng import GeneratorState, GlobalRngState, RngStateError
 from .rollout import ResumableRollout, RolloutBoundary
@@ -62,12 +65,16 @@ __all__ = [
     "CheckpointWriteError",
     "CommunicatorError",
     "CorruptCheckpointError",
+    "ExportFormatError",
+    "ImportFormatError",
     "LeaseHeldError",
     "LeaseLostError",
     "NoCommittedRowError",
     "StoreFormatError",
     "WorldSizeMismatchError",
     "__version__",
+    "export_row",
+    "import_checkpoint",
     "latest",
     "preemption",
     "load",

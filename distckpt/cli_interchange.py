@@ -170,9 +170,8 @@ def _print_summary(doc: dict[str, Any], *, importable: bool) -> None:
     out(f"format     {doc['format'] or 'not recognised'}  (not a distckpt store)")
     for line in doc["evidence"]:
         out(f"detected   {line}")
-    for key in ("epoch", "global_step"):
-        if key in doc:
-            out(f"{key:<10} {doc[key]}")
+    if "epoch" in doc or "global_step" in doc:
+        out(f"epoch      {doc.get('epoch', '-')}, global step {doc.get('global_step', '-')}")
     if "tensors" in doc:
         out(f"tensors    {doc['tensors']} ({human_bytes(doc['tensor_bytes'])})")
     if doc.get("keys"):
