@@ -105,6 +105,20 @@ def test_import_appends_a_row_to_an_existing_store(tmp_path: Path) -> None:
     assert_same(row_state(tmp_path / "store", 0), {"x": torch.ones(2)})
 
 
+def test_legacy_torch_file_round_trip(tmp_path: Path) -> None:
+    torch.save(model_state(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert "legacy magic number" in detect(tmp_path / "old.pt").explain()
+    import_checkpoint(tmp_path / "old.pt", tmp_path / "store")
+    assert_same(row_state(tmp_path / "store"), model_state())
+
+
+def test_torch_file_with_a_sparse_tensor_is_refused_without_a_store(tmp_path: Path) -> None:
+    torch.save({"s": torch.eye(3).to_sparse()}, tmp_path / "sparse.pt")
+    with pytest.raises(ImportFormatError, match=r"sparse\.pt: .*'s' has layout torch\.sparse"):
+        import_checkpoint(tmp_path / "sparse.pt", tmp_path / "store")
+    assert not (tmp_path / "store").exists()
+
+
 def test_torch_file_that_is_not_a_dict_is_refused(tmp_path: Path) -> None:
     torch.save([torch.ones(2)], tmp_path / "list.pt")
     with pytest.raises(ImportFormatError, match=r"list\.pt: holds a list, not a state_dict"):
@@ -181,6 +195,22 @@ class Payload:
 
     def __setstate__(self, state: Any) -> None:
         Payload.built = True
+
+
+def test_dcp_metadata_claiming_more_bytes_than_stored_is_refused(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    dcp_save({"w": torch.ones(4)}, tmp_path / "dcp")
+    path = tmp_path / "dcp" / ".metadata"
+    meta = pickle.loads(path.read_bytes())
+    md = meta.state_dict_metadata["w"]
+    meta.state_dict_metadata["w"] = TensorStorageMetadata(
+        md.properties, torch.Size([2**40]), md.chunks
+    )
+    path.write_bytes(pickle.dumps(meta))
+    with pytest.raises(ImportFormatError, match=r"tensor 'w' of 4398046511104 bytes has only"):
+        import_checkpoint(tmp_path / "dcp", tmp_path / "store")
+    assert not (tmp_path / "store").exists()
 
 
 def test_dcp_metadata_naming_another_global_is_refused(tmp_path: Path) -> None:
@@ -319,6 +349,13 @@ def unknown_dtype(tmp_path: Path) -> Path:
     return safetensors_file(tmp_path / "bad", entries, bytes(1))
 
 
+def dcp_truncated_data(tmp_path: Path) -> Path:
+    dcp_save({"w": torch.ones(1000)}, tmp_path / "bad")
+    (data,) = (tmp_path / "bad").glob("*.distcp")
+    data.write_bytes(data.read_bytes()[:1000])
+    return tmp_path / "bad"
+
+
 def dcp_without_metadata(tmp_path: Path) -> Path:
     dcp_save({"w": torch.ones(2)}, tmp_path / "bad")
     os.remove(tmp_path / "bad" / ".metadata")
@@ -333,6 +370,10 @@ BAD_INPUTS = {
     "safetensors header of 2**40 bytes": (huge_header, r"header length 1099511627776 bytes"),
     "safetensors unknown dtype": (unknown_dtype, r"tensor 'a': unknown dtype 'Q7'"),
     "DCP directory without .metadata": (dcp_without_metadata, r"no \.metadata file"),
+    "DCP data file truncated": (
+        dcp_truncated_data,
+        r"'w' is stored at bytes \[0, \d+\) of a 1000-byte",
+    ),
 }
 
 

@@ -113,7 +113,10 @@ def import_report(
         for note in imported.notes:
             log.warning("importing %s: %s", detection.path, note)
     record.update(metadata)
-    row = save(imported.state, store, comm=SingleProcessComm(), **record)
+    try:
+        row = save(imported.state, store, comm=SingleProcessComm(), **record)
+    except CheckpointSerializationError as exc:  # e.g. a sparse tensor; nothing was written
+        raise ImportFormatError(f"{detection.path}: {exc}") from None
     return ImportResult(row, detection, len(leaves), imported.notes)
 
 

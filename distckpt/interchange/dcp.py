@@ -9,6 +9,7 @@ are read weights-only, so importing a DCP directory never runs code from it.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import warnings
@@ -81,7 +82,50 @@ def read_metadata(directory: str) -> Any:
         raise ImportFormatError(f"{path}: unreadable DCP metadata: {exc}") from None
     if not isinstance(meta, Metadata):
         raise ImportFormatError(f"{path}: holds a {type(meta).__qualname__}, not DCP Metadata")
+    _check_storage(directory, meta)
     return meta
+
+
+def _check_storage(directory: str, meta: Any) -> None:
+    """Every stored item lies inside a data file of the directory, and every uncompressed
+    tensor has at least its own size in bytes there: a truncated file or a hostile size is
+    refused before anything is allocated."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored: dict[str, int] = {}
+    transformed: set[str] = set()
+    sizes: dict[str, int] = {}
+    for index, info in (meta.storage_data or {}).items():
+        name = info.relative_path
+        if os.path.isabs(name) or os.pardir in name.split(os.sep) or os.sep in name:
+            raise ImportFormatError(
+                f"{directory}: metadata points at {name!r}, outside the checkpoint directory"
+            )
+        if name not in sizes:
+            try:
+                sizes[name] = os.path.getsize(os.path.join(directory, name))
+            except OSError:
+                raise ImportFormatError(
+                    f"{directory}: data file {name} named by {DCP_METADATA} is missing"
+                ) from None
+        if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[name]:
+            raise ImportFormatError(
+                f"{directory}/{name}: {index.fqn!r} is stored at bytes [{info.offset}, "
+                f"{info.offset + info.length}) of a {sizes[name]}-byte file (truncated?)"
+            )
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+        if info.transform_descriptors:
+            transformed.add(index.fqn)
+    for fqn, md in meta.state_dict_metadata.items():
+        if fqn not in stored:
+            raise ImportFormatError(f"{directory}: {fqn!r} has no stored data")
+        if isinstance(md, TensorStorageMetadata) and fqn not in transformed:
+            need = math.prod(md.size) * md.properties.dtype.itemsize
+            if need > stored[fqn]:
+                raise ImportFormatError(
+                    f"{directory}: tensor {fqn!r} of {need} bytes has only {stored[fqn]} "
+                    "bytes stored"
+                )
 
 
 def read_dcp(directory: str) -> Imported:
