@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from multiproc import WORKERS, run_torchrun
 
 import distckpt
 from distckpt.cli import EXIT_ERROR, EXIT_NO_ROW, EXIT_STORE, cli
@@ -186,6 +187,16 @@ def test_dcp_directory_round_trip(tmp_path: Path) -> None:
     assert_same(row_state(tmp_path / "store"), state)
     export_row(tmp_path / "store", tmp_path / "back.pt", format="torch")
     assert_same(torch.load(tmp_path / "back.pt", weights_only=True), state)
+
+
+@pytest.mark.multiproc
+def test_dcp_directory_sharded_over_two_ranks_imports_whole(tmp_path: Path) -> None:
+    run_torchrun(2, WORKERS / "dcp_worker.py", [str(tmp_path / "dcp")], timeout=120).check()
+    assert len(list((tmp_path / "dcp").glob("*.distcp"))) == 2
+    import_checkpoint(tmp_path / "dcp", tmp_path / "store")
+    full = torch.arange(8 * 3, dtype=torch.float32).reshape(8, 3).to(torch.bfloat16)
+    expected = {"model": {"sharded": full, "bias": torch.ones(3)}, "step": 5}
+    assert_same(row_state(tmp_path / "store"), expected)
 
 
 class Payload:
