@@ -120,6 +120,23 @@ def test_torch_file_with_a_sparse_tensor_is_refused_without_a_store(tmp_path: Pa
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_file_of_cuda_tensors_imports_to_the_cpu_and_loads_onto_cuda(
+    tmp_path: Path,
+) -> None:
+    dev = torch.device("cuda", torch.cuda.current_device())
+    torch.save({k: v.to(dev) for k, v in model_state().items()}, tmp_path / "gpu.pt")
+    import_checkpoint(tmp_path / "gpu.pt", tmp_path / "store")
+    saved = row_state(tmp_path / "store")
+    assert {t.device.type for t in saved.values()} == {"cpu"}
+    assert_same(saved, model_state())
+    live = {k: torch.zeros_like(v, device=dev) for k, v in model_state().items()}
+    distckpt.load(live, tmp_path / "store")
+    assert {t.device for t in live.values()} == {dev}
+    assert_same({k: v.cpu() for k, v in live.items()}, model_state())
+
+
 def test_torch_file_that_is_not_a_dict_is_refused(tmp_path: Path) -> None:
     torch.save([torch.ones(2)], tmp_path / "list.pt")
     with pytest.raises(ImportFormatError, match=r"list\.pt: holds a list, not a state_dict"):

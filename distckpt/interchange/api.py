@@ -77,17 +77,21 @@ def resolve_format(source: str | os.PathLike[str], format: str | None) -> Detect
     return Detection(format, path, (f"format {format} given explicitly (detected: {seen})",))
 
 
-def read_source(detection: Detection) -> Imported:
-    """Parse and validate the source completely, in memory; ImportFormatError otherwise."""
+def read_source(detection: Detection) -> tuple[Imported, int]:
+    """Parse and validate the source completely, in memory; ImportFormatError otherwise.
+
+    Returns what was read and its number of tensors.
+    """
     assert detection.format is not None
     imported = READERS[detection.format](detection.path)
     if not imported.state:
         raise ImportFormatError(f"{detection.path}: holds no tensors or values to import")
+    leaves: list[codec.Leaf] = []
     try:
-        codec.encode(imported.state, [])
+        codec.encode(imported.state, leaves)
     except CheckpointSerializationError as exc:
         raise ImportFormatError(f"{detection.path}: {exc}") from None
-    return imported
+    return imported, len(leaves)
 
 
 def import_report(
@@ -99,9 +103,7 @@ def import_report(
 ) -> ImportResult:
     """Like :func:`import_checkpoint`, returning what was detected and dropped too."""
     detection = resolve_format(source, format)
-    imported = read_source(detection)
-    leaves: list[codec.Leaf] = []
-    codec.encode(imported.state, leaves)
+    imported, tensors = read_source(detection)
     record: dict[str, Any] = {
         "imported_from": os.path.abspath(detection.path),
         "import_format": detection.format,
@@ -117,7 +119,7 @@ def import_report(
         row = save(imported.state, store, comm=SingleProcessComm(), **record)
     except CheckpointSerializationError as exc:  # e.g. a sparse tensor; nothing was written
         raise ImportFormatError(f"{detection.path}: {exc}") from None
-    return ImportResult(row, detection, len(leaves), imported.notes)
+    return ImportResult(row, detection, tensors, imported.notes)
 
 
 def import_checkpoint(
