@@ -253,43 +253,61 @@ def test_dcp_metadata_naming_another_global_is_refused(tmp_path: Path) -> None:
 # -- Lightning --------------------------------------------------------------------------------
 
 
+class LightningRun:
+    """A tiny LightningModule, its data, and short CPU fits of it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        lightning = pytest.importorskip("lightning")
+        from torch.utils.data import DataLoader, TensorDataset
+
+        class Tiny(lightning.LightningModule):
+            def __init__(self, hidden: int = 4, lr: float = 0.05) -> None:
+                super().__init__()
+                self.save_hyperparameters()
+                self.net = torch.nn.Linear(3, hidden)
+
+            def training_step(self, batch: Any, _: int) -> torch.Tensor:
+                x, y = batch
+                return ((self.net(x).sum(-1) - y) ** 2).mean()
+
+            def configure_optimizers(self) -> Any:
+                opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+                sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+                return {"optimizer": opt, "lr_scheduler": sched}
+
+        self.lightning = lightning
+        self.module_type = Tiny
+        self.root = tmp_path / "fit"
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(16, 3, generator=g), torch.randn(16, generator=g))
+        self.data = DataLoader(data, batch_size=4)
+
+    def fit(self, epochs: int, ckpt_path: Path | None = None) -> tuple[Any, Any]:
+        """A fresh module trained to ``epochs`` (resumed from ``ckpt_path``), and its trainer."""
+        trainer = self.lightning.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=str(self.root),
+        )
+        torch.manual_seed(epochs)
+        module = self.module_type()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(module, self.data, ckpt_path=ckpt_path)
+        return module, trainer
+
+
 def lightning_checkpoint(tmp_path: Path) -> tuple[Path, Any, torch.optim.Optimizer]:
-    """A real .ckpt from one short CPU fit of a tiny LightningModule."""
-    lightning = pytest.importorskip("lightning")
-    from torch.utils.data import DataLoader, TensorDataset
-
-    class Tiny(lightning.LightningModule):
-        def __init__(self, hidden: int = 4, lr: float = 0.05) -> None:
-            super().__init__()
-            self.save_hyperparameters()
-            self.net = torch.nn.Linear(3, hidden)
-
-        def training_step(self, batch: Any, _: int) -> torch.Tensor:
-            x, y = batch
-            return ((self.net(x).sum(-1) - y) ** 2).mean()
-
-        def configure_optimizers(self) -> Any:
-            opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-            return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 1)}
-
-    torch.manual_seed(0)
-    data = TensorDataset(torch.randn(16, 3), torch.randn(16))
-    trainer = lightning.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path / "fit"),
-    )
-    module = Tiny()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, DataLoader(data, batch_size=4))
+    """A real .ckpt from one short CPU fit, plus a fresh module and optimizer."""
+    run = LightningRun(tmp_path)
+    _, trainer = run.fit(1)
     path = tmp_path / "tiny.ckpt"
     trainer.save_checkpoint(path)
-    fresh = Tiny()
+    fresh = run.module_type()
     return path, fresh, torch.optim.Adam(fresh.parameters(), lr=0.05)
 
 
@@ -310,6 +328,21 @@ def test_lightning_trainer_checkpoint_imports_and_restores(tmp_path: Path) -> No
     saved = row_state(tmp_path / "store")
     assert saved["hyper_parameters"] == {"hidden": 4, "lr": 0.05}
     assert_same(saved["lr_schedulers"], ckpt["lr_schedulers"])
+
+
+def test_lightning_resumes_from_an_exported_row_as_from_its_own_checkpoint(
+    tmp_path: Path,
+) -> None:
+    run = LightningRun(tmp_path)
+    _, trainer = run.fit(1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    import_checkpoint(tmp_path / "epoch1.ckpt", tmp_path / "store")
+    export_row(tmp_path / "store", tmp_path / "exported.ckpt", format="torch")
+
+    original, t1 = run.fit(2, tmp_path / "epoch1.ckpt")
+    resumed, t2 = run.fit(2, tmp_path / "exported.ckpt")
+    assert t1.global_step == t2.global_step == 8
+    assert_same(dict(resumed.state_dict()), dict(original.state_dict()))
 
 
 def test_lightning_hyper_parameters_that_are_not_json_are_dropped_and_reported(
