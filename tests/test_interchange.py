@@ -417,6 +417,13 @@ def dcp_truncated_data(tmp_path: Path) -> Path:
     return tmp_path / "bad"
 
 
+def duplicate_name(tmp_path: Path) -> Path:
+    entry = '{"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}'
+    header = f'{{"a": {entry}, "a": {entry}}}'.encode()
+    (tmp_path / "bad").write_bytes(struct.pack("<Q", len(header)) + header + bytes(1))
+    return tmp_path / "bad"
+
+
 def dcp_without_metadata(tmp_path: Path) -> Path:
     dcp_save({"w": torch.ones(2)}, tmp_path / "bad")
     os.remove(tmp_path / "bad" / ".metadata")
@@ -430,6 +437,7 @@ BAD_INPUTS = {
     "safetensors overlapping offsets": (overlapping_offsets, r"'a' \[0, 8\) and 'b' \[4, 12\)"),
     "safetensors header of 2**40 bytes": (huge_header, r"header length 1099511627776 bytes"),
     "safetensors unknown dtype": (unknown_dtype, r"tensor 'a': unknown dtype 'Q7'"),
+    "safetensors name given twice": (duplicate_name, r"cannot be parsed: name 'a' appears twice"),
     "DCP directory without .metadata": (dcp_without_metadata, r"no \.metadata file"),
     "DCP data file truncated": (
         dcp_truncated_data,

@@ -94,9 +94,9 @@ def read_header(path: str) -> Header:
             )
         raw = f.read(n)
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ImportFormatError(f"{path}: safetensors header is not valid JSON: {exc}") from None
+        raise ImportFormatError(f"{path}: safetensors header cannot be parsed: {exc}") from None
     if not isinstance(doc, dict):
         raise ImportFormatError(f"{path}: safetensors header is not a JSON object")
     meta = doc.pop(METADATA_KEY, None) or {}
@@ -107,6 +107,16 @@ def read_header(path: str) -> Header:
     tensors = tuple(_tensor_info(path, name, entry) for name, entry in doc.items())
     _check_layout(path, tensors, size - 8 - n)
     return Header(data_start=8 + n, tensors=tensors, metadata=meta)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names a key twice is refused (which one would be meant?)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"name {key!r} appears twice")
+        out[key] = value
+    return out
 
 
 def _tensor_info(path: str, name: str, entry: Any) -> TensorInfo:
