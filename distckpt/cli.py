@@ -940,6 +940,11 @@ def lease_command(store: str, as_json: bool) -> None:
         raise click.exceptions.Exit(EXIT_LEASE)
 
 
+from .cli_migrate import migrate_command  # noqa: E402  (a command kept in its own module)
+
+cli.add_command(migrate_command)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (``distckpt``)."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="distckpt")
