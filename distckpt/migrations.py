@@ -111,11 +111,11 @@ class MigrationRegistry:
             step = self._steps.get((state, version))
             if step is None:
                 known = self.versions(state)
-                have = f"registered steps start at versions {known}" if known else "none is"
+                have = f"steps start at versions {known}" if known else "no step is registered"
                 raise MigrationError(
                     f"no migration of state {state!r} from version {version} to {version + 1} "
                     f"(needed to go from saved version {from_version} to {to_version}; "
-                    f"{have} registered): register one with "
+                    f"{have}): register one with "
                     f"register_migration({state!r}, from_version={version}, ops=[...])"
                 )
             steps.append(step)
