@@ -17,6 +17,7 @@ from torch import nn
 import distckpt
 from distckpt.cli import EXIT_ERROR, EXIT_OK, cli
 from distckpt.election import row_status
+from distckpt.format import FORMAT_VERSION
 from distckpt.migrations import MigrationRegistry, load_migrations
 
 N_FEATURES = 52  # grid input features; neural-lam's example moves column 49
@@ -191,6 +192,19 @@ def test_a_newer_saved_version_is_refused_naming_both(tmp_path):
     assert "schema version 5" in message and "knows version 3" in message
     assert "upgrade the code that defines 'model'" in message
     assert torch.equal(live, torch.zeros(2))
+
+
+def test_a_newer_store_format_is_refused_saying_what_to_upgrade(tmp_path):
+    distckpt.save({"model": {"w": torch.ones(2)}}, tmp_path)
+    root = tmp_path / "zarr.json"
+    doc = json.loads(root.read_text())
+    doc["attributes"]["distckpt"]["format"] = FORMAT_VERSION + 1
+    root.write_text(json.dumps(doc))
+    with pytest.raises(distckpt.StoreFormatError) as info:
+        distckpt.load({"model": {"w": torch.zeros(2)}}, tmp_path, version=0)
+    message = str(info.value)
+    assert f"format version {FORMAT_VERSION + 1}" in message
+    assert f"reads up to version {FORMAT_VERSION}" in message and "upgrade distckpt" in message
 
 
 def test_registering_a_step_twice_is_an_error():

@@ -217,6 +217,24 @@ def test_a_row_without_the_state_is_named(saved):
         distckpt.load_model(EncoderDecoder(), store, state="net")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_model_onto_a_cuda_model_with_adam(tmp_path):
+    model, optim, sched = _setup(0)
+    _train(model, optim, sched, 2, seed=1)
+    distckpt.save({"model": model.state_dict(), "optimizer": optim.state_dict()}, tmp_path)
+    torch.manual_seed(4)
+    live = EncoderDecoder(out=7).cuda()
+    live_optim = torch.optim.Adam(live.parameters(), lr=1e-2)
+    report = distckpt.load_model(
+        live, tmp_path, optimizer=live_optim, policy=LoadPolicy("shape_tolerant")
+    )
+    assert live.encoder.weight.device.type == "cuda"
+    assert torch.equal(live.encoder.weight.cpu(), model.encoder.weight)
+    assert [s.key for s in report.skipped] == ["decoder.weight", "decoder.bias"]
+    assert report.optimizer is not None and not report.optimizer.restored
+
+
 @pytest.mark.multiproc
 def test_every_rank_raises_when_one_rank_does_not_fit(tmp_path):
     store, outdir = tmp_path / "store", tmp_path / "out"
