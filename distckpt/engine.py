@@ -6,7 +6,7 @@ raise together instead of one raising while the others wait forever.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,13 +290,17 @@ def open_row(store: Store, comm: Communicator, row: int | None = None) -> RowVie
     return RowView(store, store.read_manifest(chosen, comm.rank))
 
 
-def read_all(view: RowView, comm: Communicator) -> dict[str, Any]:
-    """Collective: decode every state of this rank; all ranks raise if any rank failed."""
+def read_all(
+    view: RowView, comm: Communicator, only: Collection[str] | None = None
+) -> dict[str, Any]:
+    """Collective: decode every state of this rank (or those in ``only`` that the row has);
+    all ranks raise if any rank failed."""
     out: dict[str, Any] = {}
     error: str | None = None
     try:
         for state_id in view.manifest.states:
-            out[state_id] = view.read_state(state_id)
+            if only is None or state_id in only:
+                out[state_id] = view.read_state(state_id)
     except CheckpointError as exc:
         error = str(exc)
     failures = agree(comm, error)

@@ -164,7 +164,7 @@ def load_model(
     st = _store(store)
     c = resolve(comm)
     view = engine.open_row(st, c, row)
-    saved = engine.read_all(view, c)
+    saved = engine.read_all(view, c, only={state, optimizer_state, scheduler_state})
     target = (
         version if version is not None else getattr(type(model), "__checkpoint_version__", None)
     )
@@ -177,6 +177,7 @@ def load_model(
         plan = _plan(
             model,
             saved,
+            tuple(view.manifest.states),
             view.row,
             state,
             pol,
@@ -209,6 +210,7 @@ def load_model(
 def _plan(
     model: torch.nn.Module,
     saved: dict[str, Any],
+    held: tuple[str, ...],
     row: int,
     state: str,
     policy: LoadPolicy,
@@ -218,7 +220,7 @@ def _plan(
 ) -> _Plan:
     if state not in saved:
         raise CheckpointStateSchemaError(
-            f"row {row} has no state {state!r} (it holds {sorted(saved)}); pass state=..."
+            f"row {row} has no state {state!r} (it holds {sorted(held)}); pass state=..."
         )
     weights = saved[state]
     if not isinstance(weights, dict):

@@ -293,6 +293,14 @@ def test_drop_keys_and_add_key():
         distckpt.AddKey("c", 0).apply(state)
 
 
+def test_transform_metadata_rewrites_a_copy_of_the_metadata_only():
+    op = distckpt.TransformMetadata(lambda m: {**m, "features": m["features"][::-1]})
+    meta = {"features": ["t2m", "u10"], "step": 3}
+    assert op.apply_metadata(meta) == {"features": ["u10", "t2m"], "step": 3}
+    assert meta == {"features": ["t2m", "u10"], "step": 3}
+    assert op.apply({"w": 1}) == {"w": 1}
+
+
 def test_within_reaches_a_nested_mapping():
     state = {"net": {"old": 1}, "step": 3}
     out = distckpt.RenameKeys("old", "new", within=("net",)).apply(state)
@@ -486,6 +494,17 @@ def test_cli_migrate_refuses_to_write_in_place(tmp_path, migrations_file):
     assert result.exit_code == EXIT_ERROR
     assert "never rewritten in place" in result.stderr
     assert snapshot(store) == before
+
+
+def test_cli_migrate_refuses_an_out_store_that_already_has_rows(tmp_path, migrations_file):
+    store, other = tmp_path / "store", tmp_path / "other"
+    save_old_model(store)
+    distckpt.save({"x": torch.ones(1)}, other)
+    for path in (store, other):
+        distckpt.lease.release(path)
+    result = run("migrate", store, "--to", 2, "--out", other, "--migrations", migrations_file)
+    assert result.exit_code != EXIT_OK and "already holds rows" in result.stderr
+    assert distckpt.Store(other).rows() == [0] and distckpt.Store(store).rows() == [0]
 
 
 def test_cli_migrate_refuses_a_newer_saved_version(tmp_path, migrations_file):

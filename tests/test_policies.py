@@ -213,7 +213,9 @@ def test_load_model_reports_the_migration_chain(tmp_path):
 
 def test_a_row_without_the_state_is_named(saved):
     store, _ = saved
-    with pytest.raises(distckpt.CheckpointStateSchemaError, match="no state 'net'"):
+    with pytest.raises(
+        distckpt.CheckpointStateSchemaError, match=r"no state 'net' \(it holds \['model'\]\)"
+    ):
         distckpt.load_model(EncoderDecoder(), store, state="net")
 
 
