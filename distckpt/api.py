@@ -131,9 +131,8 @@ def state_versions(
     if isinstance(version, Mapping):
         unknown = sorted(set(version) - set(states))
         if unknown:
-            raise CheckpointError(
-                f"{what}: version given for states not in the state_dict: {unknown}"
-            )
+            where = "the state_dict" if what == "save" else "the row"
+            raise CheckpointError(f"{what}: version given for states not in {where}: {unknown}")
         return {str(k): int(v) for k, v in version.items()}
     if isinstance(version, bool) or not isinstance(version, int):
         raise CheckpointError(f"{what}: version must be an int or a mapping, not {version!r}")

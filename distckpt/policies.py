@@ -100,7 +100,10 @@ class LoadReport:
     def summary(self) -> str:
         lines = [f"row {self.row}, state {self.state!r}: {len(self.loaded)} key(s) loaded"]
         for record in self.migrated:
-            lines.append(f"migrated from version {record.from_version} to {record.to_version}")
+            lines.append(
+                f"migrated {record.state!r} from version {record.from_version} to "
+                f"{record.to_version}"
+            )
         for title, items in (
             ("skipped", [str(s) for s in self.skipped]),
             ("missing", list(self.missing)),

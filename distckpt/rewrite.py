@@ -14,6 +14,7 @@ from typing import Any
 
 from . import engine, lease
 from .comm import Communicator
+from .commit import retract_rank
 from .election import elect_offline, row_status
 from .errors import CheckpointError, MigrationError, NoCommittedRowError, StoreFormatError
 from .migrations import AppliedMigration, MigrationRegistry, metadata_after, migrate_states
@@ -99,8 +100,8 @@ def migrate_row(
     if out is not None:
         if _same_path(out.path, source.path):
             raise MigrationError(
-                f"--out {out.path} is the source store: rows are never rewritten in place "
-                "(omit --out to add the migrated row to the same store)"
+                f"the output store {out.path} is the source store: rows are never rewritten "
+                "in place (name no output store to add the migrated row to the source)"
             )
         if os.path.exists(out.path) and out.exists() and out.rows():
             raise StoreFormatError(
@@ -108,6 +109,7 @@ def migrate_row(
             )
     contents: list[engine.RowContent] = []
     applied: tuple[AppliedMigration, ...] = ()
+    changed = False
     names = []
     for manifest in status.manifests:
         view = engine.RowView(source, manifest)
@@ -126,19 +128,27 @@ def migrate_row(
             raise type(exc)(f"row {chosen} of {source.path}, rank {manifest.rank}: {exc}") from exc
         if manifest.rank == 0:
             applied = rank_applied
+        changed = changed or bool(rank_applied)
         contents.append(_content(source, chosen, view, migrated, rank_applied))
         names.append(manifest.name)
     world = status.world_size
-    if not applied:
+    if not changed:
         return MigratedRow(source.path, chosen, dest.path, None, world, ())
     sent: dict[int, bytes] = {}
     new_row = -1
+    done: list[int] = []
     try:
         for rank, content in enumerate(contents):
             written = engine.save_row(
                 dest, _RankInTurn(rank, world, sent), content, name=names[rank]
             )
             new_row = written.row
+            done.append(rank)
+    except BaseException:
+        # Ranks written so far retract their manifests: the row never looks committed.
+        for rank in done:
+            retract_rank(dest, new_row, rank)
+        raise
     finally:
         lease.release(dest)  # this offline writer is done
     return MigratedRow(source.path, chosen, dest.path, new_row, world, applied)

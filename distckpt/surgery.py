@@ -161,8 +161,8 @@ class DropKeys(Op):
 
     def __post_init__(self) -> None:
         _check_match(self.match)
-        if isinstance(self.keys, str):
-            object.__setattr__(self, "keys", (self.keys,))
+        keys = (self.keys,) if isinstance(self.keys, str) else tuple(self.keys)
+        object.__setattr__(self, "keys", keys)
 
     def _apply(self, mapping: Tree) -> Tree:
         for pattern in self.keys:
@@ -258,6 +258,9 @@ class Reshape(_TensorOp):
     key: str
     shape: tuple[int, ...]
     within: tuple[str | int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
 
     def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         try:

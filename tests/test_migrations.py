@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import re
 from pathlib import Path
 
@@ -18,7 +20,9 @@ import distckpt
 from distckpt.cli import EXIT_ERROR, EXIT_OK, cli
 from distckpt.election import row_status
 from distckpt.format import FORMAT_VERSION
+from distckpt.fs import LocalFileSystem
 from distckpt.migrations import MigrationRegistry, load_migrations
+from distckpt.rewrite import migrate_row
 
 N_FEATURES = 52  # grid input features; neural-lam's example moves column 49
 
@@ -483,6 +487,36 @@ def test_cli_migrate_into_a_new_store_keeps_every_rank(tmp_path, migrations_file
         assert_same_outputs(states[rank], new)
         assert view.read_state("step") == rank
     assert len(distckpt.Store(store).rows()) == 1  # the source store gained nothing
+
+
+class FailsForRank1(LocalFileSystem):
+    """Every write of rank 1's data fails, as on a full disk."""
+
+    def write_file(self, path, parts, *, durable=True):
+        if "rank_000001" in path:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        return super().write_file(path, parts, durable=durable)
+
+
+def test_migrated_row_is_not_committed_when_a_rank_fails_to_write(tmp_path, migrations_file):
+    store, out = tmp_path / "store", tmp_path / "migrated"
+    for rank in range(2):
+        distckpt.save(
+            {"model": OldGraphModel().state_dict()},
+            store,
+            version=1,
+            comm=SequentialComm(rank, 2),
+        )
+    distckpt.lease.release(store)
+    target = distckpt.Store(out, fs=FailsForRank1())
+    with pytest.raises(distckpt.CheckpointWriteError):
+        migrate_row(
+            distckpt.Store(store), 2, out=target, registry=load_migrations(str(migrations_file))
+        )
+    assert target.rows() == [0]
+    assert not row_status(target, 0).committed
+    manifests = out / "rows" / "000000000000" / "manifests"
+    assert sorted(p.name for p in manifests.glob("rank_*")) == []  # rank 0 retracted too
 
 
 def test_cli_migrate_refuses_to_write_in_place(tmp_path, migrations_file):
