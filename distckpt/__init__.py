@@ -23,15 +23,36 @@ from .errors import (
     ImportFormatError,
     LeaseHeldError,
     LeaseLostError,
+    MigrationError,
     NoCommittedRowError,
+    SchemaVersionError,
     StoreFormatError,
     WorldSizeMismatchError,
 )
 from .interchange import export_row, import_checkpoint
+from .migrations import (
+    AppliedMigration,
+    Migration,
+    MigrationRegistry,
+    default_registry,
+    migration,
+    register_migration,
+)
+from .policies import LoadPolicy, LoadReport, SkippedKey, WarmStart, load_model
 from .preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
 from .rng import GeneratorState, GlobalRngState, RngStateError
 from .rollout import ResumableRollout, RolloutBoundary
 from .store import Store
+from .surgery import (
+    AddKey,
+    DropKeys,
+    MoveSlice,
+    RenameKeys,
+    Reshape,
+    SliceOrPad,
+    TransformMetadata,
+    TransformState,
+)
 
 __version__ = "0.1.0"
 
@@ -39,6 +60,27 @@ __all__ = [
     "lease",
     "logs",
     "rng",
+    "AddKey",
+    "AppliedMigration",
+    "DropKeys",
+    "LoadPolicy",
+    "LoadReport",
+    "Migration",
+    "MigrationError",
+    "MigrationRegistry",
+    "MoveSlice",
+    "RenameKeys",
+    "Reshape",
+    "SchemaVersionError",
+    "SkippedKey",
+    "SliceOrPad",
+    "TransformMetadata",
+    "TransformState",
+    "WarmStart",
+    "default_registry",
+    "load_model",
+    "migration",
+    "register_migration",
     "Checkpoint",
     "CheckpointEntry",
     "CheckpointSession",

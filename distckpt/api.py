@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,14 +16,21 @@ from . import engine
 from .codec import Path, path_str
 from .comm import resolve
 from .election import elect, elect_offline, row_status
-from .errors import CheckpointError, CheckpointStateSchemaError, NoCommittedRowError
+from .errors import (
+    CheckpointError,
+    CheckpointStateSchemaError,
+    MigrationError,
+    NoCommittedRowError,
+)
 from .logs import get_logger
+from .migrations import AppliedMigration, MigrationRegistry, migrate_states
 from .retention import rows_to_delete
 from .store import Store
 
 log = get_logger(__name__)
 
 StoreLike = str | os.PathLike[str] | Store
+Versions = int | Mapping[str, int]
 
 
 def _store(store: StoreLike) -> Store:
@@ -36,19 +44,27 @@ def save(
     row: int | None = None,
     comm: Any = None,
     keep: int | None = None,
+    version: Versions | None = None,
     **metadata: Any,
 ) -> int:
     """Collective: commit every rank's ``state_dict`` as one new row; returns the row id.
 
     Each rank's values are its own (ranks may hold different tensors under one key).
-    ``keep`` retains only the newest N committed rows afterwards. ``metadata`` must be
-    JSON-like (scalars, lists, dicts, datetimes) and comes back from :func:`metadata`.
+    ``keep`` retains only the newest N committed rows afterwards. ``version`` is the user
+    schema version of every state (top-level key), or a mapping state -> version; a later
+    ``load(..., version=M)`` migrates older states to M. ``metadata`` must be JSON-like
+    (scalars, lists, dicts, datetimes) and comes back from :func:`metadata`.
     """
     st = _store(store)
     c = resolve(comm)
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"state_dict must be a dict, not {type(state_dict).__qualname__}")
-    content = engine.RowContent(states=dict(state_dict), schemas={}, metadata=metadata)
+    content = engine.RowContent(
+        states=dict(state_dict),
+        schemas={},
+        metadata=metadata,
+        versions=state_versions(version, state_dict, "save"),
+    )
     manifest = engine.save_row(st, c, content, row=row)
     if keep is not None:
         engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
@@ -62,19 +78,27 @@ def load(
     row: int | None = None,
     comm: Any = None,
     strict: bool = True,
+    version: Versions | None = None,
+    migrations: MigrationRegistry | None = None,
 ) -> int:
     """Collective: fill ``state_dict`` in place from the elected (or given) row.
 
     Tensors are copied into the live tensors (so they keep their device, e.g. ``cuda:N``);
     shapes and dtypes must match. Keys present in the row but not in ``state_dict`` are
     added (a fresh optimizer has no state yet); keys missing from the row raise unless
-    ``strict=False``. Everything is read and verified before anything is modified.
-    Returns the row id.
+    ``strict=False``. With ``version`` (as in :func:`save`), states saved at an older
+    version are first migrated in memory by the chain in ``migrations`` (default: the
+    registry of ``register_migration``); a newer saved version is refused. Everything is
+    read, migrated and verified before anything is modified. Returns the row id.
     """
     st = _store(store)
     c = resolve(comm)
     view = engine.open_row(st, c, row)
     saved = engine.read_all(view, c)
+    if version is not None:
+        saved, _ = migrate_row_states(
+            view, saved, state_versions(version, saved, "load"), migrations, c
+        )
     problem: str | None = None
     kept: list[str] = []
     try:
@@ -96,6 +120,52 @@ def load(
             ", ".join(kept[:20]) + (" ..." if len(kept) > 20 else ""),
         )
     return view.row
+
+
+def state_versions(
+    version: Versions | None, states: Mapping[str, Any], what: str
+) -> dict[str, int]:
+    """``version`` as a mapping state -> version (an int applies to every state)."""
+    if version is None:
+        return {}
+    if isinstance(version, Mapping):
+        unknown = sorted(set(version) - set(states))
+        if unknown:
+            where = "the state_dict" if what == "save" else "the row"
+            raise CheckpointError(f"{what}: version given for states not in {where}: {unknown}")
+        return {str(k): int(v) for k, v in version.items()}
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{what}: version must be an int or a mapping, not {version!r}")
+    return {str(sid): version for sid in states}
+
+
+def migrate_row_states(
+    view: engine.RowView,
+    saved: dict[str, Any],
+    targets: Mapping[str, int],
+    registry: MigrationRegistry | None,
+    comm: Any,
+) -> tuple[dict[str, Any], tuple[AppliedMigration, ...]]:
+    """Collective: migrate this rank's saved states to ``targets``; all ranks raise together
+    (a newer saved version as SchemaVersionError, a missing step as MigrationError)."""
+    failure: Exception | None = None
+    applied: tuple[AppliedMigration, ...] = ()
+    try:
+        saved, applied = migrate_states(saved, view.manifest.states, targets, registry)
+    except Exception as exc:
+        failure = exc
+    engine.agree_or_raise(
+        comm, failure, MigrationError, f"row {view.row} of {view.store.path} cannot be read"
+    )
+    for record in applied:
+        log.info(
+            "row %d: migrated state %r from version %d to %d",
+            view.row,
+            record.state,
+            record.from_version,
+            record.to_version,
+        )
+    return saved, applied
 
 
 def latest(store: StoreLike, *, comm: Any = None) -> int | None:

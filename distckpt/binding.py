@@ -18,9 +18,11 @@ import torch
 from .codec import qualified_name
 from .engine import StateSchema
 from .errors import CheckpointStateCollision, CheckpointStateSchemaError
+from .migrations import MigrationRegistry, default_registry, newer_version_error
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint, CheckpointSession
+    from .engine import RowView
 
 T = TypeVar("T")
 
@@ -259,6 +261,36 @@ def check_schema(
             f"state {state_id!r} was saved with schema {digest[:12]}, the class now has "
             f"{live.digest[:12]}"
         )
+
+
+def read_saved_fields(
+    state_id: str, view: RowView, instance: Any, registry: MigrationRegistry | None
+) -> dict[str, Any]:
+    """The saved fields of ``state_id``, migrated from their saved ``__checkpoint_version__``
+    to the live class's (in memory), and checked against the live class's fields."""
+    record = view.manifest.states[state_id]
+    live = schema_of(instance)
+    if record.version > live.version:
+        raise newer_version_error(state_id, record.version, live.version)
+    if record.version == live.version:
+        check_schema(state_id, record.fields, record.schema, live)
+    saved = view.read_state(state_id)
+    if not isinstance(saved, dict):
+        raise CheckpointStateSchemaError(
+            f"state {state_id!r} of row {view.row} is not a mapping of fields"
+        )
+    if record.version == live.version:
+        return saved
+    migrated, _ = (registry or default_registry).migrate(
+        state_id, saved, record.version, live.version
+    )
+    if set(migrated) != set(live.fields):
+        names = {str(k): live.fields.get(str(k), "?") for k in migrated}
+        raise CheckpointStateSchemaError(
+            f"after migration from version {record.version} to {live.version}: "
+            + schema_difference(state_id, names, live.fields)
+        )
+    return dict(migrated)
 
 
 def collision(state_id: str) -> CheckpointStateCollision:

@@ -22,19 +22,20 @@ from .binding import (
     _CURRENT_CHECKPOINT,
     CheckpointState,
     bind_checkpoint_state,
-    check_schema,
     collision,
     late_restore_warning,
+    read_saved_fields,
     restore_into,
     schema_of,
     state_fields,
 )
 from .comm import Communicator, resolve
 from .election import elect, row_status
-from .errors import CheckpointStateSchemaError, CommunicatorError
+from .errors import CommunicatorError
 from .format import row_name
 from .logs import get_logger
 from .manifest import RankManifest
+from .migrations import MigrationRegistry
 from .names import escape_component
 from .plan import DEFAULT_PACK_THRESHOLD
 from .retention import rows_to_delete
@@ -102,6 +103,7 @@ class Checkpoint:
         *,
         comm: Any = None,
         pack_threshold: int = DEFAULT_PACK_THRESHOLD,
+        migrations: MigrationRegistry | None = None,
     ) -> None:
         if mode not in ("overwrite", "append"):
             raise ValueError(f"mode must be 'overwrite' or 'append', not {mode!r}")
@@ -127,6 +129,7 @@ class Checkpoint:
         self.level: int = level
         self.device = torch.device(device)
         self.pack_threshold = pack_threshold
+        self.migrations = migrations  # None: the default registry
         self._sessions: list[CheckpointSession] = []
         self._pending: list[tuple[CheckpointState[Any], bool]] = []
         _CURRENT_CHECKPOINT.set(self)
@@ -334,13 +337,7 @@ class CheckpointSession:
         loaded = False
         view = self._view
         if self.catalog.level > 0 and view is not None and view.has_state(state_id):
-            record = view.manifest.states[state_id]
-            check_schema(state_id, record.fields, record.schema, schema_of(instance))
-            saved = view.read_state(state_id)
-            if not isinstance(saved, dict):
-                raise CheckpointStateSchemaError(
-                    f"state {state_id!r} of row {view.row} is not a mapping of fields"
-                )
+            saved = read_saved_fields(state_id, view, instance, self.catalog.migrations)
             restore_into(instance, saved, self.catalog.device)
             hook = getattr(instance, "__checkpoint_restore__", None)
             if hook is not None:

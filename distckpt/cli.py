@@ -952,6 +952,9 @@ from .cli_interchange import export_command, import_command  # noqa: E402
 
 cli.add_command(import_command)
 cli.add_command(export_command)
+from .cli_migrate import migrate_command  # noqa: E402  (a command kept in its own module)
+
+cli.add_command(migrate_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -6,8 +6,8 @@ raise together instead of one raising while the others wait forever.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ class RowContent:
     write_count: int = 0
     lead_time: Any = None
     level: int | None = None
+    versions: dict[str, int] = field(default_factory=dict)  # user versions of unbound states
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,9 @@ class StateSchema:
     fields: dict[str, str]
 
 
-def _record(tree: Any, schema: StateSchema | None) -> StateRecord:
+def _record(tree: Any, schema: StateSchema | None, version: int = 0) -> StateRecord:
     if schema is None:
-        return StateRecord(tree)
+        return StateRecord(tree, version=version)
     return StateRecord(tree, schema.digest, schema.version, dict(schema.fields))
 
 
@@ -120,7 +121,10 @@ def save_row(
         lead = None if content.lead_time is None else {"lead_time": content.lead_time}
         encoded_lead = None if lead is None else codec.encode_metadata(lead)
         encoded_meta = codec.encode_metadata(content.metadata)
-        states = {sid: _record(tree, content.schemas.get(sid)) for sid, tree in plan.states.items()}
+        states = {
+            sid: _record(tree, content.schemas.get(sid), content.versions.get(sid, 0))
+            for sid, tree in plan.states.items()
+        }
     except Exception as exc:
         failure = exc
     agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
@@ -286,13 +290,17 @@ def open_row(store: Store, comm: Communicator, row: int | None = None) -> RowVie
     return RowView(store, store.read_manifest(chosen, comm.rank))
 
 
-def read_all(view: RowView, comm: Communicator) -> dict[str, Any]:
-    """Collective: decode every state of this rank; all ranks raise if any rank failed."""
+def read_all(
+    view: RowView, comm: Communicator, only: Collection[str] | None = None
+) -> dict[str, Any]:
+    """Collective: decode every state of this rank (or those in ``only`` that the row has);
+    all ranks raise if any rank failed."""
     out: dict[str, Any] = {}
     error: str | None = None
     try:
         for state_id in view.manifest.states:
-            out[state_id] = view.read_state(state_id)
+            if only is None or state_id in only:
+                out[state_id] = view.read_state(state_id)
     except CheckpointError as exc:
         error = str(exc)
     failures = agree(comm, error)

@@ -23,6 +23,15 @@ class CheckpointStateSchemaError(CheckpointError):
     """Saved state does not match the live object's schema (fields, versions)."""
 
 
+class SchemaVersionError(CheckpointStateSchemaError):
+    """A state was saved by a newer schema version than the reading code knows."""
+
+
+class MigrationError(CheckpointError):
+    """A saved state cannot be migrated: a missing step in the chain, or an operation that
+    does not apply to the saved value."""
+
+
 class StoreFormatError(CheckpointError):
     """The directory is not a distckpt store, or was written by a newer format version."""
 
@@ -80,7 +89,9 @@ __all__ = [
     "ImportFormatError",
     "LeaseHeldError",
     "LeaseLostError",
+    "MigrationError",
     "NoCommittedRowError",
+    "SchemaVersionError",
     "StoreFormatError",
     "WorldSizeMismatchError",
 ]
