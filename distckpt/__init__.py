@@ -25,6 +25,7 @@ from .errors import (
     StoreFormatError,
     WorldSizeMismatchError,
 )
+from .members import MemberMapping
 from .preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
 from .rng import GeneratorState, GlobalRngState, RngStateError
 from .rollout import ResumableRollout, RolloutBoundary
@@ -42,6 +43,7 @@ __all__ = [
     "CheckpointState",
     "Communicator",
     "MPIComm",
+    "MemberMapping",
     "GeneratorState",
     "GlobalRngState",
     "NullCheckpoint",
