@@ -47,6 +47,49 @@ class SequentialComm(Communicator):
         return SequentialComm._sent[root]
 
 
+class ReplayJob:
+    """What the ranks of one simulated job broadcast, in order, per root."""
+
+    def __init__(self) -> None:
+        self.sent: dict[int, list[bytes]] = {}
+
+
+class ReplayComm(Communicator):
+    """Like ``SequentialComm``, but every broadcast of the root is kept: each other rank
+    replays them in order, so a rank may take part in several broadcasts (the root runs
+    first, all of its steps)."""
+
+    def __init__(self, rank: int, world_size: int, job: ReplayJob) -> None:
+        self._rank = rank
+        self._size = world_size
+        self._job = job
+        self._seen: dict[int, int] = {}
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._size
+
+    def barrier(self) -> None:
+        pass
+
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        return [data] * self._size
+
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        sent = self._job.sent.setdefault(root, [])
+        if self._rank == root:
+            assert data is not None
+            sent.append(data)
+            return data
+        index = self._seen.get(root, 0)
+        self._seen[root] = index + 1
+        return sent[index]
+
+
 def save_as_ranks(store: Any, world_size: int, make_state: Any, **metadata: Any) -> int:
     """Write one row as ``world_size`` ranks in turn; returns the row id."""
     import distckpt
@@ -78,10 +121,15 @@ class FullDiskFS(LocalFileSystem):
 
 
 class RecordingFS(LocalFileSystem):
-    """Records removals and tree deletions in order."""
+    """Records removals, tree deletions and data reads (path, offset, length) in order."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
+        self.reads: list[tuple[str, int, int]] = []
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        self.reads.append((path, offset, len(out.cast("B"))))
+        return super().read_into(path, out, offset)
 
     def remove(self, path: str) -> None:
         self.events.append(("remove", path))
