@@ -27,6 +27,7 @@ from .errors import (
 )
 from .members import MemberMapping
 from .preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
+from .redistribute import SourceRanks, StateMapping
 from .rng import GeneratorState, GlobalRngState, RngStateError
 from .rollout import ResumableRollout, RolloutBoundary
 from .store import Store
@@ -53,6 +54,8 @@ __all__ = [
     "RngStateError",
     "RolloutBoundary",
     "SingleProcessComm",
+    "SourceRanks",
+    "StateMapping",
     "Store",
     "TorchDistComm",
     "bind_checkpoint_state",

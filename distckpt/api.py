@@ -17,6 +17,7 @@ from .comm import resolve
 from .election import elect, elect_offline, row_status
 from .errors import CheckpointError, CheckpointStateSchemaError, NoCommittedRowError
 from .logs import get_logger
+from .redistribute import StateMapping, read_states
 from .retention import rows_to_delete
 from .store import Store
 
@@ -62,6 +63,7 @@ def load(
     row: int | None = None,
     comm: Any = None,
     strict: bool = True,
+    mapping: StateMapping | None = None,
 ) -> int:
     """Collective: fill ``state_dict`` in place from the elected (or given) row.
 
@@ -69,12 +71,15 @@ def load(
     shapes and dtypes must match. Keys present in the row but not in ``state_dict`` are
     added (a fresh optimizer has no state yet); keys missing from the row raise unless
     ``strict=False``. Everything is read and verified before anything is modified.
+    A row written by another number of ranks is restored when its state can be
+    redistributed: states every rank saved alike come from any rank; rank-private ones need
+    ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.
     Returns the row id.
     """
     st = _store(store)
     c = resolve(comm)
-    view = engine.open_row(st, c, row)
-    saved = engine.read_all(view, c)
+    chosen = engine.choose_row(st, c, row, any_world_size=True)
+    saved = read_states(st, c, chosen, mapping)
     problem: str | None = None
     kept: list[str] = []
     try:
@@ -84,18 +89,18 @@ def load(
     failures = engine.agree(c, problem)
     if failures:
         raise CheckpointStateSchemaError(
-            f"row {view.row} of {st.path} does not fit the live state: " + engine.describe(failures)
+            f"row {chosen} of {st.path} does not fit the live state: " + engine.describe(failures)
         )
     _merge(state_dict, saved)
     if kept:  # nothing is skipped silently
         log.warning(
             "row %d of %s has no value for %d live key(s), which kept their values: %s",
-            view.row,
+            chosen,
             st.path,
             len(kept),
             ", ".join(kept[:20]) + (" ..." if len(kept) > 20 else ""),
         )
-    return view.row
+    return chosen
 
 
 def latest(store: StoreLike, *, comm: Any = None) -> int | None:

@@ -6,6 +6,7 @@ raise together instead of one raising while the others wait forever.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from . import codec, errors, lease
 from .comm import Communicator
 from .commit import commit_rank, delete_row, prepare_row, retract_rank
-from .election import committed_rows_offline, elect
+from .election import committed_rows_offline, elect, row_status
 from .errors import (
     CheckpointError,
     CheckpointSerializationError,
@@ -28,6 +29,7 @@ from .faults import fault_point
 from .logs import get_logger
 from .manifest import InvalidManifest, RankManifest, StateRecord
 from .plan import DEFAULT_PACK_THRESHOLD, plan_rank
+from .redistribute import state_digests
 from .rowio import RankReader
 from .store import Store, utcnow
 
@@ -121,6 +123,9 @@ def save_row(
         encoded_lead = None if lead is None else codec.encode_metadata(lead)
         encoded_meta = codec.encode_metadata(content.metadata)
         states = {sid: _record(tree, content.schemas.get(sid)) for sid, tree in plan.states.items()}
+        # States equal on every rank may be restored at another world size (redistribute).
+        digests = state_digests(plan)
+        states = {sid: dataclasses.replace(r, digest=digests[sid]) for sid, r in states.items()}
     except Exception as exc:
         failure = exc
     agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
@@ -186,10 +191,17 @@ def save_row(
     return manifest
 
 
-def choose_row(store: Store, comm: Communicator, row: int | None) -> int:
-    """Collective: the elected row, or check that an explicitly named row is committed."""
+def choose_row(
+    store: Store, comm: Communicator, row: int | None, *, any_world_size: bool = False
+) -> int:
+    """Collective: the elected row, or check that an explicitly named row is committed.
+
+    With ``any_world_size`` a row written by another number of ranks counts when all of
+    its manifests are present and valid (checked by the coordinator on a shared store);
+    without it such a row is refused with ``WorldSizeMismatchError``.
+    """
     if row is None:
-        elected = elect(store, comm)
+        elected = elect(store, comm, any_world_size=any_world_size)
         if elected is None:
             raise _nothing_to_restore(store, comm.world_size)
         return elected
@@ -201,6 +213,10 @@ def choose_row(store: Store, comm: Communicator, row: int | None) -> int:
     except InvalidManifest as exc:
         problem = {"invalid": str(exc)}
     reports = comm.allgather(problem)
+    if all(r is None for r in reports):
+        return row
+    if any_world_size:
+        return _check_any_size(store, comm, row)
     sizes = {r["size"] for r in reports if r is not None and "size" in r}
     if sizes:
         raise WorldSizeMismatchError(
@@ -208,8 +224,24 @@ def choose_row(store: Store, comm: Communicator, row: int | None) -> int:
             f"{comm.world_size}"
         )
     invalid = [(rank, r["invalid"]) for rank, r in enumerate(reports) if r is not None]
-    if invalid:
-        raise NoCommittedRowError(f"row {row} is not committed: {describe(invalid)}")
+    raise NoCommittedRowError(f"row {row} is not committed: {describe(invalid)}")
+
+
+def _check_any_size(store: Store, comm: Communicator, row: int) -> int:
+    """Collective: the coordinator reads every manifest of ``row``; all ranks agree."""
+    verdict: dict[str, Any] = {}
+    if comm.is_coordinator:
+        try:
+            status = row_status(store, row)
+            verdict = {"ok": status.committed}
+            if not status.committed:
+                missing = ", ".join(str(r) for r in status.missing_ranks) or "none"
+                verdict["why"] = f"missing ranks: {missing}; " + "; ".join(status.problems)
+        except CheckpointError as exc:
+            verdict = {"ok": False, "why": f"{type(exc).__name__}: {exc}"}
+    verdict = comm.broadcast(verdict)
+    if not verdict["ok"]:
+        raise NoCommittedRowError(f"row {row} of {store.path} is not committed: {verdict['why']}")
     return row
 
 
@@ -248,6 +280,15 @@ class RowView:
         return self.manifest.row
 
     @property
+    def rank(self) -> int:
+        """The saved rank whose part this is (not necessarily the reading rank)."""
+        return self.manifest.rank
+
+    @property
+    def saved_world_size(self) -> int:
+        return self.manifest.world_size
+
+    @property
     def metadata(self) -> dict[str, Any]:
         return codec.decode_metadata(self.manifest.metadata)
 
@@ -280,10 +321,45 @@ class RowView:
         return codec.decode(record.tree, leaf)
 
 
-def open_row(store: Store, comm: Communicator, row: int | None = None) -> RowView:
-    """Collective: elect (or check) a row and open this rank's part of it."""
-    chosen = choose_row(store, comm, row)
-    return RowView(store, store.read_manifest(chosen, comm.rank))
+def open_row(
+    store: Store, comm: Communicator, row: int | None = None, *, any_world_size: bool = False
+) -> RowView:
+    """Collective: elect (or check) a row and open this rank's part of it.
+
+    With ``any_world_size`` the row may have been written by N ranks while this job has M:
+    a rank below N opens its own part, a rank at or above N opens part ``rank % N`` (check
+    ``view.rank``); :func:`open_rank` opens any other part.
+    """
+    chosen = choose_row(store, comm, row, any_world_size=any_world_size)
+    return open_part(store, chosen, comm.rank)
+
+
+def open_part(store: Store, row: int, rank: int) -> RowView:
+    """Part ``rank`` of a chosen row, or part ``rank % N`` when the row has N <= rank ranks."""
+    try:
+        return RowView(store, store.read_manifest(row, rank))
+    except InvalidManifest:
+        return open_rank(store, row, rank % saved_world_size(store, row))
+
+
+def open_rank(store: Store, row: int, rank: int) -> RowView:
+    """Open saved rank ``rank``'s part of ``row`` (any rank of the row, from any job)."""
+    try:
+        return RowView(store, store.read_manifest(row, rank))
+    except InvalidManifest as exc:
+        raise CorruptCheckpointError(
+            f"row {row} of {store.path} has no valid part for saved rank {rank}: {exc}"
+        ) from exc
+
+
+def saved_world_size(store: Store, row: int) -> int:
+    """How many ranks wrote ``row``, from the first valid manifest found."""
+    for rank in store.manifest_ranks(row):
+        try:
+            return store.read_manifest(row, rank).world_size
+        except InvalidManifest:
+            continue
+    raise NoCommittedRowError(f"row {row} of {store.path} has no valid manifest")
 
 
 def read_all(view: RowView, comm: Communicator) -> dict[str, Any]:

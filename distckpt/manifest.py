@@ -70,11 +70,16 @@ class StateRecord:
     schema: str | None = None
     version: int = 0
     fields: dict[str, str] | None = None  # field name -> annotation, for schema messages
+    # Digest of the value (tree and tensor bytes): when every rank's is equal, a job of
+    # another size may restore the state from any rank's part (redistribute).
+    digest: str | None = None
 
     def to_json(self) -> Json:
         doc = {"tree": self.tree, "schema": self.schema, "version": self.version}
         if self.fields is not None:
             doc["fields"] = self.fields
+        if self.digest is not None:
+            doc["digest"] = self.digest
         return doc
 
     @staticmethod
@@ -92,6 +97,7 @@ class StateRecord:
             schema=schema,
             version=_typed(doc, "version", int),
             fields=fields,
+            digest=doc["digest"] if isinstance(doc.get("digest"), str) else None,
         )
 
 

@@ -23,7 +23,7 @@ from . import codec
 from .comm import Communicator
 from .dtypes import spec_for, torch_dtype
 from .election import elect, row_status
-from .engine import RowView
+from .engine import RowView, saved_world_size
 from .errors import CheckpointError, CorruptCheckpointError, WorldSizeMismatchError
 from .format import CRC_BYTES, PACKED_ARRAY, checksum, single_chunk_key
 from .logs import get_logger
@@ -58,7 +58,8 @@ class MemberMapping:
     Members listed under ``done_key`` in the row's metadata are finished: their entries are
     not carried over. A state id in ``replicated`` is identical on every rank (e.g. model
     weights): saved rank 0's copy is read by this job's rank 0 only and broadcast, at any
-    world size. Any other state of an N-rank row restored at M != N raises
+    world size; at another world size so is every state that all saved ranks recorded with
+    the same digest. Any other state of an N-rank row restored at M != N raises
     :class:`~distckpt.WorldSizeMismatchError`. Override :meth:`members_of` for another
     assignment than round robin.
     """
@@ -74,31 +75,13 @@ class MemberMapping:
 
 # -- election across world sizes ----------------------------------------------------------------
 def elect_any(store: Store, comm: Communicator) -> tuple[int, int] | None:
-    """Collective: (row, its world size) of the newest committed row of any world size.
-
-    Rows of this job's size are elected as before (every rank checks its own manifest); the
-    coordinator then looks for a newer row committed by another number of ranks and
-    broadcasts what it found, so every rank restores the same row.
-    """
-    same = elect(store, comm)
-    found: dict[str, Any] = {"row": same, "world": comm.world_size}
-    if comm.is_coordinator:
-        try:
-            newer = [r for r in store.rows() if same is None or r > same]
-            for row in reversed(newer):
-                status = row_status(store, row)
-                if status.committed and status.world_size is not None:
-                    if status.world_size != comm.world_size:
-                        found = {"row": row, "world": status.world_size}
-                    break
-        except CheckpointError as exc:
-            found = {"error": f"{type(exc).__name__}: {exc}"}
-    found = comm.broadcast(found)
-    if "error" in found:
-        raise CheckpointError(f"cannot elect a row of {store.path}: {found['error']}")
-    if found["row"] is None:
+    """Collective: (row, its world size) of the newest committed row of any world size
+    (``election.elect(..., any_world_size=True)``: rows of this job's size are elected as
+    always; the coordinator looks for a newer row of another size and broadcasts it)."""
+    row = elect(store, comm, any_world_size=True)
+    if row is None:
         return None
-    return int(found["row"]), int(found["world"])
+    return row, saved_world_size(store, row)
 
 
 # -- reading single entries of any rank ---------------------------------------------------------
@@ -234,10 +217,12 @@ class MappedView:
         self._own: RowView | None = None
         if self.saved_world == self.world_size:
             self._own = RowView(store, self.saved[self.rank])
+        shared = set(mapping.replicated) if mapping is not None else set()
+        if self.saved_world != self.world_size:
+            shared |= {sid for sid in records if self._uniform(sid)}
         self._replicated: dict[str, Any] = {}
-        for sid in mapping.replicated if mapping is not None else ():
-            if sid in records:
-                self._replicated[sid] = self._broadcast(sid, comm)
+        for sid in sorted(shared & set(records)):  # the same order on every rank
+            self._replicated[sid] = self._broadcast(sid, comm)
 
     # -- RowView's surface -----------------------------------------------------------------
     @property
@@ -267,6 +252,21 @@ class MappedView:
         if rank not in self._readers:
             self._readers[rank] = EntryReader(self.store, self.saved[rank])
         return self._readers[rank]
+
+    def _uniform(self, state_id: str) -> bool:
+        """Saved alike by every one of several ranks (equal recorded digests), and not
+        member-keyed (those are split by member, never copied to every rank)."""
+        held = [m.states.get(state_id) for m in self.saved]
+        digests = {None if r is None else r.digest for r in held}
+        if self.saved_world < 2 or len(digests) != 1 or None in digests:
+            return False
+        try:
+            per_rank = self._fields(state_id)
+        except WorldSizeMismatchError:  # not a mapping of fields: cannot be member-keyed
+            return True
+        names = {name for _, fields in per_rank for name in fields}
+        keyed = all(_member_keyed(node) for _, fields in per_rank for node in fields.values())
+        return names != BOUNDARY_FIELDS and not keyed
 
     def _broadcast(self, state_id: str, comm: Communicator) -> Any:
         value: Any = None

@@ -47,49 +47,6 @@ class SequentialComm(Communicator):
         return SequentialComm._sent[root]
 
 
-class ReplayJob:
-    """What the ranks of one simulated job broadcast, in order, per root."""
-
-    def __init__(self) -> None:
-        self.sent: dict[int, list[bytes]] = {}
-
-
-class ReplayComm(Communicator):
-    """Like ``SequentialComm``, but every broadcast of the root is kept: each other rank
-    replays them in order, so a rank may take part in several broadcasts (the root runs
-    first, all of its steps)."""
-
-    def __init__(self, rank: int, world_size: int, job: ReplayJob) -> None:
-        self._rank = rank
-        self._size = world_size
-        self._job = job
-        self._seen: dict[int, int] = {}
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
-
-    def barrier(self) -> None:
-        pass
-
-    def allgather_bytes(self, data: bytes) -> list[bytes]:
-        return [data] * self._size
-
-    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
-        sent = self._job.sent.setdefault(root, [])
-        if self._rank == root:
-            assert data is not None
-            sent.append(data)
-            return data
-        index = self._seen.get(root, 0)
-        self._seen[root] = index + 1
-        return sent[index]
-
-
 def save_as_ranks(store: Any, world_size: int, make_state: Any, **metadata: Any) -> int:
     """Write one row as ``world_size`` ranks in turn; returns the row id."""
     import distckpt
@@ -138,3 +95,27 @@ class RecordingFS(LocalFileSystem):
     def rmtree(self, path: str) -> None:
         self.events.append(("rmtree", path))
         super().rmtree(path)
+
+
+class ReplayComm(SequentialComm):
+    """Like SequentialComm, but broadcasts are replayed in order: for a collective call that
+    broadcasts more than once. Make one job's ranks with :func:`replay_job`."""
+
+    def __init__(self, rank: int, world_size: int, log: list[bytes]) -> None:
+        super().__init__(rank, world_size)
+        self._log = log
+        self._cursor = 0
+
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        if self._rank == root:
+            assert data is not None
+            self._log.append(data)
+            return data
+        self._cursor += 1
+        return self._log[self._cursor - 1]
+
+
+def replay_job(world_size: int) -> list[ReplayComm]:
+    """The ranks of one sequential job, sharing the coordinator's broadcasts (run rank 0 first)."""
+    log: list[bytes] = []
+    return [ReplayComm(rank, world_size, log) for rank in range(world_size)]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import torch
-from fakes import RecordingFS, ReplayComm, ReplayJob, save_as_ranks
+from fakes import RecordingFS, ReplayComm, replay_job, save_as_ranks
 
 import distckpt
 from distckpt import Checkpoint, MemberMapping, bind_checkpoint_state
@@ -62,8 +62,10 @@ def row(tmp_path):
     return tmp_path / "s"
 
 
-def view(path, rank: int, world: int, job: ReplayJob, mapping=None, fs=None) -> MappedView:
-    comm = ReplayComm(rank, world, job)
+def view(path, rank: int, world: int, job: list[ReplayComm], mapping=None, fs=None) -> MappedView:
+    """Rank ``rank`` of ``job`` (``replay_job(world)``: rank 0 must run first) opens the row."""
+    comm = job[rank]
+    assert comm.world_size == world
     st = Store(path, fs=fs)
     found = elect_any(st, comm)
     assert found is not None
@@ -72,7 +74,7 @@ def view(path, rank: int, world: int, job: ReplayJob, mapping=None, fs=None) -> 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])
 def test_each_member_moves_to_exactly_one_new_rank(row, world):
-    job = ReplayJob()
+    job = replay_job(world)
     held: dict[int, int] = {}
     for rank in range(world):
         state = view(row, rank, world, job).read_state("noise")
@@ -88,7 +90,7 @@ def test_each_member_moves_to_exactly_one_new_rank(row, world):
 
 def test_completed_members_are_not_carried_over(tmp_path):
     save_as_ranks(tmp_path / "s", SAVED, rank_state, completed_ensembles=[0, 5])
-    job = ReplayJob()
+    job = replay_job(2)
     state = view(tmp_path / "s", 0, 2, job).read_state("noise")
     assert sorted(state["noise"]) == [2, 4, 6]
     state = view(tmp_path / "s", 1, 2, job).read_state("noise")
@@ -96,7 +98,7 @@ def test_completed_members_are_not_carried_over(tmp_path):
 
 
 def test_rollout_boundaries_are_reassembled_in_member_order(row):
-    job = ReplayJob()
+    job = replay_job(2)
     for rank in range(2):
         b = view(row, rank, 2, job).read_state("rollout")
         mine = assign_members(MEMBERS, rank, 2)
@@ -108,12 +110,12 @@ def test_rollout_boundaries_are_reassembled_in_member_order(row):
 
 def test_boundaries_of_finished_members_are_left_behind(tmp_path):
     save_as_ranks(tmp_path / "s", SAVED, rank_state, completed_ensembles=list(range(MEMBERS)))
-    b = view(tmp_path / "s", 0, 2, ReplayJob()).read_state("rollout")
+    b = view(tmp_path / "s", 0, 2, replay_job(2)).read_state("rollout")
     assert (b["step"], b["x"], b["members"]) == (-1, None, [])
 
 
 def test_a_rank_reads_only_the_entries_of_its_members(row):
-    fs, job = RecordingFS(), ReplayJob()
+    fs, job = RecordingFS(), replay_job(2)
     view(row, 0, 2, job)  # rank 0 runs first (it broadcasts the elected row)
     v = view(row, 1, 2, job, fs=fs)
     fs.reads.clear()
@@ -130,9 +132,10 @@ def test_a_rank_reads_only_the_entries_of_its_members(row):
     assert len(fs.reads) == len(wanted)  # one ranged read per entry, no packed chunk whole
 
 
-def test_replicated_state_is_read_once_and_broadcast(row):
-    job = ReplayJob()
-    mapping = MemberMapping(MEMBERS, replicated=("weights",))
+@pytest.mark.parametrize("declared", [("weights",), ()], ids=["declared", "same-digests"])
+def test_replicated_state_is_read_once_and_broadcast(row, declared):
+    job = replay_job(2)
+    mapping = MemberMapping(MEMBERS, replicated=declared)
     reads = []
     values = []
     for rank in range(2):  # rank 0 first: it reads and broadcasts
@@ -146,7 +149,7 @@ def test_replicated_state_is_read_once_and_broadcast(row):
 
 
 def test_state_not_keyed_by_member_cannot_move(row):
-    v = view(row, 0, 2, ReplayJob())
+    v = view(row, 0, 2, replay_job(2))
     with pytest.raises(distckpt.WorldSizeMismatchError) as info:
         v.read_state("counter")
     assert "'counter'" in str(info.value)
@@ -165,9 +168,9 @@ class Noise:
 
 
 def test_checkpoint_restores_member_keyed_state_at_another_world_size(row):
-    job = ReplayJob()
+    job = replay_job(2)
     for rank in range(2):
-        ck = Checkpoint("s", path=row, comm=ReplayComm(rank, 2, job), mapping=MemberMapping(8))
+        ck = Checkpoint("s", path=row, comm=job[rank], mapping=MemberMapping(8))
         with ck as session:
             bound = bind_checkpoint_state(Noise(), state_id="noise")
             assert bound.checkpoint_state_loaded
@@ -177,7 +180,7 @@ def test_checkpoint_restores_member_keyed_state_at_another_world_size(row):
 
 @pytest.mark.parametrize("mapping", [None, MemberMapping(MEMBERS)], ids=["none", "members"])
 def test_checkpoint_refuses_rank_private_state_at_another_world_size(row, mapping):
-    ck = Checkpoint("s", path=row, comm=ReplayComm(0, 2, ReplayJob()), mapping=mapping)
+    ck = Checkpoint("s", path=row, comm=replay_job(2)[0], mapping=mapping)
     with pytest.raises(distckpt.WorldSizeMismatchError, match=r"'counter'.*4 ranks.*has 2"), ck:
         bind_checkpoint_state(Counter(), state_id="counter")
 
@@ -185,23 +188,23 @@ def test_checkpoint_refuses_rank_private_state_at_another_world_size(row, mappin
 def test_election_takes_the_newest_row_whatever_its_world_size(tmp_path):
     st = Store(tmp_path / "s")
     save_as_ranks(st, 2, lambda r: {"a": {"v": r}})
-    assert elect_any(st, ReplayComm(0, 2, ReplayJob())) == (0, 2)
+    assert elect_any(st, replay_job(2)[0]) == (0, 2)
     save_as_ranks(st, 4, lambda r: {"a": {"v": r}})
-    assert elect_any(st, ReplayComm(0, 2, ReplayJob())) == (1, 4)
+    assert elect_any(st, replay_job(2)[0]) == (1, 4)
     save_as_ranks(st, 2, lambda r: {"a": {"v": r}})
-    assert elect_any(st, ReplayComm(0, 2, ReplayJob())) == (2, 2)
+    assert elect_any(st, replay_job(2)[0]) == (2, 2)
 
 
 def test_broadcast_state_keeps_dtypes_and_numpy_leaves():
-    job = ReplayJob()
+    job = replay_job(2)
     value = {
         "w": torch.randn(3, 5).to(torch.bfloat16),
         "empty": torch.empty(0, 4),
         "a": np.arange(6, dtype=np.int16).reshape(2, 3),
         "n": 3,
     }
-    got0 = broadcast_state(ReplayComm(0, 2, job), value)
-    got1 = broadcast_state(ReplayComm(1, 2, job), None)
+    got0 = broadcast_state(job[0], value)
+    got1 = broadcast_state(job[1], None)
     for got in (got0, got1):
         assert torch.equal(got["w"], value["w"]) and got["w"].dtype == torch.bfloat16
         assert got["empty"].shape == (0, 4)
