@@ -23,7 +23,7 @@ from . import codec
 from .comm import Communicator
 from .dtypes import spec_for, torch_dtype
 from .election import elect, row_status
-from .engine import RowView, saved_world_size
+from .engine import RowView, agree_or_raise, saved_world_size
 from .errors import CheckpointError, CorruptCheckpointError, WorldSizeMismatchError
 from .format import CRC_BYTES, PACKED_ARRAY, checksum, single_chunk_key
 from .logs import get_logger
@@ -57,7 +57,7 @@ class MemberMapping:
 
     Members listed under ``done_key`` in the row's metadata are finished: their entries are
     not carried over. A state id in ``replicated`` is identical on every rank (e.g. model
-    weights): saved rank 0's copy is read by this job's rank 0 only and broadcast, at any
+    weights): one saved copy is read by this job's rank 0 only and broadcast, at any
     world size; at another world size so is every state that all saved ranks recorded with
     the same digest. Any other state of an N-rank row restored at M != N raises
     :class:`~distckpt.WorldSizeMismatchError`. Override :meth:`members_of` for another
@@ -203,9 +203,17 @@ class MappedView:
         self.mapping = mapping
         self.rank = comm.rank
         self.world_size = comm.world_size
-        status = row_status(store, row)
-        if not status.committed or status.world_size is None:
-            raise CheckpointError(f"row {row} of {store.path} is not committed")
+        failure: BaseException | None = None
+        status = None
+        try:  # every rank reads every manifest of the row (a shared store)
+            status = row_status(store, row)
+            if not status.committed or status.world_size is None:
+                missing = list(status.missing_ranks)
+                raise CheckpointError(f"row {row} is not committed here (missing {missing})")
+        except CheckpointError as exc:
+            failure = exc
+        agree_or_raise(comm, failure, CheckpointError, f"cannot open row {row} of {store.path}")
+        assert status is not None and status.world_size is not None
         self.saved: tuple[RankManifest, ...] = status.manifests
         self.saved_world = status.world_size
         records: dict[str, Any] = {}
@@ -238,13 +246,15 @@ class MappedView:
         return RowView(self.store, self.saved[0]).lead_time
 
     def has_state(self, state_id: str) -> bool:
+        if self._own is not None and state_id not in self._replicated:
+            return self._own.has_state(state_id)
         return state_id in self.manifest.states
 
     def read_state(self, state_id: str) -> Any:
         if state_id in self._replicated:
             return self._replicated[state_id]
         if self._own is not None:
-            return self._own.read_state(state_id) if self._own.has_state(state_id) else {}
+            return self._own.read_state(state_id)
         return self._redistribute(state_id)
 
     # -- internals -------------------------------------------------------------------------
@@ -273,8 +283,9 @@ class MappedView:
         error: str | None = None
         if comm.rank == 0:
             try:
-                holder = self.saved[0]
-                value = codec.decode(holder.states[state_id].tree, self._reader(0).leaf(state_id))
+                q = next(q for q, m in enumerate(self.saved) if state_id in m.states)
+                tree = self.saved[q].states[state_id].tree
+                value = codec.decode(tree, self._reader(q).leaf(state_id))
             except CheckpointError as exc:
                 error = str(exc)
         error = comm.broadcast(error)

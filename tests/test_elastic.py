@@ -148,3 +148,15 @@ def test_rank_private_state_refuses_to_move_and_weights_are_read_once(tmp_path):
     errors = result.lines("EXPECTED-ERROR")
     assert result.ranks("EXPECTED-ERROR") == [0, 1, 2], result.describe()
     assert all("'counter'" in e and "saved by 2 ranks and this job has 3" in e for e in errors)
+
+
+@multiproc
+@pytest.mark.timeout(int(4 * LAUNCH_TIMEOUT))
+def test_killed_again_after_moving_finishes_on_an_uneven_number(reference, killed_on_4, tmp_path):
+    """4 ranks killed, 2 ranks resume and are killed in turn (their first row committed),
+    3 ranks finish: members move twice, the second time from a row written after a move."""
+    root = tmp_path / "run"
+    shutil.copytree(killed_on_4, root)
+    killed("torchrun", 2, root, FAULT_ROW + 1)
+    result = run("torchrun", 3, root)
+    assert_resumed_bit_exactly(result, root, reference, FAULT_ROW + 1, 3)
