@@ -30,6 +30,7 @@ from .preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
 from .redistribute import SourceRanks, StateMapping
 from .rng import GeneratorState, GlobalRngState, RngStateError
 from .rollout import ResumableRollout, RolloutBoundary
+from .shards import Sharded
 from .store import Store
 
 __version__ = "0.1.0"
@@ -53,6 +54,7 @@ __all__ = [
     "ResumableRollout",
     "RngStateError",
     "RolloutBoundary",
+    "Sharded",
     "SingleProcessComm",
     "SourceRanks",
     "StateMapping",

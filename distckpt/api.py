@@ -16,9 +16,11 @@ from .codec import Path, path_str
 from .comm import resolve
 from .election import elect, elect_offline, row_status
 from .errors import CheckpointError, CheckpointStateSchemaError, NoCommittedRowError
+from .globalio import GlobalValue, fill, target_problem
 from .logs import get_logger
 from .redistribute import StateMapping, read_states
 from .retention import rows_to_delete
+from .shards import is_global
 from .store import Store
 
 log = get_logger(__name__)
@@ -132,6 +134,11 @@ def _check_fits(
 ) -> None:
     """Raise before any write if a saved value cannot go into the live one; with
     ``strict=False``, collect in ``kept`` the live keys the row does not have."""
+    if isinstance(saved, GlobalValue):
+        problem = target_problem(target, saved)
+        if problem is not None:
+            raise CheckpointStateSchemaError(f"{path_str(path)!r}: {problem}")
+        return
     if isinstance(target, torch.Tensor):
         if not isinstance(saved, torch.Tensor):
             raise CheckpointStateSchemaError(
@@ -166,7 +173,12 @@ def _merge(target: dict[Any, Any] | list[Any], saved: Any) -> None:
     for key in keys:
         value = saved[key]
         live = target.get(key) if isinstance(target, dict) else target[key]
-        if isinstance(live, torch.Tensor):
+        if isinstance(value, GlobalValue):
+            if is_global(live) or isinstance(live, torch.Tensor):
+                fill(live, value)  # this rank's region only, from whatever layout was saved
+            else:
+                target[key] = value.full()
+        elif isinstance(live, torch.Tensor):
             with torch.no_grad():
                 live.copy_(value)
         elif (isinstance(live, dict) and isinstance(value, dict)) or (

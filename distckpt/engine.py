@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import codec, errors, lease
+from . import codec, errors, globalio, lease
 from .comm import Communicator
 from .commit import commit_rank, delete_row, prepare_row, retract_rank
 from .election import committed_rows_offline, elect, row_status
@@ -26,6 +26,7 @@ from .errors import (
     WorldSizeMismatchError,
 )
 from .faults import fault_point
+from .globalio import GlobalReader, GlobalValue, shard_report
 from .logs import get_logger
 from .manifest import InvalidManifest, RankManifest, StateRecord
 from .plan import DEFAULT_PACK_THRESHOLD, plan_rank
@@ -130,6 +131,10 @@ def save_row(
         failure = exc
     agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
     assert plan is not None
+    # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
+    # and refuses the same overlaps or gaps, so no agreement step is needed.
+    reports = comm.allgather(shard_report(plan))
+    layouts = globalio.layouts(reports) if any(reports) else {}
 
     setup: dict[str, Any] = {}
     if comm.is_coordinator:
@@ -174,7 +179,7 @@ def save_row(
             states=states,
             metadata=encoded_meta,
         )
-        manifest = commit_rank(store, plan, draft)
+        manifest = commit_rank(store, plan, draft, layouts)
     except Exception as exc:
         failure = exc
         log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
@@ -267,6 +272,7 @@ class RowView:
     def __init__(self, store: Store, manifest: RankManifest) -> None:
         self.store = store
         self.manifest = manifest
+        self._globals = GlobalReader(store, manifest.row, manifest.world_size)
         self._reader = RankReader(
             store.fs,
             store.row_dir(manifest.row),
@@ -304,7 +310,10 @@ class RowView:
     def read_state(
         self, state_id: str, place: Callable[[torch.Tensor, bool], Any] | None = None
     ) -> Any:
-        """Decode a state, reading and verifying its tensors (they arrive on the CPU)."""
+        """Decode a state, reading and verifying its tensors (they arrive on the CPU).
+
+        Global (sharded) tensors come back as ``GlobalValue``s, read later by region.
+        """
         record = self.manifest.states[state_id]
 
         def leaf(index: int, as_numpy: bool) -> Any:
@@ -318,7 +327,15 @@ class RowView:
                 return place(tensor, as_numpy)
             return tensor.numpy() if as_numpy else tensor
 
-        return codec.decode(record.tree, leaf)
+        def shard(index: int) -> GlobalValue:
+            if not 0 <= index < len(self.manifest.globals):
+                raise CorruptCheckpointError(
+                    f"row {self.row}, rank {self.manifest.rank}: state {state_id!r} refers to "
+                    f"missing global array {index}"
+                )
+            return GlobalValue(self.manifest.globals[index], self._globals)
+
+        return codec.decode(record.tree, leaf, shard)
 
 
 def open_row(
