@@ -30,8 +30,12 @@ FAULT_ROW = ROWS_PER_BATCH + 2  # on 4 ranks: second batch, step 2, committed th
 multiproc = pytest.mark.multiproc
 
 
-def run(launcher: str, nproc: int, root: Path, fault: str | None = None) -> LaunchResult:
+def run(
+    launcher: str, nproc: int, root: Path, fault: str | None = None, level: int = 2
+) -> LaunchResult:
     args = [
+        "--level",
+        str(level),
         "--checkpoint",
         str(root / "ckpt"),
         "--output",
@@ -71,9 +75,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
     return array
 
 
-def killed(launcher: str, nproc: int, root: Path, row: int) -> None:
+def killed(launcher: str, nproc: int, root: Path, row: int, level: int = 2) -> None:
     """Run until ``row`` is committed, then SIGKILL rank 1; check what the row holds."""
-    result = run(launcher, nproc, root, fault=f"after_commit@1:{row}")
+    result = run(launcher, nproc, root, fault=f"after_commit@1:{row}", level=level)
     assert result.returncode != 0 and not result.lines("DONE "), result.describe()
     assert distckpt.latest(root / "ckpt") == row, result.describe()
     meta = distckpt.metadata(root / "ckpt", row=row)
@@ -160,3 +164,17 @@ def test_killed_again_after_moving_finishes_on_an_uneven_number(reference, kille
     killed("torchrun", 2, root, FAULT_ROW + 1)
     result = run("torchrun", 3, root)
     assert_resumed_bit_exactly(result, root, reference, FAULT_ROW + 1, 3)
+
+
+@multiproc
+@pytest.mark.timeout(int(3 * LAUNCH_TIMEOUT))
+@pytest.mark.parametrize("level", [0, 1])
+def test_below_level_2_members_in_progress_rerun_on_their_new_rank(reference, tmp_path, level):
+    """A level-0/1 row holds no rollout state: on 2 ranks the members that were in progress
+    on 4 re-run from lead time zero (with the re-run warning), to the same bytes."""
+    killed("torchrun", 4, tmp_path, FAULT_ROW, level=level)
+    result = run("torchrun", 2, tmp_path, level=level).check()
+    assert done_line(result).startswith(f"DONE world=2 resumed_from={FAULT_ROW} rerun_batch=1")
+    assert "re-running batch 1 from lead time zero" in result.stderr
+    array = output(tmp_path)
+    assert np.array_equal(array.view(np.uint32), reference.view(np.uint32))
