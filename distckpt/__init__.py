@@ -30,6 +30,7 @@ from .errors import (
     WorldSizeMismatchError,
 )
 from .interchange import export_row, import_checkpoint
+from .members import MemberMapping
 from .migrations import (
     AppliedMigration,
     Migration,
@@ -40,8 +41,10 @@ from .migrations import (
 )
 from .policies import LoadPolicy, LoadReport, SkippedKey, WarmStart, load_model
 from .preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
+from .redistribute import SourceRanks, StateMapping
 from .rng import GeneratorState, GlobalRngState, RngStateError
 from .rollout import ResumableRollout, RolloutBoundary
+from .shards import Sharded
 from .store import Store
 from .surgery import (
     AddKey,
@@ -87,6 +90,7 @@ __all__ = [
     "CheckpointState",
     "Communicator",
     "MPIComm",
+    "MemberMapping",
     "GeneratorState",
     "GlobalRngState",
     "NullCheckpoint",
@@ -95,7 +99,10 @@ __all__ = [
     "ResumableRollout",
     "RngStateError",
     "RolloutBoundary",
+    "Sharded",
     "SingleProcessComm",
+    "SourceRanks",
+    "StateMapping",
     "Store",
     "TorchDistComm",
     "bind_checkpoint_state",

@@ -22,9 +22,12 @@ from .errors import (
     MigrationError,
     NoCommittedRowError,
 )
+from .globalio import GlobalValue, fill, target_problem
 from .logs import get_logger
 from .migrations import AppliedMigration, MigrationRegistry, migrate_states
+from .redistribute import StateMapping, read_states
 from .retention import rows_to_delete
+from .shards import is_global
 from .store import Store
 
 log = get_logger(__name__)
@@ -80,6 +83,7 @@ def load(
     strict: bool = True,
     version: Versions | None = None,
     migrations: MigrationRegistry | None = None,
+    mapping: StateMapping | None = None,
 ) -> int:
     """Collective: fill ``state_dict`` in place from the elected (or given) row.
 
@@ -89,13 +93,18 @@ def load(
     ``strict=False``. With ``version`` (as in :func:`save`), states saved at an older
     version are first migrated in memory by the chain in ``migrations`` (default: the
     registry of ``register_migration``); a newer saved version is refused. Everything is
-    read, migrated and verified before anything is modified. Returns the row id.
+    read, migrated and verified before anything is modified.
+    A row written by another number of ranks is restored when its state can be
+    redistributed: states every rank saved alike come from any rank; rank-private ones need
+    ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.
+    Returns the row id.
     """
     st = _store(store)
     c = resolve(comm)
-    view = engine.open_row(st, c, row)
-    saved = engine.read_all(view, c)
+    chosen = engine.choose_row(st, c, row, any_world_size=True)
+    saved = read_states(st, c, chosen, mapping)
     if version is not None:
+        view = engine.open_part(st, chosen, c.rank)
         saved, _ = migrate_row_states(
             view, saved, state_versions(version, saved, "load"), migrations, c
         )
@@ -108,18 +117,18 @@ def load(
     failures = engine.agree(c, problem)
     if failures:
         raise CheckpointStateSchemaError(
-            f"row {view.row} of {st.path} does not fit the live state: " + engine.describe(failures)
+            f"row {chosen} of {st.path} does not fit the live state: " + engine.describe(failures)
         )
     _merge(state_dict, saved)
     if kept:  # nothing is skipped silently
         log.warning(
             "row %d of %s has no value for %d live key(s), which kept their values: %s",
-            view.row,
+            chosen,
             st.path,
             len(kept),
             ", ".join(kept[:20]) + (" ..." if len(kept) > 20 else ""),
         )
-    return view.row
+    return chosen
 
 
 def state_versions(
@@ -197,6 +206,11 @@ def _check_fits(
 ) -> None:
     """Raise before any write if a saved value cannot go into the live one; with
     ``strict=False``, collect in ``kept`` the live keys the row does not have."""
+    if isinstance(saved, GlobalValue):
+        problem = target_problem(target, saved)
+        if problem is not None:
+            raise CheckpointStateSchemaError(f"{path_str(path)!r}: {problem}")
+        return
     if isinstance(target, torch.Tensor):
         if not isinstance(saved, torch.Tensor):
             raise CheckpointStateSchemaError(
@@ -231,7 +245,12 @@ def _merge(target: dict[Any, Any] | list[Any], saved: Any) -> None:
     for key in keys:
         value = saved[key]
         live = target.get(key) if isinstance(target, dict) else target[key]
-        if isinstance(live, torch.Tensor):
+        if isinstance(value, GlobalValue):
+            if is_global(live) or isinstance(live, torch.Tensor):
+                fill(live, value)  # this rank's region only, from whatever layout was saved
+            else:
+                target[key] = value.full()
+        elif isinstance(live, torch.Tensor):
             with torch.no_grad():
                 live.copy_(value)
         elif (isinstance(live, dict) and isinstance(value, dict)) or (

@@ -23,6 +23,7 @@ from .migrations import MigrationRegistry, default_registry, newer_version_error
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint, CheckpointSession
     from .engine import RowView
+    from .members import MappedView
 
 T = TypeVar("T")
 
@@ -264,7 +265,7 @@ def check_schema(
 
 
 def read_saved_fields(
-    state_id: str, view: RowView, instance: Any, registry: MigrationRegistry | None
+    state_id: str, view: RowView | MappedView, instance: Any, registry: MigrationRegistry | None
 ) -> dict[str, Any]:
     """The saved fields of ``state_id``, migrated from their saved ``__checkpoint_version__``
     to the live class's (in memory), and checked against the live class's fields."""

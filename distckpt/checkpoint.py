@@ -30,11 +30,12 @@ from .binding import (
     state_fields,
 )
 from .comm import Communicator, resolve
-from .election import elect, row_status
+from .election import row_status
 from .errors import CommunicatorError
 from .format import row_name
 from .logs import get_logger
 from .manifest import RankManifest
+from .members import MappedView, MemberMapping, open_view
 from .migrations import MigrationRegistry
 from .names import escape_component
 from .plan import DEFAULT_PACK_THRESHOLD
@@ -70,7 +71,7 @@ class CheckpointEntry:
     labels: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
-    def from_view(view: engine.RowView) -> CheckpointEntry:
+    def from_view(view: engine.RowView | MappedView) -> CheckpointEntry:
         m = view.manifest
         return CheckpointEntry(
             row=m.row,
@@ -104,6 +105,7 @@ class Checkpoint:
         comm: Any = None,
         pack_threshold: int = DEFAULT_PACK_THRESHOLD,
         migrations: MigrationRegistry | None = None,
+        mapping: MemberMapping | None = None,
     ) -> None:
         if mode not in ("overwrite", "append"):
             raise ValueError(f"mode must be 'overwrite' or 'append', not {mode!r}")
@@ -130,6 +132,8 @@ class Checkpoint:
         self.device = torch.device(device)
         self.pack_threshold = pack_threshold
         self.migrations = migrations  # None: the default registry
+        # How rank-private state moves when the row was written at another world size.
+        self.mapping = mapping
         self._sessions: list[CheckpointSession] = []
         self._pending: list[tuple[CheckpointState[Any], bool]] = []
         _CURRENT_CHECKPOINT.set(self)
@@ -174,10 +178,17 @@ class Checkpoint:
         return CheckpointSession(self, entry, manifest)
 
     def elect(self) -> CheckpointSession:
-        """Collective: a session on the row every rank committed last, or a new session."""
-        row = elect(self.store, self.comm)
-        if row is None:
+        """Collective: a session on the newest committed row, or a new session.
+
+        A row of another world size is restored through ``mapping`` (see
+        :class:`~distckpt.MemberMapping`); without one its states raise when bound.
+        """
+        found = open_view(self.store, self.comm, self.mapping)
+        if found is None:
             return CheckpointSession(self)
+        row, mapped = found
+        if mapped is not None:
+            return CheckpointSession(self, CheckpointEntry.from_view(mapped), view=mapped)
         view = engine.RowView(self.store, self.store.read_manifest(row, self.rank))
         return CheckpointSession(self, CheckpointEntry.from_view(view), view.manifest)
 
@@ -245,12 +256,16 @@ class CheckpointSession:
         catalog: Checkpoint,
         entry: CheckpointEntry | None = None,
         manifest: RankManifest | None = None,
+        *,
+        view: MappedView | None = None,
     ) -> None:
         self.catalog = catalog
         self.labels: dict[str, Any] = {}
         self.bound_states: dict[str, CheckpointState[Any]] = {}
         self._entry = entry
-        self._view = engine.RowView(catalog.store, manifest) if manifest is not None else None
+        self._view: engine.RowView | MappedView | None = view
+        if manifest is not None:
+            self._view = engine.RowView(catalog.store, manifest)
         self._write_count = entry.write_count if entry is not None else 0
         self._writes_since_start = 0
         self._pending_lead_time: Any = None

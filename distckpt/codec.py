@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointSerializationError
+from .shards import is_global
 
 Json = Any
 Path = tuple[str | int, ...]
@@ -40,8 +41,21 @@ def path_str(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
-def encode(obj: Any, leaves: list[Leaf], path: Path = ()) -> Json:
-    """Encode ``obj`` as a tagged JSON node, appending each tensor to ``leaves``."""
+def encode(
+    obj: Any, leaves: list[Leaf], path: Path = (), shards: list[tuple[Path, Any]] | None = None
+) -> Json:
+    """Encode ``obj`` as a tagged JSON node, appending each tensor to ``leaves``.
+
+    Global (sharded) values (DTensor, ``Sharded``) go to ``shards`` as ``{"global": i}``
+    nodes; where ``shards`` is None they cannot be stored.
+    """
+    if is_global(obj):
+        if shards is None:
+            raise CheckpointSerializationError(
+                f"sharded value at {path_str(path)!r} cannot be stored here"
+            )
+        shards.append((path, obj))
+        return {"global": len(shards) - 1}
     if isinstance(obj, torch.Tensor):
         leaves.append(Leaf(path, obj, False))
         return {"tensor": len(leaves) - 1}
@@ -69,14 +83,14 @@ def encode(obj: Any, leaves: list[Leaf], path: Path = ()) -> Json:
                 raise CheckpointSerializationError(
                     f"dict key {k!r} at {path_str(path)!r} is not a str or int"
                 )
-            items.append([k, encode(v, leaves, (*path, k))])
+            items.append([k, encode(v, leaves, (*path, k), shards)])
         return {"dict": items}
     if isinstance(obj, list):
-        return {"list": [encode(v, leaves, (*path, i)) for i, v in enumerate(obj)]}
+        return {"list": [encode(v, leaves, (*path, i), shards) for i, v in enumerate(obj)]}
     if isinstance(obj, torch.Size):
         return {"size": list(obj)}
     if isinstance(obj, tuple):
-        return {"tuple": [encode(v, leaves, (*path, i)) for i, v in enumerate(obj)]}
+        return {"tuple": [encode(v, leaves, (*path, i), shards) for i, v in enumerate(obj)]}
     if isinstance(obj, _dt.datetime):
         return {"datetime": obj.isoformat()}
     if isinstance(obj, _dt.date):
@@ -91,7 +105,7 @@ def encode(obj: Any, leaves: list[Leaf], path: Path = ()) -> Json:
         return {"complex": [_float_json(obj.real), _float_json(obj.imag)]}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         fields = [
-            [f.name, encode(getattr(obj, f.name), leaves, (*path, f.name))]
+            [f.name, encode(getattr(obj, f.name), leaves, (*path, f.name), shards)]
             for f in dataclasses.fields(obj)
         ]
         return {"dataclass": {"type": qualified_name(type(obj)), "fields": fields}}
@@ -148,8 +162,13 @@ def _ndarray_leaf(obj: np.ndarray, leaves: list[Leaf], path: Path) -> int:
     return len(leaves) - 1
 
 
-def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
-    """Rebuild the object encoded by :func:`encode`; tensors come from ``get_leaf``."""
+def decode(
+    node: Json,
+    get_leaf: Callable[[int, bool], Any],
+    get_global: Callable[[int], Any] | None = None,
+) -> Any:
+    """Rebuild the object encoded by :func:`encode`; tensors come from ``get_leaf``,
+    global values from ``get_global``."""
     try:
         (tag, value), *rest = node.items()
     except (AttributeError, ValueError) as exc:
@@ -160,6 +179,10 @@ def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
         return value
     if tag == "tensor":
         return get_leaf(int(value), False)
+    if tag == "global":
+        if get_global is None:
+            raise CheckpointSerializationError("stored value refers to a global array here")
+        return get_global(int(value))
     if tag == "ndarray":
         return get_leaf(int(value), True)
     if tag == "np_time_array":
@@ -173,11 +196,11 @@ def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
             raise CheckpointSerializationError(f"not a str dtype: {value[0]!r}")
         return np.array(value[2], dtype=dtype).reshape(value[1])
     if tag == "dict":
-        return {k: decode(v, get_leaf) for k, v in value}
+        return {k: decode(v, get_leaf, get_global) for k, v in value}
     if tag == "list":
-        return [decode(v, get_leaf) for v in value]
+        return [decode(v, get_leaf, get_global) for v in value]
     if tag == "tuple":
-        return tuple(decode(v, get_leaf) for v in value)
+        return tuple(decode(v, get_leaf, get_global) for v in value)
     if tag == "size":
         return torch.Size(value)
     if tag == "float":
@@ -211,7 +234,7 @@ def decode(node: Json, get_leaf: Callable[[int, bool], Any]) -> Any:
     if tag == "dataclass":
         # Types are never imported from a checkpoint: fields come back as a dict and the
         # live object (if any) is filled in place by the binding layer.
-        return {k: decode(v, get_leaf) for k, v in value["fields"]}
+        return {k: decode(v, get_leaf, get_global) for k, v in value["fields"]}
     raise CheckpointSerializationError(f"unknown stored value tag {tag!r}")
 
 

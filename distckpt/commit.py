@@ -12,10 +12,12 @@ import dataclasses
 import os
 
 from .faults import fault_point
-from .format import ZARR_JSON, group_document
+from .format import GLOBAL_MANIFEST_VERSION, ZARR_JSON, group_document
+from .globalio import write_rank_globals
 from .manifest import RankManifest
 from .plan import RankPlan
 from .rowio import write_rank_arrays, write_rank_group
+from .shards import GlobalLayout
 from .store import Store, utcnow
 
 
@@ -33,17 +35,29 @@ def prepare_row(store: Store, row: int) -> None:
     fs.fsync_dir(store.rows_dir)
 
 
-def commit_rank(store: Store, plan: RankPlan, manifest: RankManifest) -> RankManifest:
-    """Write this rank's data durably, then publish its manifest: the rank's commit point."""
+def commit_rank(
+    store: Store,
+    plan: RankPlan,
+    manifest: RankManifest,
+    layouts: dict[str, GlobalLayout] | None = None,
+) -> RankManifest:
+    """Write this rank's data durably, then publish its manifest: the rank's commit point.
+
+    ``layouts`` (agreed by every rank) says which chunks of the global arrays this rank
+    writes; they are durable before the manifest like the rank's own arrays.
+    """
     row, rank = manifest.row, manifest.rank
     fault_point("before_data", rank=rank, row=row)
     rank_dir = store.rank_dir(row, rank)
     write_rank_group(store.fs, rank_dir, rank)
     entries = write_rank_arrays(store.fs, store.row_dir(row), plan)
+    shards = write_rank_globals(store.fs, store.row_dir(row), plan, layouts or {}, rank)
     store.fs.fsync_dir(rank_dir)
     store.fs.fsync_dir(store.row_dir(row))
     fault_point("after_data", rank=rank, row=row)
-    final = dataclasses.replace(manifest, arrays=tuple(entries))
+    final = dataclasses.replace(manifest, arrays=tuple(entries), globals=tuple(shards))
+    if shards:
+        final = dataclasses.replace(final, format=GLOBAL_MANIFEST_VERSION)
     store.fs.atomic_write(store.manifest_path(row, rank), final.to_json())
     fault_point("after_manifest", rank=rank, row=row)
     return final

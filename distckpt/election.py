@@ -98,14 +98,50 @@ def local_commits(store: Store, rank: int, world_size: int) -> dict[int, int]:
     return out
 
 
-def elect(store: Store, comm: Communicator) -> int | None:
+def newest_committed_after(store: Store, floor: int | None) -> int | None:
+    """The newest row above ``floor`` committed at any world size, from all its manifests.
+
+    Needs every rank's manifest to be visible (a shared filesystem); on node-local storage
+    the other ranks' manifests are missing, so nothing counts and the caller keeps ``floor``.
+    """
+    if store.root_attributes() is None:
+        return None
+    for row in reversed(store.rows()):
+        if floor is not None and row <= floor:
+            break
+        if row_status(store, row).committed:
+            return row
+    return None
+
+
+def elect(store: Store, comm: Communicator, *, any_world_size: bool = False) -> int | None:
     """Collective: the newest row committed by every rank of ``comm``, same on all ranks.
 
-    A rank that cannot read the store reports why instead of leaving the others waiting;
-    then every rank raises the same error.
+    With ``any_world_size`` a newer row written by another number of ranks wins if all its
+    manifests are present and valid: the coordinator checks them (shared filesystem) and
+    broadcasts its finding. The same-size step runs first and unchanged, so node-local
+    stores still elect at the same size. A rank that cannot read the store reports why
+    instead of leaving the others waiting; then every rank raises the same error.
     """
     if comm.world_size == 1:
-        return elect_offline(store, world_size=1)
+        return elect_offline(store, world_size=None if any_world_size else 1)
+    same = _elect_same_size(store, comm)
+    if not any_world_size:
+        return same
+    found: dict[str, object] = {"row": None}
+    if comm.is_coordinator:
+        try:
+            found = {"row": newest_committed_after(store, same)}
+        except CheckpointError as exc:
+            found = {"error": f"{type(exc).__name__}: {exc}"}
+    found = comm.broadcast(found)
+    if "error" in found:
+        raise StoreFormatError(f"cannot elect a row of {store.path}: rank 0: {found['error']}")
+    newer = found["row"]
+    return same if newer is None else int(str(newer))
+
+
+def _elect_same_size(store: Store, comm: Communicator) -> int | None:
     report: dict[str, object]
     try:
         if store.root_attributes() is None:

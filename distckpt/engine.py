@@ -6,16 +6,17 @@ raise together instead of one raising while the others wait forever.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import codec, errors, lease
+from . import codec, errors, globalio, lease
 from .comm import Communicator
 from .commit import commit_rank, delete_row, prepare_row, retract_rank
-from .election import committed_rows_offline, elect
+from .election import committed_rows_offline, elect, row_status
 from .errors import (
     CheckpointError,
     CheckpointSerializationError,
@@ -25,9 +26,11 @@ from .errors import (
     WorldSizeMismatchError,
 )
 from .faults import fault_point
+from .globalio import GlobalReader, GlobalValue, shard_report
 from .logs import get_logger
 from .manifest import InvalidManifest, RankManifest, StateRecord
 from .plan import DEFAULT_PACK_THRESHOLD, plan_rank
+from .redistribute import state_digests
 from .rowio import RankReader
 from .store import Store, utcnow
 
@@ -125,10 +128,17 @@ def save_row(
             sid: _record(tree, content.schemas.get(sid), content.versions.get(sid, 0))
             for sid, tree in plan.states.items()
         }
+        # States equal on every rank may be restored at another world size (redistribute).
+        digests = state_digests(plan)
+        states = {sid: dataclasses.replace(r, digest=digests[sid]) for sid, r in states.items()}
     except Exception as exc:
         failure = exc
     agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
     assert plan is not None
+    # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
+    # and refuses the same overlaps or gaps, so no agreement step is needed.
+    reports = comm.allgather(shard_report(plan))
+    layouts = globalio.layouts(reports) if any(reports) else {}
 
     setup: dict[str, Any] = {}
     if comm.is_coordinator:
@@ -173,7 +183,7 @@ def save_row(
             states=states,
             metadata=encoded_meta,
         )
-        manifest = commit_rank(store, plan, draft)
+        manifest = commit_rank(store, plan, draft, layouts)
     except Exception as exc:
         failure = exc
         log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
@@ -190,10 +200,17 @@ def save_row(
     return manifest
 
 
-def choose_row(store: Store, comm: Communicator, row: int | None) -> int:
-    """Collective: the elected row, or check that an explicitly named row is committed."""
+def choose_row(
+    store: Store, comm: Communicator, row: int | None, *, any_world_size: bool = False
+) -> int:
+    """Collective: the elected row, or check that an explicitly named row is committed.
+
+    With ``any_world_size`` a row written by another number of ranks counts when all of
+    its manifests are present and valid (checked by the coordinator on a shared store);
+    without it such a row is refused with ``WorldSizeMismatchError``.
+    """
     if row is None:
-        elected = elect(store, comm)
+        elected = elect(store, comm, any_world_size=any_world_size)
         if elected is None:
             raise _nothing_to_restore(store, comm.world_size)
         return elected
@@ -205,6 +222,10 @@ def choose_row(store: Store, comm: Communicator, row: int | None) -> int:
     except InvalidManifest as exc:
         problem = {"invalid": str(exc)}
     reports = comm.allgather(problem)
+    if all(r is None for r in reports):
+        return row
+    if any_world_size:
+        return _check_any_size(store, comm, row)
     sizes = {r["size"] for r in reports if r is not None and "size" in r}
     if sizes:
         raise WorldSizeMismatchError(
@@ -212,8 +233,24 @@ def choose_row(store: Store, comm: Communicator, row: int | None) -> int:
             f"{comm.world_size}"
         )
     invalid = [(rank, r["invalid"]) for rank, r in enumerate(reports) if r is not None]
-    if invalid:
-        raise NoCommittedRowError(f"row {row} is not committed: {describe(invalid)}")
+    raise NoCommittedRowError(f"row {row} is not committed: {describe(invalid)}")
+
+
+def _check_any_size(store: Store, comm: Communicator, row: int) -> int:
+    """Collective: the coordinator reads every manifest of ``row``; all ranks agree."""
+    verdict: dict[str, Any] = {}
+    if comm.is_coordinator:
+        try:
+            status = row_status(store, row)
+            verdict = {"ok": status.committed}
+            if not status.committed:
+                missing = ", ".join(str(r) for r in status.missing_ranks) or "none"
+                verdict["why"] = f"missing ranks: {missing}; " + "; ".join(status.problems)
+        except CheckpointError as exc:
+            verdict = {"ok": False, "why": f"{type(exc).__name__}: {exc}"}
+    verdict = comm.broadcast(verdict)
+    if not verdict["ok"]:
+        raise NoCommittedRowError(f"row {row} of {store.path} is not committed: {verdict['why']}")
     return row
 
 
@@ -239,6 +276,7 @@ class RowView:
     def __init__(self, store: Store, manifest: RankManifest) -> None:
         self.store = store
         self.manifest = manifest
+        self._globals = GlobalReader(store, manifest.row, manifest.world_size)
         self._reader = RankReader(
             store.fs,
             store.row_dir(manifest.row),
@@ -250,6 +288,15 @@ class RowView:
     @property
     def row(self) -> int:
         return self.manifest.row
+
+    @property
+    def rank(self) -> int:
+        """The saved rank whose part this is (not necessarily the reading rank)."""
+        return self.manifest.rank
+
+    @property
+    def saved_world_size(self) -> int:
+        return self.manifest.world_size
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -267,7 +314,10 @@ class RowView:
     def read_state(
         self, state_id: str, place: Callable[[torch.Tensor, bool], Any] | None = None
     ) -> Any:
-        """Decode a state, reading and verifying its tensors (they arrive on the CPU)."""
+        """Decode a state, reading and verifying its tensors (they arrive on the CPU).
+
+        Global (sharded) tensors come back as ``GlobalValue``s, read later by region.
+        """
         record = self.manifest.states[state_id]
 
         def leaf(index: int, as_numpy: bool) -> Any:
@@ -281,13 +331,56 @@ class RowView:
                 return place(tensor, as_numpy)
             return tensor.numpy() if as_numpy else tensor
 
-        return codec.decode(record.tree, leaf)
+        def shard(index: int) -> GlobalValue:
+            if not 0 <= index < len(self.manifest.globals):
+                raise CorruptCheckpointError(
+                    f"row {self.row}, rank {self.manifest.rank}: state {state_id!r} refers to "
+                    f"missing global array {index}"
+                )
+            return GlobalValue(self.manifest.globals[index], self._globals)
+
+        return codec.decode(record.tree, leaf, shard)
 
 
-def open_row(store: Store, comm: Communicator, row: int | None = None) -> RowView:
-    """Collective: elect (or check) a row and open this rank's part of it."""
-    chosen = choose_row(store, comm, row)
-    return RowView(store, store.read_manifest(chosen, comm.rank))
+def open_row(
+    store: Store, comm: Communicator, row: int | None = None, *, any_world_size: bool = False
+) -> RowView:
+    """Collective: elect (or check) a row and open this rank's part of it.
+
+    With ``any_world_size`` the row may have been written by N ranks while this job has M:
+    a rank below N opens its own part, a rank at or above N opens part ``rank % N`` (check
+    ``view.rank``); :func:`open_rank` opens any other part.
+    """
+    chosen = choose_row(store, comm, row, any_world_size=any_world_size)
+    return open_part(store, chosen, comm.rank)
+
+
+def open_part(store: Store, row: int, rank: int) -> RowView:
+    """Part ``rank`` of a chosen row, or part ``rank % N`` when the row has N <= rank ranks."""
+    try:
+        return RowView(store, store.read_manifest(row, rank))
+    except InvalidManifest:
+        return open_rank(store, row, rank % saved_world_size(store, row))
+
+
+def open_rank(store: Store, row: int, rank: int) -> RowView:
+    """Open saved rank ``rank``'s part of ``row`` (any rank of the row, from any job)."""
+    try:
+        return RowView(store, store.read_manifest(row, rank))
+    except InvalidManifest as exc:
+        raise CorruptCheckpointError(
+            f"row {row} of {store.path} has no valid part for saved rank {rank}: {exc}"
+        ) from exc
+
+
+def saved_world_size(store: Store, row: int) -> int:
+    """How many ranks wrote ``row``, from the first valid manifest found."""
+    for rank in store.manifest_ranks(row):
+        try:
+            return store.read_manifest(row, rank).world_size
+        except InvalidManifest:
+            continue
+    raise NoCommittedRowError(f"row {row} of {store.path} has no valid manifest")
 
 
 def read_all(

@@ -14,6 +14,11 @@ import crc32c
 from .dtypes import DtypeSpec
 
 FORMAT_VERSION = 1  # major: a reader refuses anything newer
+# Manifests holding global (sharded) arrays say 2: a reader that predates them refuses the
+# row loudly instead of failing on a tree node it does not know. Other manifests stay 1.
+GLOBAL_MANIFEST_VERSION = 2
+MANIFEST_VERSION = GLOBAL_MANIFEST_VERSION  # the newest manifest this reader understands
+GLOBAL_DIR = "global"
 ROWS_DIR = "rows"
 MANIFESTS_DIR = "manifests"
 ZARR_JSON = "zarr.json"
@@ -57,11 +62,13 @@ def array_document(
     shape: tuple[int, ...],
     spec: DtypeSpec,
     attributes: dict[str, Any],
+    chunk_shape: tuple[int, ...] | None = None,
 ) -> bytes:
     """A zarr v3 array of one chunk covering ``shape``, bytes little-endian, crc32c-checked.
 
     One chunk per array keeps files per array at two; chunk shapes must be positive, so a
     zero-length dimension gets a chunk extent of 1 and no chunk file is written at all.
+    Global arrays pass their own ``chunk_shape`` (a regular grid following the shards).
     """
     codecs: list[dict[str, Any]] = [{"name": "bytes"}]
     if spec.itemsize > 1:
@@ -74,7 +81,7 @@ def array_document(
         "data_type": spec.zarr_type,
         "chunk_grid": {
             "name": "regular",
-            "configuration": {"chunk_shape": [max(1, d) for d in shape]},
+            "configuration": {"chunk_shape": [max(1, d) for d in chunk_shape or shape]},
         },
         # "." keeps the chunk beside its zarr.json: no nested directories to create and fsync.
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
@@ -88,6 +95,11 @@ def array_document(
 def single_chunk_key(ndim: int) -> str:
     """Path of the only chunk of a one-chunk array, relative to the array directory."""
     return "c" if ndim == 0 else "c." + ".".join("0" for _ in range(ndim))
+
+
+def chunk_key(index: tuple[int, ...]) -> str:
+    """Path of a chunk of a multi-chunk array ("default" key encoding, "." separator)."""
+    return "c" if not index else "c." + ".".join(str(i) for i in index)
 
 
 def crc_trailer(crc: int) -> bytes:

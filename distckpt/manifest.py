@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import StoreFormatError
-from .format import FORMAT_VERSION
+from .format import FORMAT_VERSION, MANIFEST_VERSION
 
 Json = Any
 
@@ -63,6 +63,56 @@ class ArrayEntry:
 
 
 @dataclass(frozen=True)
+class GlobalEntry:
+    """A global (sharded) array a rank's state refers to, and the chunks this rank wrote.
+
+    The array lives at ``array`` (relative to the row, under ``global/``); its chunk grid is
+    regular with ``chunk_shape``. A reader gathers ``chunks`` from every rank's manifest to
+    find each chunk's checksum; together they name every chunk of the array exactly once.
+    """
+
+    name: str  # the tensor's state path
+    array: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    chunks: tuple[tuple[tuple[int, ...], int], ...] = ()  # (chunk index, crc32c) written here
+
+    def to_json(self) -> Json:
+        return {
+            "name": self.name,
+            "array": self.array,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "chunk_shape": list(self.chunk_shape),
+            "chunks": [[list(i), c] for i, c in self.chunks],
+        }
+
+    @staticmethod
+    def from_json(doc: Json) -> GlobalEntry:
+        chunks = []
+        for item in _typed(doc, "chunks", list):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)):
+                raise InvalidManifest("global array chunk entries are not [index, crc32c]")
+            chunks.append((tuple(_int_list({"i": item[0]}, "i")), item[1]))
+        entry = GlobalEntry(
+            name=_typed(doc, "name", str),
+            array=_typed(doc, "array", str),
+            dtype=_typed(doc, "dtype", str),
+            shape=tuple(_int_list(doc, "shape")),
+            chunk_shape=tuple(_int_list(doc, "chunk_shape")),
+            chunks=tuple(chunks),
+        )
+        if len(entry.chunk_shape) != len(entry.shape) or any(c < 1 for c in entry.chunk_shape):
+            raise InvalidManifest(f"global array {entry.name!r} has a bad chunk shape")
+        if any(d < 0 for d in entry.shape):
+            raise InvalidManifest(f"global array {entry.name!r} has a negative size")
+        if entry.array.startswith("/") or ".." in entry.array.split("/"):
+            raise InvalidManifest(f"array {entry.name!r} points outside its row: {entry.array!r}")
+        return entry
+
+
+@dataclass(frozen=True)
 class StateRecord:
     """One saved state: its encoded value tree, schema hash and user schema version."""
 
@@ -70,11 +120,16 @@ class StateRecord:
     schema: str | None = None
     version: int = 0
     fields: dict[str, str] | None = None  # field name -> annotation, for schema messages
+    # Digest of the value (tree and tensor bytes): when every rank's is equal, a job of
+    # another size may restore the state from any rank's part (redistribute).
+    digest: str | None = None
 
     def to_json(self) -> Json:
         doc = {"tree": self.tree, "schema": self.schema, "version": self.version}
         if self.fields is not None:
             doc["fields"] = self.fields
+        if self.digest is not None:
+            doc["digest"] = self.digest
         return doc
 
     @staticmethod
@@ -92,6 +147,7 @@ class StateRecord:
             schema=schema,
             version=_typed(doc, "version", int),
             fields=fields,
+            digest=doc["digest"] if isinstance(doc.get("digest"), str) else None,
         )
 
 
@@ -111,6 +167,7 @@ class RankManifest:
     states: dict[str, StateRecord] = field(default_factory=dict)
     metadata: Json = field(default_factory=lambda: {"dict": []})
     format: int = FORMAT_VERSION
+    globals: tuple[GlobalEntry, ...] = ()  # referred to by {"global": i} tree nodes
 
     @property
     def nbytes(self) -> int:
@@ -131,6 +188,8 @@ class RankManifest:
             "states": {k: v.to_json() for k, v in self.states.items()},
             "metadata": self.metadata,
         }
+        if self.globals:
+            doc["globals"] = [g.to_json() for g in self.globals]
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @staticmethod
@@ -145,10 +204,10 @@ class RankManifest:
         fmt = doc.get("distckpt_manifest")
         if not isinstance(fmt, int) or isinstance(fmt, bool):
             raise InvalidManifest(f"{where} has no format version")
-        if fmt > FORMAT_VERSION:
+        if fmt > MANIFEST_VERSION:
             raise StoreFormatError(
                 f"{where} was written by format version {fmt}; this distckpt reads up to "
-                f"version {FORMAT_VERSION}: upgrade distckpt to read it"
+                f"version {MANIFEST_VERSION}: upgrade distckpt to read it"
             )
         try:
             states = doc.get("states", {})
@@ -170,6 +229,7 @@ class RankManifest:
                 arrays=tuple(ArrayEntry.from_json(a) for a in _typed(doc, "arrays", list)),
                 states={str(k): StateRecord.from_json(v) for k, v in states.items()},
                 metadata=_typed(doc, "metadata", dict),
+                globals=tuple(GlobalEntry.from_json(g) for g in doc.get("globals", [])),
             )
         except InvalidManifest as exc:
             raise InvalidManifest(f"{where}: {exc}") from exc

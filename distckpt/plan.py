@@ -7,7 +7,7 @@ per rank stays bounded however many tensors a model has; large tensors get array
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from .dtypes import DtypeSpec, spec_for
 from .errors import CheckpointSerializationError
 from .format import PACKED_ARRAY, rank_dir_name
 from .names import escape_component
+from .shards import Piece, piece
 
 DEFAULT_PACK_THRESHOLD = 1 << 20  # tensors below 1 MiB go into the packed array
 
@@ -41,10 +42,20 @@ class PlannedTensor:
 
 
 @dataclass(frozen=True)
+class PlannedShard:
+    """This rank's piece of a global tensor, staged on the host (``globalio`` writes it)."""
+
+    name: str  # state path: also the global array's key
+    piece: Piece  # local staged to a CPU contiguous tensor (None: not in the mesh)
+    spec: DtypeSpec
+
+
+@dataclass(frozen=True)
 class RankPlan:
     states: dict[str, Any]  # state id -> encoded tree (JSON)
     tensors: tuple[PlannedTensor, ...]  # index = leaf id used in the trees
     packed_nbytes: int
+    shards: tuple[PlannedShard, ...] = ()  # index = {"global": i} id used in the trees
 
 
 def stage(tensor: torch.Tensor, *, where: str) -> torch.Tensor:
@@ -76,11 +87,20 @@ def plan_rank(
     states: dict[str, Any], *, rank: int, pack_threshold: int = DEFAULT_PACK_THRESHOLD
 ) -> RankPlan:
     leaves: list[codec.Leaf] = []
+    found: list[tuple[codec.Path, Any]] = []
     trees: dict[str, Any] = {}
     for state_id, value in states.items():
         if not isinstance(state_id, str):
             raise CheckpointSerializationError(f"state id {state_id!r} is not a string")
-        trees[state_id] = codec.encode(value, leaves, (state_id,))
+        trees[state_id] = codec.encode(value, leaves, (state_id,), found)
+    shards = []
+    for path, value in found:
+        name = codec.path_str(path)
+        held = piece(value, where=name)
+        local = None if held.local is None else stage(held.local, where=name)
+        shards.append(
+            PlannedShard(name, replace(held, local=local), spec_for(held.dtype, where=name))
+        )
     rank_dir = rank_dir_name(rank)
     planned: list[PlannedTensor] = []
     offset = 0
@@ -95,4 +115,4 @@ def plan_rank(
         else:
             array = f"{rank_dir}/t{index:05d}-{escape_component(name)}"
             planned.append(PlannedTensor(name, tensor, spec, array, 0))
-    return RankPlan(trees, tuple(planned), offset)
+    return RankPlan(trees, tuple(planned), offset, tuple(shards))

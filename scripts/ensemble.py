@@ -5,6 +5,9 @@
         --checkpoint runs/ens/ckpt --output runs/ens/out
     mpiexec -n 4 python scripts/ensemble.py --checkpoint runs/ens/ckpt --output runs/ens/out
 
+A relaunch may use another number of ranks: members move to their new ranks and the output
+is the same, bit for bit.
+
 Prints one ``DONE`` line on rank 0 with a digest of the whole output store.
 """
 
@@ -19,7 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from distckpt import Checkpoint
+from distckpt import Checkpoint, MemberMapping
 from distckpt.comm import resolve, under_mpi_launcher
 from distckpt.reference import (
     EnsembleConfig,
@@ -61,8 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     output = ForecastStore.create(
         args.output, nensemble=cfg.nensemble, nsteps=cfg.nsteps, shape=tuple(args.grid), comm=comm
     )
+    # Member-keyed state (noise, RNG, rollout boundary) follows its members to whichever
+    # rank holds them, so the job may be relaunched on another number of ranks.
     ckpt = Checkpoint(
-        "ensemble", path=args.checkpoint, mode="overwrite", level=args.level, comm=comm
+        "ensemble",
+        path=args.checkpoint,
+        mode="overwrite",
+        level=args.level,
+        comm=comm,
+        mapping=MemberMapping(cfg.nensemble),
     )
     with ckpt as session:
         # Components bind their restart state inside the session: restored on construction.

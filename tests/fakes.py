@@ -78,10 +78,15 @@ class FullDiskFS(LocalFileSystem):
 
 
 class RecordingFS(LocalFileSystem):
-    """Records removals and tree deletions in order."""
+    """Records removals, tree deletions and data reads (path, offset, length) in order."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, str]] = []
+        self.reads: list[tuple[str, int, int]] = []
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        self.reads.append((path, offset, len(out.cast("B"))))
+        return super().read_into(path, out, offset)
 
     def remove(self, path: str) -> None:
         self.events.append(("remove", path))
@@ -90,3 +95,27 @@ class RecordingFS(LocalFileSystem):
     def rmtree(self, path: str) -> None:
         self.events.append(("rmtree", path))
         super().rmtree(path)
+
+
+class ReplayComm(SequentialComm):
+    """Like SequentialComm, but broadcasts are replayed in order: for a collective call that
+    broadcasts more than once. Make one job's ranks with :func:`replay_job`."""
+
+    def __init__(self, rank: int, world_size: int, log: list[bytes]) -> None:
+        super().__init__(rank, world_size)
+        self._log = log
+        self._cursor = 0
+
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        if self._rank == root:
+            assert data is not None
+            self._log.append(data)
+            return data
+        self._cursor += 1
+        return self._log[self._cursor - 1]
+
+
+def replay_job(world_size: int) -> list[ReplayComm]:
+    """The ranks of one sequential job, sharing the coordinator's broadcasts (run rank 0 first)."""
+    log: list[bytes] = []
+    return [ReplayComm(rank, world_size, log) for rank in range(world_size)]

@@ -109,8 +109,10 @@ def test_empty_and_absent_stores_elect_nothing(tmp_path):
     assert distckpt.latest(tmp_path / "empty") is None
 
 
-def test_rows_of_another_world_size_are_not_restored(store):
-    with pytest.raises(distckpt.WorldSizeMismatchError, match="row 2 was committed by 2 ranks"):
+def test_rank_private_state_of_another_world_size_is_not_restored(store):
+    # The 2-rank row is elected by a 3-rank job, but each rank saved its own "x".
+    expected = r"row 2 .* written by 2 ranks; this job has 3: rank-private state 'x'"
+    with pytest.raises(distckpt.WorldSizeMismatchError, match=expected):
         distckpt.load({"x": torch.zeros(4)}, store.path, comm=SequentialComm(0, 3))
 
 

@@ -6,7 +6,7 @@ state (in the manner of FourCastNet 3), a Gaussian initial-condition perturbatio
 own generators, and an ensemble workflow that spreads members over ranks and batches.
 """
 
-from .ensemble import EnsembleConfig, assign_members, run_ensemble
+from .ensemble import EnsembleConfig, assign_members, plan_batches, run_ensemble
 from .models import Persistence, StochasticModel, initial_condition
 from .output import ForecastStore
 from .perturbation import GaussianPerturbation
@@ -18,6 +18,7 @@ __all__ = [
     "Persistence",
     "StochasticModel",
     "assign_members",
+    "plan_batches",
     "initial_condition",
     "run_ensemble",
 ]

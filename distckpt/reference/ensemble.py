@@ -5,7 +5,8 @@ number of batches and steps (a rank without members in a batch still takes part 
 row), so the collective checkpoint writes stay in lockstep. Each step's output is written,
 then a checkpoint boundary is recorded.
 
-Resume, by the level of the row found:
+Resume, by the level of the row found (the row may have been written at another world
+size: members are then re-batched, see ``plan_batches``):
 - the row's batch is finished: continue with the next batch;
 - level 2, inside a batch: continue the rollout after its boundary;
 - level 0 or 1, inside a batch: re-run that batch from lead time zero (with a warning);
@@ -29,6 +30,7 @@ from ..errors import CheckpointError
 from ..faults import active as faults_active
 from ..faults import fault_point
 from ..logs import get_logger
+from ..members import round_robin
 from ..preempt import PreemptionHandler
 from ..rollout import Coords
 from .output import ForecastStore
@@ -45,11 +47,57 @@ class EnsembleConfig:
 
 def assign_members(nensemble: int, rank: int, world_size: int) -> list[int]:
     """Round robin: rank r runs members r, r + W, r + 2W, ..."""
-    return list(range(rank, nensemble, world_size))
+    return round_robin(nensemble, rank, world_size)
 
 
 def batches_per_rank(cfg: EnsembleConfig, world_size: int) -> int:
     return math.ceil(math.ceil(cfg.nensemble / world_size) / cfg.batch_size)
+
+
+def plan_batches(
+    cfg: EnsembleConfig,
+    rank: int,
+    world_size: int,
+    completed: set[int] | frozenset[int] = frozenset(),
+    in_progress: set[int] | frozenset[int] = frozenset(),
+) -> list[list[int]]:
+    """This rank's remaining batches; every rank gets the same number (lockstep).
+
+    Members not yet completed, in round robin order at ``world_size``. Members
+    ``in_progress`` (resumed inside their rollout) come first, together as one batch (all
+    stopped at the same step); the rest follow in batches of ``cfg.batch_size``. A rank
+    with fewer batches than another is padded with empty ones. On a fresh run this is the
+    plain round robin batching; resumed at the world size that wrote the row, the same
+    batches as before the restart.
+    """
+
+    def split(r: int) -> tuple[list[int], list[list[int]]]:
+        mine = [m for m in assign_members(cfg.nensemble, r, world_size) if m not in completed]
+        head = [m for m in mine if m in in_progress]
+        rest = [m for m in mine if m not in in_progress]
+        return head, [rest[i : i + cfg.batch_size] for i in range(0, len(rest), cfg.batch_size)]
+
+    everyone = [split(r) for r in range(world_size)]
+    resuming = any(head for head, _ in everyone)
+    nfresh = max(len(rest) for _, rest in everyone)
+    head, rest = everyone[rank]
+    return ([head] if resuming else []) + rest + [[] for _ in range(nfresh - len(rest))]
+
+
+def _in_progress(ckpt: Any, meta: dict[str, Any], cfg: EnsembleConfig) -> set[int]:
+    """Members of every rank's batch at the row (rows written before ``in_progress`` was
+    recorded: derived from the round robin batching at the row's world size)."""
+    if "in_progress" in meta:
+        return {int(m) for m in meta["in_progress"]}
+    saved_world = ckpt.entry.world_size if ckpt.entry is not None else 1
+    b = int(meta.get("batch", 0))
+    return {
+        m
+        for q in range(saved_world)
+        for m in assign_members(cfg.nensemble, q, saved_world)[
+            b * cfg.batch_size : (b + 1) * cfg.batch_size
+        ]
+    }
 
 
 def run_ensemble(
@@ -66,12 +114,14 @@ def run_ensemble(
 ) -> dict[str, Any]:
     """Run (or resume) the ensemble; returns a summary of what this call did.
 
+    The row may come from a job of another world size (restored through a
+    :class:`~distckpt.MemberMapping`): completed members are skipped, members in progress
+    continue on whichever rank now holds them (level 2) or re-run from lead time zero.
+
     With ``preemption``, every boundary asks (collectively) whether a rank was signalled;
     then the row just written is flushed and the process exits with the requeue status.
     """
     checkpoint = NullCheckpoint() if checkpoint is None else checkpoint
-    members = assign_members(cfg.nensemble, comm.rank, comm.world_size)
-    nbatches = batches_per_rank(cfg, comm.world_size)
     summary: dict[str, Any] = {"resumed_from": None, "rerun_batch": None, "batches_run": 0}
     with checkpoint as ckpt:
         tracking = isinstance(ckpt, CheckpointSession)
@@ -83,28 +133,31 @@ def run_ensemble(
         )
         if tracking and ckpt.exists:
             summary["resumed_from"] = ckpt.row
-        for b in range(start_batch, nbatches):
-            batch = members[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            restart_step = -1
-            if b == start_batch and in_batch:
-                row_level = ckpt.level if ckpt.level is not None else 0
-                if row_level >= 2 and min(row_level, ckpt.catalog.level) >= 2:
-                    restart_step = ckpt.write_count - 1
-                else:
-                    warnings.warn(
-                        f"checkpoint row {ckpt.row} was written at level {row_level}: re-running "
-                        f"batch {b} from lead time zero",
-                        UserWarning,
-                        stacklevel=2,
-                    )
-                    summary["rerun_batch"] = b
-                    ckpt.write_count = 0
-            elif tracking:
+        restart_step = -1
+        running: set[int] = set()
+        if in_batch:
+            row_level = ckpt.level if ckpt.level is not None else 0
+            if row_level >= 2 and min(row_level, ckpt.catalog.level) >= 2:
+                restart_step = ckpt.write_count - 1
+                running = _in_progress(ckpt, meta, cfg)
+            else:
+                warnings.warn(
+                    f"checkpoint row {ckpt.row} was written at level {row_level}: re-running "
+                    f"batch {start_batch} from lead time zero",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                summary["rerun_batch"] = start_batch
                 ckpt.write_count = 0
+        batches = plan_batches(cfg, comm.rank, comm.world_size, completed, running)
+        for i, batch in enumerate(batches):
+            b = start_batch + i
+            if tracking and not (i == 0 and in_batch):
+                ckpt.write_count = 0  # a new batch (a resumed one keeps the row's count)
             _run_batch(
                 b,
                 batch,
-                restart_step,
+                restart_step if i == 0 else -1,
                 x0,
                 coords0,
                 cfg,
@@ -137,13 +190,14 @@ def _run_batch(
     preemption: PreemptionHandler | None,
 ) -> None:
     tracking = isinstance(ckpt, CheckpointSession)
+    # Every rank's members of this batch: recorded in each row as in progress, then as
+    # completed at the batch's last write, so any rank's row (and a restart at another
+    # world size) knows the whole set.
+    running = sorted(m for members in comm.allgather(batch) for m in members)
 
     def boundary(step: int) -> None:
         if step == cfg.nsteps:
-            # Every rank finishes batch b at this same write: record all ranks' members, so
-            # any rank's row (and a restart at another world size) knows the whole set.
-            for members in comm.allgather(batch):
-                completed.update(members)
+            completed.update(running)
         done = b + 1 if step == cfg.nsteps else b
         if faults_active() and tracking:
             rows = ckpt.catalog.store.rows()
@@ -151,6 +205,7 @@ def _run_batch(
         ckpt.write(
             lead_time=np.timedelta64(6 * step, "h"),
             completed_ensembles=sorted(completed),
+            in_progress=[] if step == cfg.nsteps else running,
             batch=b,
             batches_done=done,
         )

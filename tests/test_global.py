@@ -1,0 +1,197 @@
+"""Global (sharded) tensors: N ranks save one logical tensor, any M ranks restore any layout.
+
+Real torchrun jobs run ``tests/workers/global_worker.py``; every check there is bit-exact
+against the tensor's regenerated full value. Layout checks that need no processes run here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorstore as ts
+import torch
+import zarr
+from multiproc import WORKERS, LaunchResult, run_torchrun
+
+import distckpt
+from distckpt.errors import CheckpointSerializationError, CorruptCheckpointError
+from distckpt.globalio import array_path
+from distckpt.shards import Box, chunk_shape, plan_layouts
+from distckpt.store import Store
+
+WORKER = WORKERS / "global_worker.py"
+TEST_TIMEOUT = 400
+multiproc = pytest.mark.multiproc
+
+_spec = importlib.util.spec_from_file_location("global_worker", WORKER)
+assert _spec is not None and _spec.loader is not None
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+
+def launch(nproc: int, store: Path, mode: str, env: dict[str, str] | None = None) -> LaunchResult:
+    return run_torchrun(nproc, WORKER, [str(store), mode], env=env, timeout=120)
+
+
+def restored(result: LaunchResult, nproc: int, row: int) -> None:
+    result.check()
+    assert result.ranks(f"RESTORE OK row={row} ") == list(range(nproc)), result.describe()
+
+
+def writers(result: LaunchResult) -> dict[str, list[int]]:
+    found = (
+        re.match(r"WRITERS key=(\S+) ranks=\[([\d, ]*)\]", x) for x in result.stdout.splitlines()
+    )
+    return {m.group(1): [int(r) for r in m.group(2).split(",")] for m in found if m}
+
+
+def written_bytes(result: LaunchResult) -> tuple[int, int]:
+    (line,) = result.lines("BYTES ")
+    m = re.match(r"BYTES written=(\d+) logical=(\d+)", line)
+    assert m, line
+    return int(m.group(1)), int(m.group(2))
+
+
+@multiproc
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_two_ranks_save_one_three_and_four_restore(tmp_path):
+    store = tmp_path / "store"
+    saved = launch(2, store, "save").check()
+    written, logical = written_bytes(saved)
+    assert written == logical  # each chunk once, no padding, no per-rank copies
+    who = writers(saved)
+    assert len(who["model/b"]) == 1 and len(who["model/b2"]) == 1  # replicas written once
+    assert who["model/b"] != who["model/b2"]  # ... and spread over the ranks
+    assert who["model/w"] == [0, 1]
+    # Plain zarr readers see the full logical tensor.
+    row_dir = Store(store).row_dir(0)
+    for name in ("w", "b2", "rep2d"):
+        shape, dtype = worker.TENSORS[name]
+        want = worker.full(name, shape, dtype).numpy()
+        path = Path(row_dir) / array_path(f"model/{name}")
+        np.testing.assert_array_equal(np.asarray(zarr.open_array(str(path), mode="r")[...]), want)
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+        np.testing.assert_array_equal(ts.open(spec, read=True).result().read().result(), want)
+    # bfloat16: raw 16-bit words, the true dtype in the attributes (as for rank arrays).
+    epath = Path(row_dir) / array_path("model/e")
+    bits = np.asarray(zarr.open_array(str(epath), mode="r")[...])
+    want_e = worker.full("e", *worker.TENSORS["e"])
+    assert torch.equal(
+        torch.from_numpy(bits.astype(np.int32)).to(torch.int16).view(torch.bfloat16), want_e
+    )
+    for nproc in (1, 3, 4):  # other sizes, other placements; 1 rank into plain tensors
+        restored(launch(nproc, store, "restore"), nproc, 0)
+
+
+@multiproc
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_four_ranks_on_a_2d_mesh_save_two_restore(tmp_path):
+    store = tmp_path / "store"
+    saved = launch(4, store, "save").check()
+    assert written_bytes(saved)[0] == written_bytes(saved)[1]
+    who = writers(saved)
+    assert len(who["model/b"]) == 1 and len(who["model/b2"]) == 1
+    assert who["model/b"] != who["model/b2"]
+    assert len(who["model/rep2d"]) == 2  # Replicate x Shard(0): one writer per shard
+    assert who["model/grid"] == [0, 1, 2, 3]
+    restored(launch(2, store, "restore"), 2, 0)
+
+
+@multiproc
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_fsdp2_model_and_optimizer_saved_at_two_restore_at_four(tmp_path):
+    store = tmp_path / "store"
+    saved = launch(2, store, "fsdp-save").check()
+    loaded = launch(4, store, "fsdp-restore").check()
+    want = sorted(x.split()[1] for x in saved.lines("DIGEST "))
+    assert want and sorted(x.split()[1] for x in loaded.lines("DIGEST ")) == want
+    fresh = sorted(x.split()[1] for x in loaded.lines("FRESH "))
+    assert len(fresh) == len(want) and set(fresh) != set(want)  # the restore changed them
+
+
+@multiproc
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_killed_global_save_leaves_the_previous_row_elected(tmp_path):
+    store = tmp_path / "store"
+    launch(2, store, "save").check()
+    crashed = launch(2, store, "save", env={"DISTCKPT_FAULT": "after_data@1"})
+    assert crashed.returncode != 0
+    assert distckpt.latest(store) == 0
+    restored(launch(3, store, "restore"), 3, 0)
+
+
+# -- layouts, without processes ----------------------------------------------------------------
+def report(shape, box, dtype="float32"):
+    return {"key": "model/w", "shape": list(shape), "dtype": dtype, "box": box}
+
+
+def test_overlapping_shards_name_the_tensor_and_ranks():
+    reports = [[report((8,), [[0], [5]])], [report((8,), [[4], [4]])]]
+    with pytest.raises(
+        CheckpointSerializationError, match=r"'model/w'.*ranks \[0\].*ranks \[1\].*overlap"
+    ):
+        plan_layouts(reports, {"float32": 4})
+
+
+def test_a_gap_between_shards_names_the_tensor_and_ranks():
+    reports = [[report((8,), [[0], [3]])], [report((8,), [[4], [4]])]]
+    with pytest.raises(
+        CheckpointSerializationError, match=r"'model/w'.*ranks \[0, 1\] cover 7 of its 8"
+    ):
+        plan_layouts(reports, {"float32": 4})
+
+
+def test_replicas_are_written_once_and_spread():
+    reports = [
+        [report((4,), [[0], [4]]) | {"key": k} for k in ("a", "b", "c", "d")] for _ in range(2)
+    ]
+    layouts = plan_layouts(reports, {"float32": 4})
+    assert [len(lay.regions) for lay in layouts.values()] == [1, 1, 1, 1]
+    assert sorted(lay.regions[0].writer for lay in layouts.values()) == [0, 0, 1, 1]
+
+
+def test_chunks_follow_the_shards_and_divide_the_tensor():
+    # torch's uneven split of 10 rows over 3 ranks: 4, 4, 2
+    boxes = [Box((0, 0), (4, 6)), Box((4, 0), (4, 6)), Box((8, 0), (2, 6))]
+    chunk = chunk_shape((10, 6), boxes, 4)
+    assert chunk == (2, 6)
+    # large shards are split into chunks of at most the target size
+    big = chunk_shape(
+        (4096, 4096), [Box((0, 0), (2048, 4096)), Box((2048, 0), (2048, 4096))], 4, target=1 << 20
+    )
+    assert 2048 % big[0] == 0 and 4096 % big[1] == 0 and big[0] * big[1] * 4 <= 1 << 20
+
+
+def test_one_rank_round_trip_into_explicit_shards_of_another_split(tmp_path):
+    value = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    distckpt.save({"w": distckpt.Sharded(value, (4, 3), (0, 0))}, tmp_path)
+    doc = json.loads(Path(Store(tmp_path).manifest_path(0, 0)).read_bytes())
+    assert doc["distckpt_manifest"] == 2 and doc["globals"][0]["name"] == "w"
+    piece = distckpt.Sharded(torch.zeros(2, 2), (4, 3), (1, 1))
+    plain = {"w": torch.zeros(4, 3)}
+    distckpt.load({"w": piece}, tmp_path)
+    distckpt.load(plain, tmp_path)
+    assert torch.equal(piece.local, value[1:3, 1:3])
+    assert torch.equal(plain["w"], value)
+
+
+def test_a_save_whose_shards_leave_a_gap_is_refused(tmp_path):
+    half = distckpt.Sharded(torch.ones(2), (4,), (0,))
+    with pytest.raises(CheckpointSerializationError, match=r"'w'.*cover 2 of its 4"):
+        distckpt.save({"w": half}, tmp_path)
+    assert distckpt.latest(tmp_path) is None
+
+
+def test_a_corrupt_global_chunk_names_the_array_and_chunk(tmp_path):
+    distckpt.save({"w": distckpt.Sharded(torch.ones(4, 2), (4, 2), (0, 0))}, tmp_path)
+    chunk = Path(Store(tmp_path).row_dir(0)) / array_path("w") / "c.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 1
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"global array 'w', chunk \(0, 0\).*checksum"):
+        distckpt.load({"w": torch.zeros(4, 2)}, tmp_path)

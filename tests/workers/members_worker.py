@@ -1,0 +1,116 @@
+"""One rank of a job whose checkpoint holds member-keyed, replicated and rank-private state.
+
+Not a test module: ``tests/test_elastic.py`` runs it under torchrun, e.g.
+
+    torchrun --nproc-per-node=2 members_worker.py STORE write
+    torchrun --nproc-per-node=3 members_worker.py STORE restore
+
+``write`` binds, on every rank, the noise of its members (round robin over 8), model weights
+identical on every rank (an array of their own, over the pack threshold) and a rank-private
+counter, and commits one row. ``restore`` (at any world size) checks bit for bit that each
+rank got exactly its members' noise and the weights, counts the bytes it read of the
+weights' array, then binds the counter, which must raise WorldSizeMismatchError when the world size
+changed. One line per rank: ``RESTORED rank=R members=[...] weight_bytes=N``, then
+``EXPECTED-ERROR rank=R <message>``; anything else prints ``UNEXPECTED`` and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+import distckpt
+from distckpt import Checkpoint, MemberMapping, bind_checkpoint_state
+from distckpt.comm import resolve
+from distckpt.fs import LocalFileSystem
+from distckpt.store import Store
+
+MEMBERS = 8
+MAPPING = MemberMapping(MEMBERS, replicated=("weights",))
+
+
+@dataclass
+class Noise:
+    noise: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Weights:
+    w: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+
+@dataclass
+class Counter:
+    count: int = 0
+
+
+def noise_of(m: int) -> torch.Tensor:
+    return torch.randn(16, generator=torch.Generator().manual_seed(m))
+
+
+WEIGHTS = 300_000  # float32: 1.2 MB, an array of its own
+
+
+def weights() -> torch.Tensor:
+    return torch.randn(WEIGHTS, generator=torch.Generator().manual_seed(7))
+
+
+class CountingFS(LocalFileSystem):
+    def __init__(self) -> None:
+        self.weight_bytes = 0
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        if "weights" in path:
+            self.weight_bytes += len(out.cast("B"))
+        return super().read_into(path, out, offset)
+
+
+def main() -> int:
+    store, mode = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    comm = resolve()
+    rank, world = comm.rank, comm.world_size
+    ck = Checkpoint("members", path=store, comm=comm, mapping=MAPPING)
+    fs = CountingFS()
+    ck.store = Store(ck.path, fs=fs)
+    status = 0
+    with ck as session:
+        noise = bind_checkpoint_state(Noise(), state_id="noise")
+        w = bind_checkpoint_state(Weights(), state_id="weights")
+        mine = MAPPING.members_of(rank, world)
+        if mode == "write":
+            noise.noise = {m: noise_of(m) for m in mine}
+            w.w = weights()
+            bind_checkpoint_state(Counter(rank), state_id="counter")
+            session.write(completed_ensembles=[])
+            print(f"WROTE rank={rank}", flush=True)
+        else:
+            ok = sorted(noise.noise) == mine and all(
+                torch.equal(noise.noise[m], noise_of(m)) for m in mine
+            )
+            ok = ok and torch.equal(w.w, weights())
+            saved = session.entry.world_size if session.entry is not None else None
+            if not ok:
+                print(f"UNEXPECTED rank={rank} members={sorted(noise.noise)}", flush=True)
+                status = 1
+            else:
+                print(f"RESTORED rank={rank} members={mine} weight_bytes={fs.weight_bytes}")
+            try:
+                bind_checkpoint_state(Counter(), state_id="counter")
+                if saved != world:
+                    print(f"UNEXPECTED rank={rank} counter restored at {world} from {saved}")
+                    status = 1
+            except distckpt.WorldSizeMismatchError as exc:
+                print(f"EXPECTED-ERROR rank={rank} {exc}", flush=True)
+    dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
