@@ -125,6 +125,19 @@ def test_killed_global_save_leaves_the_previous_row_elected(tmp_path):
     restored(launch(3, store, "restore"), 3, 0)
 
 
+@multiproc
+@pytest.mark.cuda
+@pytest.mark.timeout(TEST_TIMEOUT)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_dtensors_over_nccl_save_and_restore_across_layouts(tmp_path):
+    gpus = min(torch.cuda.device_count(), 2)  # NCCL needs one GPU per rank
+    on_gpu, on_cpu = tmp_path / "gpu", tmp_path / "cpu"
+    launch(gpus, on_gpu, "cuda-save").check()
+    restored(launch(2, on_gpu, "restore"), 2, 0)  # CUDA-saved, restored on CPU ranks
+    launch(2, on_cpu, "save").check()
+    restored(launch(gpus, on_cpu, "cuda-restore"), gpus, 0)  # into CUDA DTensors
+
+
 # -- layouts, without processes ----------------------------------------------------------------
 def report(shape, box, dtype="float32"):
     return {"key": "model/w", "shape": list(shape), "dtype": dtype, "box": box}
