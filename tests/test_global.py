@@ -23,6 +23,7 @@ from distckpt.errors import CheckpointSerializationError, CorruptCheckpointError
 from distckpt.globalio import array_path
 from distckpt.shards import Box, chunk_shape, plan_layouts
 from distckpt.store import Store
+from distckpt.verify import check_manifest, read_rank
 
 WORKER = WORKERS / "global_worker.py"
 TEST_TIMEOUT = 400
@@ -208,3 +209,14 @@ def test_a_corrupt_global_chunk_names_the_array_and_chunk(tmp_path):
     chunk.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match=r"global array 'w', chunk \(0, 0\).*checksum"):
         distckpt.load({"w": torch.zeros(4, 2)}, tmp_path)
+
+
+def test_verify_rereads_the_global_chunks_each_rank_wrote(tmp_path):
+    distckpt.save({"w": distckpt.Sharded(torch.ones(4, 2), (4, 2), (0, 0))}, tmp_path)
+    st = Store(tmp_path)
+    manifest = st.read_manifest(0, 0)
+    assert check_manifest(st, manifest) == [] and read_rank(st, manifest)[0] == []
+    chunk = Path(st.row_dir(0)) / array_path("w") / "c.0.0"
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    (problem,) = read_rank(st, manifest)[0]
+    assert problem.array == "w" and "chunk (0, 0)" in problem.problem
