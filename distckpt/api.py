@@ -72,7 +72,10 @@ def load(
     Tensors are copied into the live tensors (so they keep their device, e.g. ``cuda:N``);
     shapes and dtypes must match. Keys present in the row but not in ``state_dict`` are
     added (a fresh optimizer has no state yet); keys missing from the row raise unless
-    ``strict=False``. Everything is read and verified before anything is modified.
+    ``strict=False``. Everything is read and verified before anything is modified, except
+    global (sharded) tensors: their shapes and dtypes are checked first, then each rank's
+    region is read chunk by chunk straight into the live DTensor, ``Sharded`` piece or
+    tensor, whatever layout saved it.
     A row written by another number of ranks is restored when its state can be
     redistributed: states every rank saved alike come from any rank; rank-private ones need
     ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.

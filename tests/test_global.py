@@ -220,3 +220,16 @@ def test_verify_rereads_the_global_chunks_each_rank_wrote(tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:-1])
     (problem,) = read_rank(st, manifest)[0]
     assert problem.array == "w" and "chunk (0, 0)" in problem.problem
+
+
+def test_empty_and_scalar_global_tensors_round_trip(tmp_path):
+    state = {
+        "empty": distckpt.Sharded(torch.zeros(0, 4), (0, 4), (0, 0)),
+        "scalar": distckpt.Sharded(torch.tensor(3.5), (), ()),
+    }
+    distckpt.save(state, tmp_path)
+    target = {"empty": torch.ones(0, 4), "scalar": torch.tensor(0.0)}
+    distckpt.load(target, tmp_path)
+    assert target["empty"].shape == (0, 4) and target["scalar"].item() == 3.5
+    scalar = Path(Store(tmp_path).row_dir(0)) / array_path("scalar")
+    assert float(zarr.open_array(str(scalar), mode="r")[...]) == 3.5
