@@ -113,7 +113,7 @@ def latest(store: StoreLike, *, comm: Any = None) -> int | None:
     st = _store(store)
     if comm is None:
         return elect_offline(st)
-    return elect(st, resolve(comm))
+    return elect(st, resolve(comm), any_world_size=True)  # what load elects
 
 
 def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict[str, Any]:
