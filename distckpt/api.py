@@ -93,7 +93,10 @@ def load(
     ``strict=False``. With ``version`` (as in :func:`save`), states saved at an older
     version are first migrated in memory by the chain in ``migrations`` (default: the
     registry of ``register_migration``); a newer saved version is refused. Everything is
-    read, migrated and verified before anything is modified.
+    read, migrated and verified before anything is modified, except global (sharded)
+    tensors: their shapes and dtypes are checked first, then each rank's region is read
+    chunk by chunk straight into the live DTensor, ``Sharded`` piece or tensor, whatever
+    layout saved it.
     A row written by another number of ranks is restored when its state can be
     redistributed: states every rank saved alike come from any rank; rank-private ones need
     ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.
@@ -182,7 +185,7 @@ def latest(store: StoreLike, *, comm: Any = None) -> int | None:
     st = _store(store)
     if comm is None:
         return elect_offline(st)
-    return elect(st, resolve(comm))
+    return elect(st, resolve(comm), any_world_size=True)  # what load elects
 
 
 def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict[str, Any]:

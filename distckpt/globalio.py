@@ -280,3 +280,25 @@ def fill(live: Any, saved: GlobalValue) -> None:
             host = torch.empty(box.lengths, dtype=dest.dtype)
             saved.read(box, host)
             dest.copy_(host)
+
+
+def check_written_chunks(fs: FileSystem, row_dir: str, entry: GlobalEntry) -> list[str]:
+    """Re-read the chunks one rank wrote (``entry.chunks``); a problem per bad chunk."""
+    problems = []
+    itemsize = spec_for(torch_dtype(entry.dtype)).itemsize
+    nbytes = math.prod(entry.chunk_shape) * itemsize
+    for index, crc in entry.chunks:
+        path = os.path.join(row_dir, entry.array, chunk_key(index))
+        buf = bytearray(nbytes + CRC_BYTES)
+        try:
+            got = fs.read_into(path, memoryview(buf))
+        except FileNotFoundError:
+            problems.append(f"chunk {index} is missing ({path})")
+            continue
+        if got != len(buf) or fs.size(path) != len(buf):
+            problems.append(f"chunk {index} has {fs.size(path)} bytes, expected {len(buf)}")
+        elif checksum(memoryview(buf)[:nbytes]) != crc:
+            problems.append(f"chunk {index} fails its checksum ({path})")
+        elif int.from_bytes(buf[nbytes:], "little") != crc:
+            problems.append(f"chunk {index}: trailer does not match the manifest ({path})")
+    return problems

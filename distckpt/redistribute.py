@@ -30,8 +30,9 @@ class StateMapping(Protocol):
     ``state_id`` this rank reads; across the new job every saved rank must be named by at
     least one rank (nothing is dropped). ``combine`` builds this rank's value from those
     parts, each an ``engine.RowView`` of one saved rank, so it can read only what it needs
-    (``view.read_state(state_id)``). A policy that cannot place a state returns ``None``
-    from ``sources``; the restore then fails as if there were no policy.
+    (``view.read_state(state_id)``). For a state it does not handle, ``sources`` returns
+    ``None`` on every rank: the state then restores as without a policy (uniform states
+    from any rank, rank-private ones an error).
     """
 
     def sources(
@@ -119,9 +120,11 @@ def read_states(
     """Collective: this rank's decoded states of ``row``, whatever world size wrote it.
 
     At the same world size each rank reads its own part. At another size the coordinator
-    lists the row's states from every manifest; uniform states come from saved rank
-    ``rank % N``, rank-private ones through ``mapping``. ``row`` must be chosen already
-    (``engine.choose_row(..., any_world_size=True)``). Every rank raises together.
+    lists the row's states from every manifest; ``mapping`` is asked about every state
+    first (so it may split even a row written by one rank); states it does not place come
+    from saved rank ``rank % N`` if uniform, and raise if rank-private. ``row`` must be
+    chosen already (``engine.choose_row(..., any_world_size=True)``). Every rank raises
+    together.
     """
     from . import engine  # engine imports this module's digests for saving
 
@@ -138,14 +141,12 @@ def read_states(
     if saved == comm.world_size:
         return engine.read_all(view, comm)
     kinds = _state_kinds(store, comm, row)
-    private = sorted(sid for sid, uniform in kinds.items() if not uniform)
     sources: dict[str, list[int]] = {}
     problem = None
     try:
-        for sid in private:
-            found = (
-                None if mapping is None else mapping.sources(sid, saved, comm.rank, comm.world_size)
-            )
+        for sid in kinds if mapping is not None else ():
+            assert mapping is not None
+            found = mapping.sources(sid, saved, comm.rank, comm.world_size)
             if found is None:
                 continue
             bad = [r for r in found if not 0 <= r < saved]
@@ -162,14 +163,22 @@ def read_states(
         raise WorldSizeMismatchError(
             f"row {row} of {store.path}: the mapping policy failed: {engine.describe(failures)}"
         )
-    unplaced = [sid for sid in private if any(sid not in p["sources"] for p in reports)]
+    # The policy places a state on every rank or on none; unplaced ones default by kind.
+    mapped = sorted({sid for p in reports for sid in p["sources"]})
+    partial = [sid for sid in mapped if any(sid not in p["sources"] for p in reports)]
+    if partial:
+        raise WorldSizeMismatchError(
+            f"row {row} of {store.path}: the mapping policy places state(s) "
+            f"{', '.join(repr(s) for s in partial)} on some ranks only"
+        )
+    unplaced = [sid for sid, uniform in kinds.items() if not uniform and sid not in mapped]
     if unplaced:
         raise WorldSizeMismatchError(
             f"row {row} of {store.path} was written by {saved} ranks; this job has "
             f"{comm.world_size}: rank-private state {', '.join(repr(s) for s in unplaced)} "
             "cannot be redistributed without a mapping policy (load(..., mapping=...))"
         )
-    for sid in private:
+    for sid in mapped:
         read = set().union(*(p["sources"][sid] for p in reports))
         dropped = sorted(set(range(saved)) - read)
         if dropped:
@@ -182,8 +191,8 @@ def read_states(
     error: str | None = None
     try:
         home = view
-        for sid, uniform in kinds.items():
-            if uniform:
+        for sid in kinds:
+            if sid not in sources:  # uniform, checked above
                 if not home.has_state(sid):
                     raise CorruptCheckpointError(
                         f"row {row}, saved rank {home.rank}: uniform state {sid!r} is missing"

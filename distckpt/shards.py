@@ -19,7 +19,7 @@ import torch
 
 from .errors import CheckpointSerializationError
 
-CHUNK_TARGET_BYTES = 8 << 20  # chunks are split down to about this size (section 14)
+CHUNK_TARGET_BYTES = 4 << 20  # chunks are split down to about this size (docs/design.md section 16)
 
 
 @dataclass(frozen=True)
@@ -253,7 +253,7 @@ def chunk_shape(
             g = math.gcd(g, b.offsets[d], b.offsets[d] + b.lengths[d])
         chunk.append(max(g, 1))
     while math.prod(chunk) * itemsize > target:
-        for d in sorted(range(len(chunk)), key=lambda d: -chunk[d]):
+        for d in sorted(range(len(chunk)), key=lambda d: (-chunk[d], -d)):
             p = _smallest_factor(chunk[d])
             if p > 1:
                 chunk[d] //= p

@@ -22,6 +22,7 @@ from . import codec
 from .election import row_status
 from .errors import CheckpointError, CorruptCheckpointError
 from .format import PACKED_ARRAY, ZARR_JSON, rank_dir_name
+from .globalio import check_written_chunks
 from .manifest import InvalidManifest, RankManifest
 from .rowio import RankReader
 from .store import Store
@@ -95,9 +96,16 @@ def check_manifest(store: Store, manifest: RankManifest) -> list[Problem]:
             raise CorruptCheckpointError(f"refers to tensor {index}; the manifest lists {n}")
         return np.zeros(0, dtype=np.int64) if numpy else None
 
+    def shard(index: int) -> Any:
+        if not 0 <= index < len(manifest.globals):
+            raise CorruptCheckpointError(
+                f"refers to global array {index}; the manifest lists {len(manifest.globals)}"
+            )
+        return None
+
     for sid, record in manifest.states.items():
         try:
-            codec.decode(record.tree, leaf)
+            codec.decode(record.tree, leaf, shard)
         except CheckpointError as exc:
             out.append(Problem(row, rank, None, f"state {sid!r} cannot be decoded: {exc}"))
     for what, node in (("metadata", manifest.metadata), ("lead time", manifest.lead_time)):
@@ -179,6 +187,10 @@ def read_rank(
                 problems.append(Problem(row, rank, entry.name, f"cannot be read: {exc}"))
         if on_bytes is not None:
             on_bytes(entry.nbytes)
+    for g in manifest.globals:  # the chunks of global arrays this rank wrote
+        count += 1
+        for message in check_written_chunks(store.fs, row_dir, g):
+            problems.append(Problem(row, rank, g.name, message))
     return problems, count
 
 

@@ -23,6 +23,7 @@ from distckpt.errors import CheckpointSerializationError, CorruptCheckpointError
 from distckpt.globalio import array_path
 from distckpt.shards import Box, chunk_shape, plan_layouts
 from distckpt.store import Store
+from distckpt.verify import check_manifest, read_rank
 
 WORKER = WORKERS / "global_worker.py"
 TEST_TIMEOUT = 400
@@ -125,6 +126,19 @@ def test_killed_global_save_leaves_the_previous_row_elected(tmp_path):
     restored(launch(3, store, "restore"), 3, 0)
 
 
+@multiproc
+@pytest.mark.cuda
+@pytest.mark.timeout(TEST_TIMEOUT)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_dtensors_over_nccl_save_and_restore_across_layouts(tmp_path):
+    gpus = min(torch.cuda.device_count(), 2)  # NCCL needs one GPU per rank
+    on_gpu, on_cpu = tmp_path / "gpu", tmp_path / "cpu"
+    launch(gpus, on_gpu, "cuda-save").check()
+    restored(launch(2, on_gpu, "restore"), 2, 0)  # CUDA-saved, restored on CPU ranks
+    launch(2, on_cpu, "save").check()
+    restored(launch(gpus, on_cpu, "cuda-restore"), gpus, 0)  # into CUDA DTensors
+
+
 # -- layouts, without processes ----------------------------------------------------------------
 def report(shape, box, dtype="float32"):
     return {"key": "model/w", "shape": list(shape), "dtype": dtype, "box": box}
@@ -195,3 +209,27 @@ def test_a_corrupt_global_chunk_names_the_array_and_chunk(tmp_path):
     chunk.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpointError, match=r"global array 'w', chunk \(0, 0\).*checksum"):
         distckpt.load({"w": torch.zeros(4, 2)}, tmp_path)
+
+
+def test_verify_rereads_the_global_chunks_each_rank_wrote(tmp_path):
+    distckpt.save({"w": distckpt.Sharded(torch.ones(4, 2), (4, 2), (0, 0))}, tmp_path)
+    st = Store(tmp_path)
+    manifest = st.read_manifest(0, 0)
+    assert check_manifest(st, manifest) == [] and read_rank(st, manifest)[0] == []
+    chunk = Path(st.row_dir(0)) / array_path("w") / "c.0.0"
+    chunk.write_bytes(chunk.read_bytes()[:-1])
+    (problem,) = read_rank(st, manifest)[0]
+    assert problem.array == "w" and "chunk (0, 0)" in problem.problem
+
+
+def test_empty_and_scalar_global_tensors_round_trip(tmp_path):
+    state = {
+        "empty": distckpt.Sharded(torch.zeros(0, 4), (0, 4), (0, 0)),
+        "scalar": distckpt.Sharded(torch.tensor(3.5), (), ()),
+    }
+    distckpt.save(state, tmp_path)
+    target = {"empty": torch.ones(0, 4), "scalar": torch.tensor(0.0)}
+    distckpt.load(target, tmp_path)
+    assert target["empty"].shape == (0, 4) and target["scalar"].item() == 3.5
+    scalar = Path(Store(tmp_path).row_dir(0)) / array_path("scalar")
+    assert float(zarr.open_array(str(scalar), mode="r")[...]) == 3.5

@@ -61,7 +61,8 @@ def test_any_saved_part_can_be_opened(store):
 
 
 def test_state_equal_on_every_rank_restores_at_any_size(store):
-    for target in _load_all(store, 3, mapping=distckpt.SourceRanks(lambda s, n, r, m: range(n))):
+    members = distckpt.SourceRanks(lambda s, n, r, m: range(n) if s == "members" else None)
+    for target in _load_all(store, 3, mapping=members):
         assert target["step"]["n"] == 7
         assert torch.equal(target["step"]["lr"], torch.tensor([0.5, 0.25]))
 
@@ -75,7 +76,8 @@ def test_rank_private_state_needs_a_mapping_policy(store):
 
 
 def test_a_mapping_policy_merges_the_parts_it_names(store):
-    (target,) = _load_all(store, 1, mapping=distckpt.SourceRanks(lambda s, n, r, m: [0, 1]))
+    members = distckpt.SourceRanks(lambda s, n, r, m: [0, 1] if s == "members" else None)
+    (target,) = _load_all(store, 1, mapping=members)
     assert sorted(target["members"]) == ["m0", "m1"]
     assert torch.equal(target["members"]["m1"], torch.full((3,), 1.0))
 
@@ -90,3 +92,39 @@ def test_a_mapping_policy_may_not_duplicate_a_key(tmp_path):
     save_as_ranks(st, 2, lambda rank: {"members": {"m0": torch.full((2,), float(rank))}})
     with pytest.raises(distckpt.CheckpointError, match="'m0' is held by saved ranks 0 and 1"):
         _load_all(st, 1, mapping=distckpt.SourceRanks(lambda s, n, r, m: [0, 1]))
+
+
+class SplitMembers:
+    """A policy splitting member ``mK`` to rank ``K % M``, whoever saved it."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.world = 0
+
+    def sources(self, state_id, saved_world_size, rank, world_size):
+        self.world = world_size
+        return range(saved_world_size) if state_id == "members" else None
+
+    def combine(self, state_id, parts):
+        out = {}
+        for view in parts.values():
+            for key, value in view.read_state(state_id).items():
+                if int(key[1:]) % self.world == self.rank:
+                    out[key] = value
+        return out
+
+
+def test_a_policy_may_split_the_state_of_a_one_rank_row(tmp_path):
+    st = Store(tmp_path / "one")
+    members = {f"m{k}": torch.full((2,), float(k)) for k in range(4)}
+    save_as_ranks(st, 1, lambda rank: {"members": members})
+    got = []
+    for comm in replay_job(2):
+        target: dict = {"members": {}}
+        distckpt.load(target, st.path, comm=comm, mapping=SplitMembers(comm.rank))
+        got.append(sorted(target["members"]))
+    assert got == [["m0", "m2"], ["m1", "m3"]]
+    # Without a policy, a 1-rank row's states count as saved alike: every rank gets all.
+    target = {"members": {}}
+    distckpt.load(target, st.path, comm=replay_job(2)[0])
+    assert sorted(target["members"]) == ["m0", "m1", "m2", "m3"]

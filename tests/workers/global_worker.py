@@ -10,6 +10,7 @@ check its own pieces bit for bit. ``save`` and ``restore`` use different placeme
 same tensors (Shard(0) saved, Shard(1) restored, Replicate <-> Shard, a 2-D mesh at 4
 ranks, uneven splits, bfloat16). ``fsdp-save``/``fsdp-restore`` do the same for an FSDP2
 model and its Adam state through ``get_state_dict``/``set_state_dict``.
+``cuda-save``/``cuda-restore`` put every tensor on the rank's GPU under NCCL.
 Lines: ``SAVED row=R``, ``RESTORE OK``, ``MISMATCH ...``, ``DIGEST name=hex``, and for the
 coordinator ``BYTES``/``WRITERS``. A failed check exits with status 1.
 """
@@ -39,6 +40,7 @@ TENSORS: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
     "rep2d": ((6, 4), torch.int32),  # replicated over one mesh dimension at 4 ranks
 }
 EXPLICIT = ("x", (13,), torch.int64)  # an explicit Sharded split by np.array_split
+DEVICE = "cpu"  # "cuda" for the cuda-* modes (NCCL; distckpt's metadata goes over gloo)
 
 
 def full(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -57,8 +59,8 @@ def say(text: str) -> None:
 
 def placements(world: int, restoring: bool) -> dict[str, tuple[Any, tuple[Any, ...]]]:
     """Mesh and placements per tensor: saving and restoring layouts differ on purpose."""
-    mesh = init_device_mesh("cpu", (world,))
-    mesh2d = init_device_mesh("cpu", (2, 2)) if world == 4 else None
+    mesh = init_device_mesh(DEVICE, (world,))
+    mesh2d = init_device_mesh(DEVICE, (2, 2)) if world == 4 else None
     if not restoring:
         out = {
             "w": (mesh, (Shard(0),)),
@@ -89,7 +91,7 @@ def placements(world: int, restoring: bool) -> dict[str, tuple[Any, tuple[Any, .
 def explicit(rank: int, world: int, value: torch.Tensor) -> distckpt.Sharded:
     bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(value.shape[0]), world)])
     lo, hi = int(bounds[rank]), int(bounds[rank + 1])
-    return distckpt.Sharded(value[lo:hi].clone(), tuple(value.shape), (lo,))
+    return distckpt.Sharded(value[lo:hi].clone().to(DEVICE), tuple(value.shape), (lo,))
 
 
 def build(world: int, restoring: bool, *, zero: bool) -> dict[str, Any]:
@@ -99,7 +101,7 @@ def build(world: int, restoring: bool, *, zero: bool) -> dict[str, Any]:
     for name, (shape, dtype) in TENSORS.items():
         value = torch.zeros(shape, dtype=dtype) if zero else full(name, shape, dtype)
         if world == 1 and restoring:
-            model[name] = value  # a 1-rank job restores into plain tensors
+            model[name] = value.to(DEVICE)  # a 1-rank job restores into plain tensors
         else:
             mesh, place = layout[name]
             model[name] = distribute_tensor(value, mesh, place, src_data_rank=None)
@@ -111,7 +113,7 @@ def build(world: int, restoring: bool, *, zero: bool) -> dict[str, Any]:
 
 
 def raw(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def check(target: dict[str, Any], world: int) -> list[str]:
@@ -123,7 +125,7 @@ def check(target: dict[str, Any], world: int) -> list[str]:
             got, want = got.local, want.local
         elif isinstance(got, DTensor):
             got, want = got.to_local(), want.to_local()
-        if got.dtype != want.dtype or raw(got) != raw(want):
+        if got.device.type != DEVICE or got.dtype != want.dtype or raw(got) != raw(want):
             bad.append(name)
     if target["step"]["n"] != 3 or raw(target["step"]["lr"]) != raw(torch.tensor(0.125)):
         bad.append("step")
@@ -215,8 +217,14 @@ def fsdp(store: str, save: bool) -> None:
 
 
 def main() -> int:
+    global DEVICE
     store, mode = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if mode.startswith("cuda-"):
+        DEVICE, mode = "cuda", mode.removeprefix("cuda-")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", timeout=timedelta(seconds=60))
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     world = dist.get_world_size()
     status = 0
     if mode == "save":
