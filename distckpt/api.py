@@ -17,6 +17,7 @@ from .comm import resolve
 from .election import elect, elect_offline, row_status
 from .errors import CheckpointError, CheckpointStateSchemaError, NoCommittedRowError
 from .logs import get_logger
+from .restore import read_for_load
 from .retention import rows_to_delete
 from .store import Store
 
@@ -36,6 +37,7 @@ def save(
     row: int | None = None,
     comm: Any = None,
     keep: int | None = None,
+    checksums: bool = True,
     **metadata: Any,
 ) -> int:
     """Collective: commit every rank's ``state_dict`` as one new row; returns the row id.
@@ -43,13 +45,16 @@ def save(
     Each rank's values are its own (ranks may hold different tensors under one key).
     ``keep`` retains only the newest N committed rows afterwards. ``metadata`` must be
     JSON-like (scalars, lists, dicts, datetimes) and comes back from :func:`metadata`.
+    ``checksums=False`` skips crc32c (the row records that; loads then cannot detect
+    corrupted bytes). For saves that return before the bytes are written, see
+    :class:`AsyncSaver`.
     """
     st = _store(store)
     c = resolve(comm)
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"state_dict must be a dict, not {type(state_dict).__qualname__}")
     content = engine.RowContent(states=dict(state_dict), schemas={}, metadata=metadata)
-    manifest = engine.save_row(st, c, content, row=row)
+    manifest = engine.save_row(st, c, content, row=row, checksums=checksums)
     if keep is not None:
         engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
     return manifest.row
@@ -62,6 +67,7 @@ def load(
     row: int | None = None,
     comm: Any = None,
     strict: bool = True,
+    in_place: bool = False,
 ) -> int:
     """Collective: fill ``state_dict`` in place from the elected (or given) row.
 
@@ -69,23 +75,33 @@ def load(
     shapes and dtypes must match. Keys present in the row but not in ``state_dict`` are
     added (a fresh optimizer has no state yet); keys missing from the row raise unless
     ``strict=False``. Everything is read and verified before anything is modified.
+
+    ``in_place=True`` reads each tensor straight into its live CPU tensor when dtype and
+    shape match (no second copy of the state in memory, no extra copy): faster, but if a
+    checksum then fails the load raises with those live tensors holding the row's bytes,
+    or part of them (everything else is untouched); load again from a good row.
     Returns the row id.
     """
     st = _store(store)
     c = resolve(comm)
     view = engine.open_row(st, c, row)
-    saved = engine.read_all(view, c)
-    problem: str | None = None
     kept: list[str] = []
-    try:
-        _check_fits(state_dict, saved, (), strict, kept)
-    except CheckpointStateSchemaError as exc:
-        problem = str(exc)
-    failures = engine.agree(c, problem)
-    if failures:
-        raise CheckpointStateSchemaError(
-            f"row {view.row} of {st.path} does not fit the live state: " + engine.describe(failures)
-        )
+
+    def check(saved: dict[str, Any]) -> None:
+        kept.clear()
+        problem: str | None = None
+        try:
+            _check_fits(state_dict, saved, (), strict, kept)
+        except CheckpointStateSchemaError as exc:
+            problem = str(exc)
+        failures = engine.agree(c, problem)
+        if failures:
+            raise CheckpointStateSchemaError(
+                f"row {view.row} of {st.path} does not fit the live state: "
+                + engine.describe(failures)
+            )
+
+    saved = read_for_load(view, c, state_dict, in_place=in_place, check=check)
     _merge(state_dict, saved)
     if kept:  # nothing is skipped silently
         log.warning(
@@ -162,6 +178,8 @@ def _merge(target: dict[Any, Any] | list[Any], saved: Any) -> None:
         value = saved[key]
         live = target.get(key) if isinstance(target, dict) else target[key]
         if isinstance(live, torch.Tensor):
+            if value is live:  # read in place
+                continue
             with torch.no_grad():
                 live.copy_(value)
         elif (isinstance(live, dict) and isinstance(value, dict)) or (

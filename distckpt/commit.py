@@ -33,13 +33,15 @@ def prepare_row(store: Store, row: int) -> None:
     fs.fsync_dir(store.rows_dir)
 
 
-def commit_rank(store: Store, plan: RankPlan, manifest: RankManifest) -> RankManifest:
+def commit_rank(
+    store: Store, plan: RankPlan, manifest: RankManifest, *, checksums: bool = True
+) -> RankManifest:
     """Write this rank's data durably, then publish its manifest: the rank's commit point."""
     row, rank = manifest.row, manifest.rank
     fault_point("before_data", rank=rank, row=row)
     rank_dir = store.rank_dir(row, rank)
     write_rank_group(store.fs, rank_dir, rank)
-    entries = write_rank_arrays(store.fs, store.row_dir(row), plan)
+    entries = write_rank_arrays(store.fs, store.row_dir(row), plan, checksums=checksums)
     store.fs.fsync_dir(rank_dir)
     store.fs.fsync_dir(store.row_dir(row))
     fault_point("after_data", rank=rank, row=row)

@@ -38,6 +38,18 @@ class FileSystem(ABC):
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
         """Fill ``out`` from ``path`` starting at byte ``offset``; return bytes read."""
 
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        """Fill ``parts`` in order from consecutive bytes of ``path``; return bytes read.
+
+        Backends may do it in one call (the local one: one ``preadv``)."""
+        got = 0
+        for part in parts:
+            n = self.read_into(path, part, offset + got)
+            got += n
+            if n < len(part.cast("B")):
+                break
+        return got
+
     @abstractmethod
     def size(self, path: str) -> int: ...
 
@@ -130,6 +142,29 @@ class LocalFileSystem(FileSystem):
                 if n == 0:
                     break
                 got += n
+            return got
+        finally:
+            os.close(fd)
+
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        views = [p.cast("B") for p in parts if len(p.cast("B"))]
+        total = sum(len(v) for v in views)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            while views:
+                n = os.preadv(fd, views, offset + got)
+                if n == 0:
+                    break
+                got += n
+                while n and views:  # drop filled buffers, trim a partly filled one
+                    if n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+            assert got <= total
             return got
         finally:
             os.close(fd)
