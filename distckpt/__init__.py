@@ -2,6 +2,7 @@
 
 from . import lease, logs, rng
 from .api import latest, load, metadata, save
+from .asyncwrite import AsyncSaver
 from .binding import CheckpointState, bind_checkpoint_state
 from .checkpoint import (
     Checkpoint,
@@ -33,6 +34,7 @@ from .store import Store
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSaver",
     "lease",
     "logs",
     "rng",
