@@ -18,7 +18,6 @@ from . import codec, engine
 from .comm import Communicator
 from .dtypes import torch_dtype
 from .errors import CheckpointError, CorruptCheckpointError
-from .manifest import ArrayEntry
 from .rowio import fits_directly
 
 
@@ -62,6 +61,12 @@ def _pair(live: Any, saved: Any, index_of: dict[int, int], out: dict[int, torch.
             _pair(lv, sv, index_of, out)
 
 
+def _agree(comm: Communicator, view: engine.RowView, problem: str | None) -> None:
+    failures = engine.agree(comm, problem)
+    if failures:
+        raise CorruptCheckpointError(f"cannot restore row {view.row}: {engine.describe(failures)}")
+
+
 def read_for_load(
     view: engine.RowView,
     comm: Communicator,
@@ -73,11 +78,14 @@ def read_for_load(
     """Collective: this rank's saved states, every tensor read and verified.
 
     ``check`` raises (on every rank, it agrees) if the saved structure does not fit ``live``;
-    it runs on the stand-ins, before any byte is read. With ``in_place``, a saved tensor
-    whose live counterpart is a CPU contiguous tensor of the same dtype and shape is read
-    straight into it, and the returned tree holds that live tensor itself; if a checksum
-    then fails, every rank raises and such live tensors may hold the row's bytes (or part
-    of them): reload from another row. Without it, nothing live is touched here.
+    it runs on the stand-ins, before any byte is read. A saved tensor whose live
+    counterpart is a CPU contiguous tensor of the same dtype and shape is read straight
+    into it (no allocation, no copy), and the returned tree holds that live tensor itself;
+    others come back in fresh tensors. By default every checksum is verified before any
+    live tensor is written (a streamed first pass over the files, through small reused
+    buffers). With ``in_place``, bytes are verified as they land instead (one pass): if a
+    checksum fails, every rank raises and such live tensors may hold the row's bytes (or
+    part of them): reload from another row.
     """
     problem: str | None = None
     stand_ins: dict[str, Any] = {}
@@ -87,29 +95,31 @@ def read_for_load(
         stand_ins, index_of, used = _stand_ins(view)
     except CheckpointError as exc:
         problem = str(exc)
-    failures = engine.agree(comm, problem)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {view.row}: {engine.describe(failures)}")
+    _agree(comm, view, problem)
     check(stand_ins)
     targets: dict[int, torch.Tensor] = {}
-    if in_place:
-        _pair(live, stand_ins, index_of, targets)
+    _pair(live, stand_ins, index_of, targets)
     arrays = view.manifest.arrays
     needed = sorted(used)
-    jobs: list[tuple[ArrayEntry, torch.Tensor | None]] = []
-    for i in needed:
-        target = targets.get(i)
-        into = target if target is not None and fits_directly(arrays[i], target) else None
-        jobs.append((arrays[i], into))
+    direct = [i for i in needed if i in targets and fits_directly(arrays[i], targets[i])]
+    fresh = [i for i in needed if i not in set(direct)]
     got: dict[int, torch.Tensor] = {}
+    reader = view.reader
     try:
-        for i, tensor in zip(needed, view.reader.read_many(jobs), strict=True):
-            got[i] = tensor
+        if not in_place:
+            # Verify the bytes destined for live tensors first (streamed, nothing kept),
+            # and read the others into fresh tensors; only then fill live memory.
+            reader.verify_many([arrays[i] for i in direct])
+        got.update(zip(fresh, reader.read_many([(arrays[i], None) for i in fresh]), strict=True))
     except CheckpointError as exc:
         problem = str(exc)
-    failures = engine.agree(comm, problem)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {view.row}: {engine.describe(failures)}")
+    _agree(comm, view, problem)
+    try:
+        jobs = [(arrays[i], targets[i]) for i in direct]
+        got.update(zip(direct, reader.read_many(jobs, verified=not in_place), strict=True))
+    except CheckpointError as exc:
+        problem = str(exc)
+    _agree(comm, view, problem)
 
     def leaf(index: int, as_numpy: bool) -> Any:
         tensor = got[index]

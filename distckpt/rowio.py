@@ -12,6 +12,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -167,6 +168,27 @@ def _write_packed(
     return [doc, chunk]
 
 
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_local = threading.local()
+SCRATCH_BYTES = 8 << 20
+
+
+def _scratch() -> memoryview:
+    """This thread's reused buffer for streaming verification."""
+    buf = getattr(_local, "scratch", None)
+    if buf is None:
+        buf = _local.scratch = memoryview(bytearray(SCRATCH_BYTES))
+    return buf
+
+
+def _map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
+    if len(items) <= 1 or _workers() == 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        return list(pool.map(fn, items))
+
+
 def fits_directly(entry: ArrayEntry, live: torch.Tensor) -> bool:
     """Whether ``live`` can receive the entry's bytes straight from the file."""
     return (
@@ -201,12 +223,51 @@ class RankReader:
             f"({os.path.join(self._row_dir, entry.array)}): {problem}"
         )
 
-    def read(self, entry: ArrayEntry, into: torch.Tensor | None = None) -> torch.Tensor:
+    def verify(self, entry: ArrayEntry) -> None:
+        """Check the entry's bytes on storage against its checksum without keeping them:
+        streamed through a small reused buffer (no allocation of the tensor's size)."""
+        if entry.nbytes == 0 or entry.crc32c is None:
+            return
+        if entry.array.endswith("/" + PACKED_ARRAY):
+            pack = self._pack(entry)
+            if entry.offset + entry.nbytes > pack.numel():
+                raise self._fail(entry, "byte range lies beyond the packed chunk")
+            piece = pack[entry.offset : entry.offset + entry.nbytes].numpy()
+            if checksum(memoryview(piece)) != entry.crc32c:  # type: ignore[arg-type]
+                raise self._fail(entry, "checksum mismatch (data corrupted)")
+            return
+        chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(len(entry.shape)))
+        try:
+            size = self._fs.size(chunk)
+        except FileNotFoundError as exc:
+            raise self._fail(entry, "chunk file is missing") from exc
+        if size != entry.nbytes + CRC_BYTES:
+            raise self._fail(entry, f"chunk file has {size} bytes, expected {entry.nbytes + 4}")
+        scratch = _scratch()
+        crc, done = 0, 0
+        while done < entry.nbytes:
+            part = scratch[: min(len(scratch), entry.nbytes - done)]
+            got = self._fs.read_into(chunk, part, offset=done)
+            if got != len(part):
+                raise self._fail(entry, "chunk file is truncated")
+            crc = checksum(part, crc)
+            done += got
+        trailer = bytearray(CRC_BYTES)
+        self._fs.read_into(chunk, memoryview(trailer), offset=entry.nbytes)
+        if int.from_bytes(trailer, "little") != entry.crc32c:
+            raise self._fail(entry, "chunk checksum trailer does not match the manifest")
+        if crc != entry.crc32c:
+            raise self._fail(entry, "checksum mismatch (data corrupted)")
+
+    def read(
+        self, entry: ArrayEntry, into: torch.Tensor | None = None, *, verified: bool = False
+    ) -> torch.Tensor:
         """The entry's tensor, verified against its checksum (when the row has one).
 
         ``into`` (a CPU contiguous tensor of the entry's dtype and shape, see
         :func:`fits_directly`) receives the bytes straight from the file, without a fresh
         allocation or a copy; if verification then fails it holds the row's bad bytes.
+        ``verified``: :meth:`verify` passed already, skip the checksum (sizes are checked).
         """
         dtype = torch_dtype(entry.dtype)
         out = into if into is not None else torch.empty(entry.shape, dtype=dtype)
@@ -226,19 +287,20 @@ class RankReader:
         else:
             chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(len(entry.shape)))
             self._read_chunk(entry, chunk, dest)
-        if entry.crc32c is not None and checksum(dest) != entry.crc32c:
+        if not verified and entry.crc32c is not None and checksum(dest) != entry.crc32c:
             raise self._fail(entry, "checksum mismatch (data corrupted)")
         return out
 
     def read_many(
-        self, jobs: Sequence[tuple[ArrayEntry, torch.Tensor | None]]
+        self, jobs: Sequence[tuple[ArrayEntry, torch.Tensor | None]], *, verified: bool = False
     ) -> list[torch.Tensor]:
         """:meth:`read` for each (entry, into) pair, on a few threads: one file's ``preadv``
         overlaps another's checksum. Raises the first failure in ``jobs`` order."""
-        if len(jobs) <= 1 or _workers() == 1:
-            return [self.read(e, into) for e, into in jobs]
-        with ThreadPoolExecutor(max_workers=_workers()) as pool:
-            return list(pool.map(lambda job: self.read(*job), jobs))
+        return _map(lambda job: self.read(job[0], job[1], verified=verified), jobs)
+
+    def verify_many(self, entries: Sequence[ArrayEntry]) -> None:
+        """:meth:`verify` for each entry, on a few threads."""
+        _map(self.verify, entries)
 
     def _read_chunk(self, entry: ArrayEntry, chunk: str, dest: memoryview) -> None:
         trailer_bytes = 0 if entry.crc32c is None else CRC_BYTES
