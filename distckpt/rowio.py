@@ -43,8 +43,14 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
 
 
 def _workers() -> int:
-    """Threads for chunk writes and reads: writev, preadv, fsync and crc32c release the GIL."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Threads for chunk writes and reads: writev, preadv, fsync and crc32c release the GIL.
+
+    Two at least (so checksumming overlaps I/O), four at most, and no more than this
+    rank's share of the cores when several ranks share a node (``LOCAL_WORLD_SIZE``)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    share = (cpus or 1) // max(1, int(local) if local.isdigit() else 1)
+    return max(2, min(4, share))
 
 
 def write_rank_arrays(
