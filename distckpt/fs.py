@@ -78,6 +78,11 @@ class FileSystem(ABC):
     def fsync_files(self, paths: Sequence[str]) -> None:
         """Make already written files durable, together (lets the filesystem batch them)."""
 
+    def fsync_dirs(self, paths: Sequence[str]) -> None:
+        """Make the entries of several directories durable (in any order)."""
+        for path in paths:
+            self.fsync_dir(path)
+
 
 def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
     views = [memoryview(p).cast("B") for p in parts if len(memoryview(p).cast("B"))]
@@ -218,6 +223,14 @@ class LocalFileSystem(FileSystem):
         # fsync releases the GIL: concurrent syncs let the journal commit them together.
         with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
             list(pool.map(sync, paths))
+
+    def fsync_dirs(self, paths: Sequence[str]) -> None:
+        if len(paths) <= 1:
+            for p in paths:
+                self.fsync_dir(p)
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+            list(pool.map(self.fsync_dir, paths))
 
 
 def _write_error(path: str, exc: OSError) -> CheckpointWriteError:

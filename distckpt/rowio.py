@@ -94,8 +94,7 @@ def write_rank_arrays(
             for written in pool.map(lambda t: t(), tasks):
                 files += written
     fs.fsync_files(files)
-    for d in sorted({os.path.dirname(f) for f in files}, key=len, reverse=True):
-        fs.fsync_dir(d)
+    fs.fsync_dirs(sorted({os.path.dirname(f) for f in files}))
     return [
         ArrayEntry(
             name=p.name,
