@@ -102,7 +102,8 @@ def read_for_load(
     arrays = view.manifest.arrays
     needed = sorted(used)
     direct = [i for i in needed if i in targets and fits_directly(arrays[i], targets[i])]
-    fresh = [i for i in needed if i not in set(direct)]
+    in_live = set(direct)
+    fresh = [i for i in needed if i not in in_live]
     got: dict[int, torch.Tensor] = {}
     reader = view.reader
     try:

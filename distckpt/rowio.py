@@ -194,6 +194,10 @@ def _map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         return list(pool.map(fn, items))
 
 
+def _is_packed(entry: ArrayEntry) -> bool:
+    return entry.array.endswith("/" + PACKED_ARRAY)
+
+
 def fits_directly(entry: ArrayEntry, live: torch.Tensor) -> bool:
     """Whether ``live`` can receive the entry's bytes straight from the file."""
     return (
@@ -300,12 +304,23 @@ class RankReader:
         self, jobs: Sequence[tuple[ArrayEntry, torch.Tensor | None]], *, verified: bool = False
     ) -> list[torch.Tensor]:
         """:meth:`read` for each (entry, into) pair, on a few threads: one file's ``preadv``
-        overlaps another's checksum. Raises the first failure in ``jobs`` order."""
-        return _map(lambda job: self.read(job[0], job[1], verified=verified), jobs)
+        overlaps another's checksum (packed slices stay on this thread: no hand-off)."""
+        out: list[torch.Tensor | None] = [None] * len(jobs)
+        own = [i for i, (e, _) in enumerate(jobs) if not _is_packed(e)]
+        got = _map(lambda i: self.read(*jobs[i], verified=verified), own)
+        for i, tensor in zip(own, got, strict=True):
+            out[i] = tensor
+        for i, (entry, into) in enumerate(jobs):  # slices of one pack: no thread hand-off
+            if out[i] is None:
+                out[i] = self.read(entry, into, verified=verified)
+        return [t for t in out if t is not None]
 
     def verify_many(self, entries: Sequence[ArrayEntry]) -> None:
-        """:meth:`verify` for each entry, on a few threads."""
-        _map(self.verify, entries)
+        """:meth:`verify` for each entry, own arrays on a few threads."""
+        _map(self.verify, [e for e in entries if not _is_packed(e)])
+        for entry in entries:
+            if _is_packed(entry):
+                self.verify(entry)
 
     def _read_chunk(self, entry: ArrayEntry, chunk: str, dest: memoryview) -> None:
         trailer_bytes = 0 if entry.crc32c is None else CRC_BYTES
