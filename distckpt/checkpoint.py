@@ -219,10 +219,15 @@ class Checkpoint:
     def wait(self, *, coordinated: bool = True) -> None:
         """Collective: wait until every asynchronous write is committed; raise, on every
         rank, if one failed. Without ``coordinated`` (an exception is unwinding): wait on
-        this rank only and log failures. A no-op for synchronous writes."""
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close(coordinated=coordinated)
+        this rank only and log failures. A no-op for synchronous writes. The writer thread
+        (and its communicator) stays for the next block: made once per ``Checkpoint``."""
+        if self._writer is None:
+            return
+        if coordinated:
+            self._writer.drain()
+            return
+        for failure in self._writer.wait_local():
+            log.error("asynchronous write to %s failed: %s", self.path, failure)
 
     def __enter__(self) -> CheckpointSession:
         session = self.active or self.elect()
