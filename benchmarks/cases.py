@@ -142,6 +142,9 @@ def _warm_up(ctx: Ctx, base: str, tools: list[Tool]) -> None:
         if tool.can_load:
             tool.load(ctx, path, {k: torch.empty_like(v) for k, v in tiny.items()})
         tool.cleanup(ctx, path)
+    if ctx.rank == 0:
+        settle()  # nothing left dirty for the first timed save
+    ctx.barrier()
 
 
 def _restore(

@@ -260,6 +260,8 @@ class Earth2Studio(Tool):
         if self._stack is not None:
             self._stack.close()
         self._stack = self._session = None
+        # Untimed: write back the data it left dirty, or the next tool's fsync pays for it.
+        os.sync()
 
     def files(self, ctx: Ctx, path: str) -> tuple[int, int]:
         rank_path = path if ctx.world == 1 else os.path.join(path, f"rank_{ctx.rank:06d}")
