@@ -23,15 +23,26 @@ from .common import (
     byte_view,
     make_state,
     median,
+    peak_rss_bytes,
     record,
     remove_tree,
     rotated,
+    rss_bytes,
     settle,
     state_nbytes,
     timed,
     warm_cache,
 )
-from .tools import Dcp, Distckpt, Earth2Studio, Raw, State, Tool, TorchSave, earth2studio_available
+from .tools import (
+    Dcp,
+    Earth2Studio,
+    Raw,
+    State,
+    Tool,
+    TorchSave,
+    distckpt_variants,
+    earth2studio_available,
+)
 
 
 def log(ctx: Ctx, msg: str) -> None:
@@ -131,6 +142,9 @@ def _warm_up(ctx: Ctx, base: str, tools: list[Tool]) -> None:
         if tool.can_load:
             tool.load(ctx, path, {k: torch.empty_like(v) for k, v in tiny.items()})
         tool.cleanup(ctx, path)
+    if ctx.rank == 0:
+        settle()  # nothing left dirty for the first timed save
+    ctx.barrier()
 
 
 def _restore(
@@ -225,7 +239,7 @@ def run_rank_cases(ctx: Ctx, cfg: Config) -> list[dict[str, Any]]:
             if cases & {"save", "restore", "e2s"}:
                 tools: list[Tool] = []
                 if cases & {"save", "restore"}:
-                    tools += [Distckpt(), Raw(), TorchSave(), Dcp()]
+                    tools += [*distckpt_variants(), Raw(), TorchSave(), Dcp()]
                 if e2s_missing is None:
                     tools.append(Earth2Studio())
                 recs = io_case(
@@ -248,6 +262,14 @@ def run_rank_cases(ctx: Ctx, cfg: Config) -> list[dict[str, Any]]:
                     )
                 )
             del state
+    if "async" in cases:
+        for size in cfg.sizes_mib:
+            state = make_state(ctx.rank, size * MiB, cfg.tensors)
+            out += async_case(ctx, cfg, state=state, size_mib=float(size), label=f"{size} MiB")
+            del state
+    if "gpu" in cases:
+        for size in cfg.sizes_mib:
+            out += gpu_case(ctx, cfg, size_mib=float(size), label=f"{size} MiB")
     if "small" in cases:
         nbytes = cfg.small_count * cfg.small_bytes
         label = f"{cfg.small_count}x{cfg.small_bytes // 1024}KiB"
@@ -257,7 +279,7 @@ def run_rank_cases(ctx: Ctx, cfg: Config) -> list[dict[str, Any]]:
             cfg,
             case="small",
             state=state,
-            tools=[Distckpt(), Dcp(), TorchSave()],
+            tools=[*distckpt_variants(), Dcp(), TorchSave()],
             size_mib=nbytes / MiB,
             size_label=label,
         )
@@ -267,6 +289,133 @@ def run_rank_cases(ctx: Ctx, cfg: Config) -> list[dict[str, Any]]:
                     ctx, cfg, state=state, of_case="small", size_mib=nbytes / MiB, size_label=label
                 )
             )
+    return out
+
+
+def async_case(
+    ctx: Ctx, cfg: Config, *, state: State, size_mib: float, label: str
+) -> list[dict[str, Any]]:
+    """``AsyncSaver.save()`` (the time the caller is blocked: staging into reused buffers)
+    beside a synchronous ``distckpt.save`` of the same state into the same store, plus the
+    time until the asynchronous row is committed (``wait()``), the staging buffers' bytes
+    and this process's resident memory (growth over the case, and peak)."""
+    import distckpt
+
+    base = os.path.join(cfg.workdir, f"ranks{ctx.world}", _slug(f"async-{label}"))
+    if ctx.rank == 0:
+        remove_tree(base)
+    ctx.barrier()
+    nbytes = state_nbytes(state)
+    common: dict[str, Any] = {
+        "ctx": ctx,
+        "size_mib": size_mib,
+        "size_label": label,
+        "bytes_per_rank": nbytes,
+        "tensors_per_rank": len(state),
+        "durable": True,
+    }
+    rss0 = rss_bytes()
+    sync_t: list[float] = []
+    sync_slow: list[float] = []
+    blocked_t: list[float] = []
+    blocked_slow: list[float] = []
+    commit_t: list[float] = []
+    commit_slow: list[float] = []
+    store = os.path.join(base, "store")
+    saver = distckpt.AsyncSaver(store, keep=2)
+    saver.save(state)  # untimed: allocates the staging buffers (once per job)
+    saver.wait()
+    staging = saver.staging_nbytes
+    for rep in range(cfg.repeat):
+        for what in rotated(["sync", "async"], rep):
+            if what == "sync":
+                total, slow = timed(ctx, functools.partial(distckpt.save, state, store, keep=2))
+                sync_t.append(total)
+                sync_slow.append(slow)
+            else:
+                total, slow = timed(ctx, functools.partial(saver.save, state))
+                blocked_t.append(total)
+                blocked_slow.append(slow)
+                total, slow = timed(ctx, saver.wait)
+                commit_t.append(total)
+                commit_slow.append(slow)
+            log(ctx, f"async {label} {what} #{rep + 1}: {total:.3f} s")
+    saver.close()
+    growth = max(0, rss_bytes() - rss0)
+    peaks = ctx.gather(peak_rss_bytes())
+    out = [
+        record(case="async", op="save", tool="distckpt sync save", totals=sync_t,
+               slowest=sync_slow, **common),
+        record(case="async", op="async", tool="distckpt async write()", totals=blocked_t,
+               slowest=blocked_slow, staging_bytes=staging, rss_growth_bytes=growth,
+               peak_rss_bytes=max(peaks), **common),
+        record(case="async", op="commit", tool="distckpt async commit", totals=commit_t,
+               slowest=commit_slow, **common),
+    ]  # fmt: skip
+    if ctx.rank == 0:
+        remove_tree(base)
+        settle()
+    ctx.barrier()
+    return out
+
+
+def gpu_case(ctx: Ctx, cfg: Config, *, size_mib: float, label: str) -> list[dict[str, Any]]:
+    """With CUDA: device-to-host copy throughput into pinned memory, and saves of state
+    held in ``cuda`` tensors (synchronous, and the time ``AsyncSaver.save()`` blocks)."""
+    if not torch.cuda.is_available():
+        log(ctx, "gpu case skipped: no CUDA device")
+        return []
+    import distckpt
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    state = {
+        k: v.to(dev) for k, v in make_state(ctx.rank, int(size_mib * MiB), cfg.tensors).items()
+    }
+    nbytes = state_nbytes(state)
+    pinned = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in state.items()}
+    common: dict[str, Any] = {
+        "ctx": ctx,
+        "size_mib": size_mib,
+        "size_label": label,
+        "bytes_per_rank": nbytes,
+        "tensors_per_rank": len(state),
+    }
+
+    def d2h() -> None:
+        for k, v in state.items():
+            pinned[k].copy_(v, non_blocking=True)
+        torch.cuda.synchronize()
+
+    base = os.path.join(cfg.workdir, f"ranks{ctx.world}", _slug(f"gpu-{label}"))
+    store = os.path.join(base, "store")
+    saver = distckpt.AsyncSaver(store, keep=2)
+    saver.save(state)
+    saver.wait()
+    d2h()
+    samples: dict[str, tuple[list[float], list[float]]] = {
+        "D2H pinned copy": ([], []),
+        "distckpt save (cuda)": ([], []),
+        "distckpt async write() (cuda)": ([], []),
+    }
+    for _ in range(cfg.repeat):
+        for name, fn in (
+            ("D2H pinned copy", d2h),
+            ("distckpt save (cuda)", functools.partial(distckpt.save, state, store, keep=2)),
+            ("distckpt async write() (cuda)", functools.partial(saver.save, state)),
+        ):
+            total, slow = timed(ctx, fn)
+            samples[name][0].append(total)
+            samples[name][1].append(slow)
+            saver.wait()
+    saver.close()
+    out = [
+        record(case="gpu", op="gpu", tool=name, totals=t, slowest=s,
+               durable=name != "D2H pinned copy", **common)
+        for name, (t, s) in samples.items()
+    ]  # fmt: skip
+    if ctx.rank == 0:
+        remove_tree(base)
+    ctx.barrier()
     return out
 
 

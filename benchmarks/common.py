@@ -15,7 +15,7 @@ import torch
 MiB = 1 << 20
 GB = 1e9  # throughput is reported in GB/s (10^9 bytes per second)
 
-ALL_CASES = ("save", "restore", "small", "crc", "election", "e2s")
+ALL_CASES = ("save", "restore", "small", "crc", "async", "gpu", "election", "e2s")
 
 
 @dataclass
@@ -142,6 +142,22 @@ def settle() -> None:
     This only writes back; nothing is dropped from the page cache.
     """
     os.sync()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def remove_tree(path: str) -> None:

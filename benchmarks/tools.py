@@ -63,9 +63,16 @@ class Distckpt(Tool):
 
     Steady state of a training loop: the store exists and the job holds its writer lease
     before the timed save (creating the store and taking the lease happen once per job).
+    Variants: ``in_place`` loads with ``load(in_place=True)`` (straight into the targets),
+    ``checksums=False`` saves without crc32c (and so loads without verification).
     """
 
-    name = "distckpt"
+    def __init__(
+        self, name: str = "distckpt", *, in_place: bool = False, checksums: bool = True
+    ) -> None:
+        self.name = name
+        self.in_place = in_place
+        self.checksums = checksums
 
     def before_save(self, ctx: Ctx, path: str, state: State) -> None:
         if ctx.rank == 0:
@@ -79,12 +86,12 @@ class Distckpt(Tool):
     def save(self, ctx: Ctx, path: str, state: State) -> None:
         import distckpt
 
-        distckpt.save(state, path)
+        distckpt.save(state, path, checksums=self.checksums)
 
     def load(self, ctx: Ctx, path: str, targets: State) -> None:
         import distckpt
 
-        distckpt.load(targets, path)
+        distckpt.load(targets, path, in_place=self.in_place)
 
     def files(self, ctx: Ctx, path: str) -> tuple[int, int]:
         from distckpt.store import Store
@@ -100,6 +107,15 @@ class Distckpt(Tool):
 
             lease.release(path)
         super().cleanup(ctx, path)
+
+
+def distckpt_variants() -> list[Tool]:
+    """distckpt as saved and loaded by default, loading in place, and without checksums."""
+    return [
+        Distckpt(),
+        Distckpt("distckpt in-place", in_place=True),
+        Distckpt("distckpt crc off", checksums=False),
+    ]
 
 
 class Raw(Tool):
@@ -244,6 +260,8 @@ class Earth2Studio(Tool):
         if self._stack is not None:
             self._stack.close()
         self._stack = self._session = None
+        # Untimed: write back the data it left dirty, or the next tool's fsync pays for it.
+        os.sync()
 
     def files(self, ctx: Ctx, path: str) -> tuple[int, int]:
         rank_path = path if ctx.world == 1 else os.path.join(path, f"rank_{ctx.rank:06d}")

@@ -2,6 +2,7 @@
 
 from . import lease, logs, rng
 from .api import latest, load, metadata, save
+from .asyncwrite import AsyncSaver
 from .binding import CheckpointState, bind_checkpoint_state
 from .checkpoint import (
     Checkpoint,
@@ -60,6 +61,7 @@ from .surgery import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncSaver",
     "lease",
     "logs",
     "rng",

@@ -25,7 +25,8 @@ from .errors import (
 from .globalio import GlobalValue, fill, target_problem
 from .logs import get_logger
 from .migrations import AppliedMigration, MigrationRegistry, migrate_states
-from .redistribute import StateMapping, read_states
+from .redistribute import StateMapping, open_part_agreed, read_states
+from .restore import read_for_load
 from .retention import rows_to_delete
 from .shards import is_global
 from .store import Store
@@ -48,6 +49,7 @@ def save(
     comm: Any = None,
     keep: int | None = None,
     version: Versions | None = None,
+    checksums: bool = True,
     **metadata: Any,
 ) -> int:
     """Collective: commit every rank's ``state_dict`` as one new row; returns the row id.
@@ -57,6 +59,9 @@ def save(
     schema version of every state (top-level key), or a mapping state -> version; a later
     ``load(..., version=M)`` migrates older states to M. ``metadata`` must be JSON-like
     (scalars, lists, dicts, datetimes) and comes back from :func:`metadata`.
+    ``checksums=False`` skips crc32c (the row records that; loads then cannot detect
+    corrupted bytes). For saves that return before the bytes are written, see
+    :class:`AsyncSaver`.
     """
     st = _store(store)
     c = resolve(comm)
@@ -68,7 +73,7 @@ def save(
         metadata=metadata,
         versions=state_versions(version, state_dict, "save"),
     )
-    manifest = engine.save_row(st, c, content, row=row)
+    manifest = engine.save_row(st, c, content, row=row, checksums=checksums)
     if keep is not None:
         engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
     return manifest.row
@@ -84,6 +89,7 @@ def load(
     version: Versions | None = None,
     migrations: MigrationRegistry | None = None,
     mapping: StateMapping | None = None,
+    in_place: bool = False,
 ) -> int:
     """Collective: fill ``state_dict`` in place from the elected (or given) row.
 
@@ -100,28 +106,45 @@ def load(
     A row written by another number of ranks is restored when its state can be
     redistributed: states every rank saved alike come from any rank; rank-private ones need
     ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.
+
+    ``in_place=True`` reads each tensor straight into its live CPU tensor when dtype and
+    shape match (no second copy of the state in memory, no extra copy): faster, but if a
+    checksum then fails the load raises with those live tensors holding the row's bytes,
+    or part of them (everything else is untouched); load again from a good row.
     Returns the row id.
     """
     st = _store(store)
     c = resolve(comm)
     chosen = engine.choose_row(st, c, row, any_world_size=True)
-    saved = read_states(st, c, chosen, mapping)
-    if version is not None:
-        view = engine.open_part(st, chosen, c.rank)
-        saved, _ = migrate_row_states(
-            view, saved, state_versions(version, saved, "load"), migrations, c
-        )
-    problem: str | None = None
+    view = open_part_agreed(st, c, chosen)
     kept: list[str] = []
-    try:
-        _check_fits(state_dict, saved, (), strict, kept)
-    except CheckpointStateSchemaError as exc:
-        problem = str(exc)
-    failures = engine.agree(c, problem)
-    if failures:
-        raise CheckpointStateSchemaError(
-            f"row {chosen} of {st.path} does not fit the live state: " + engine.describe(failures)
-        )
+
+    def check(saved: dict[str, Any]) -> None:
+        kept.clear()
+        problem: str | None = None
+        try:
+            _check_fits(state_dict, saved, (), strict, kept)
+        except CheckpointStateSchemaError as exc:
+            problem = str(exc)
+        failures = engine.agree(c, problem)
+        if failures:
+            raise CheckpointStateSchemaError(
+                f"row {chosen} of {st.path} does not fit the live state: "
+                + engine.describe(failures)
+            )
+
+    # The direct path reads this rank's own part with every tensor paired to its live
+    # target; redistribution, migration and global arrays decode states first.
+    has_globals = any(c.allgather(bool(view.manifest.globals)))
+    if view.saved_world_size == c.world_size and version is None and not has_globals:
+        saved = read_for_load(view, c, state_dict, in_place=in_place, check=check)
+    else:
+        saved = read_states(st, c, chosen, mapping, view=view)
+        if version is not None:
+            saved, _ = migrate_row_states(
+                view, saved, state_versions(version, saved, "load"), migrations, c
+            )
+        check(saved)
     _merge(state_dict, saved)
     if kept:  # nothing is skipped silently
         log.warning(
@@ -254,6 +277,8 @@ def _merge(target: dict[Any, Any] | list[Any], saved: Any) -> None:
             else:
                 target[key] = value.full()
         elif isinstance(live, torch.Tensor):
+            if value is live:  # read in place
+                continue
             with torch.no_grad():
                 live.copy_(value)
         elif (isinstance(live, dict) and isinstance(value, dict)) or (

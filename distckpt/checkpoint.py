@@ -7,7 +7,10 @@ and ``flush`` are therefore collective: every rank calls them the same number of
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from . import engine, lease
+from .asyncwrite import BackgroundWriter, Stager, StagingBuffers
 from .binding import (
     _ACTIVE_SESSION,
     _CURRENT_CHECKPOINT,
@@ -38,7 +42,7 @@ from .manifest import RankManifest
 from .members import MappedView, MemberMapping, open_view
 from .migrations import MigrationRegistry
 from .names import escape_component
-from .plan import DEFAULT_PACK_THRESHOLD
+from .plan import DEFAULT_PACK_THRESHOLD, plan_rank
 from .retention import rows_to_delete
 from .store import Store
 
@@ -106,6 +110,9 @@ class Checkpoint:
         pack_threshold: int = DEFAULT_PACK_THRESHOLD,
         migrations: MigrationRegistry | None = None,
         mapping: MemberMapping | None = None,
+        async_write: bool = False,
+        max_in_flight: int = 1,
+        checksums: bool = True,
     ) -> None:
         if mode not in ("overwrite", "append"):
             raise ValueError(f"mode must be 'overwrite' or 'append', not {mode!r}")
@@ -134,6 +141,10 @@ class Checkpoint:
         self.migrations = migrations  # None: the default registry
         # How rank-private state moves when the row was written at another world size.
         self.mapping = mapping
+        self.async_write = async_write
+        self.max_in_flight = max_in_flight
+        self.checksums = checksums
+        self._writer: BackgroundWriter | None = None
         self._sessions: list[CheckpointSession] = []
         self._pending: list[tuple[CheckpointState[Any], bool]] = []
         _CURRENT_CHECKPOINT.set(self)
@@ -208,6 +219,30 @@ class Checkpoint:
         proxy._attach(self, None, False)
         self._pending.append((proxy, True))
 
+    def _background(self) -> BackgroundWriter:
+        """The writer thread (collective when created: flushes are collective)."""
+        if self._writer is None:
+            self._writer = BackgroundWriter(self.comm, max_in_flight=self.max_in_flight)
+        return self._writer
+
+    @property
+    def staging_nbytes(self) -> int:
+        """Host bytes held for staging asynchronous writes (0 for synchronous ones)."""
+        return 0 if self._writer is None else self._writer.staging_nbytes
+
+    def wait(self, *, coordinated: bool = True) -> None:
+        """Collective: wait until every asynchronous write is committed; raise, on every
+        rank, if one failed. Without ``coordinated`` (an exception is unwinding): wait on
+        this rank only and log failures. A no-op for synchronous writes. The writer thread
+        (and its communicator) stays for the next block: made once per ``Checkpoint``."""
+        if self._writer is None:
+            return
+        if coordinated:
+            self._writer.drain()
+            return
+        for failure in self._writer.wait_local():
+            log.error("asynchronous write to %s failed: %s", self.path, failure)
+
     def __enter__(self) -> CheckpointSession:
         session = self.active or self.elect()
         self._sessions.append(session)
@@ -221,8 +256,10 @@ class Checkpoint:
     ) -> None:
         session = self._sessions.pop()
         session.__exit__(exc_type, exc, tb)
-        if not self._sessions and self.comm.is_coordinator:
-            lease.release(self.store)  # the job is done writing here
+        if not self._sessions:
+            self.wait(coordinated=exc_type is None)  # before the lease goes
+            if self.comm.is_coordinator:
+                lease.release(self.store)  # the job is done writing here
 
     def __repr__(self) -> str:
         lines = [
@@ -396,6 +433,72 @@ class CheckpointSession:
         if not any(comm.allgather(self._dirty)):
             return None
         cat = self.catalog
+        if cat.async_write:
+            self._flush_async()
+            return None
+        content = self._content()
+        manifest = engine.save_row(
+            cat.store,
+            comm,
+            content,
+            name=cat.name,
+            pack_threshold=cat.pack_threshold,
+            checksums=cat.checksums,
+        )
+        doomed = rows_to_delete(cat.store, cat.history_size) if comm.is_coordinator else []
+        engine.prune(cat.store, comm, doomed)
+        view = engine.RowView(cat.store, manifest)
+        self._entry = CheckpointEntry.from_view(view)
+        self._pending_metadata = {}
+        self._dirty = False
+        return self._entry
+
+    def _flush_async(self) -> None:
+        """Stage the bound states and queue the row for the catalog's writer thread.
+
+        Returns None: the row's entry appears on this session (``entry``, ``row``) once the
+        writer committed it; ``Checkpoint.wait()`` and leaving the ``with`` block wait for it.
+        """
+        cat = self.catalog
+
+        def prepare(buffers: StagingBuffers) -> Callable[[Any], RankManifest]:
+            content = self._content()  # after the slot freed: sees the previous row's entry
+            stager = Stager(buffers)
+            plan = plan_rank(
+                content.states,
+                rank=cat.comm.rank,
+                pack_threshold=cat.pack_threshold,
+                stager=stager,
+            )
+            stager.finish()
+            content = dataclasses.replace(
+                content, states={}, metadata=copy.deepcopy(content.metadata)
+            )
+
+            def job(wcomm: Any) -> RankManifest:
+                manifest = engine.save_row(
+                    cat.store,
+                    wcomm,
+                    content,
+                    name=cat.name,
+                    checksums=cat.checksums,
+                    plan=plan,
+                )
+                doomed = rows_to_delete(cat.store, cat.history_size) if wcomm.is_coordinator else []
+                engine.prune(cat.store, wcomm, doomed)
+                self._entry = CheckpointEntry.from_view(engine.RowView(cat.store, manifest))
+                return manifest
+
+            return job
+
+        cat._background().submit(prepare)
+        self._pending_metadata = {}
+        self._dirty = False
+        return None
+
+    def _content(self) -> engine.RowContent:
+        """What this rank's next row holds: bound states (hooks run now) and metadata."""
+        cat = self.catalog
         states: dict[str, Any] = {}
         schemas = {}
         if cat.level > 0:
@@ -408,7 +511,7 @@ class CheckpointSession:
                 schemas[sid] = schema_of(instance)
         base = dict(self._entry.metadata) if self._entry is not None else {}
         base.update(self._pending_metadata)
-        content = engine.RowContent(
+        return engine.RowContent(
             states=states,
             schemas=schemas,
             metadata=base,
@@ -416,16 +519,6 @@ class CheckpointSession:
             lead_time=self._pending_lead_time,
             level=cat.level,
         )
-        manifest = engine.save_row(
-            cat.store, comm, content, name=cat.name, pack_threshold=cat.pack_threshold
-        )
-        doomed = rows_to_delete(cat.store, cat.history_size) if comm.is_coordinator else []
-        engine.prune(cat.store, comm, doomed)
-        view = engine.RowView(cat.store, manifest)
-        self._entry = CheckpointEntry.from_view(view)
-        self._pending_metadata = {}
-        self._dirty = False
-        return self._entry
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> CheckpointSession:

@@ -780,6 +780,11 @@ def verify_command(
                     f"row {r.row}: ok ({r.ranks_checked} ranks, {r.arrays_checked} tensors, "
                     f"{human_bytes(r.bytes_checked)})"
                 )
+                if r.unchecksummed:
+                    click.echo(
+                        f"  saved with checksums off: the bytes of {r.unchecksummed} "
+                        "tensors were read but cannot be verified"
+                    )
             else:
                 n = len(r.problems)
                 click.echo(f"row {r.row}: {n} problem{'s' if n != 1 else ''}")

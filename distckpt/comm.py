@@ -46,6 +46,11 @@ class Communicator(ABC):
         data = json.dumps(obj).encode() if self.rank == root else None
         return json.loads(self.broadcast_bytes(data, root))
 
+    def duplicate(self) -> Communicator:
+        """Collective: an independent communicator over the same ranks, for another thread
+        (collectives of two threads on one communicator would interleave)."""
+        raise CommunicatorError(f"{type(self).__name__} cannot be duplicated")
+
     @property
     def is_coordinator(self) -> bool:
         return self.rank == 0
@@ -73,6 +78,9 @@ class SingleProcessComm(Communicator):
         assert data is not None
         return data
 
+    def duplicate(self) -> Communicator:
+        return SingleProcessComm()
+
 
 class TorchDistComm(Communicator):
     """Over an initialised ``torch.distributed``; creating one for NCCL is collective."""
@@ -90,6 +98,12 @@ class TorchDistComm(Communicator):
             self._group = dist.new_group(ranks=ranks, backend="gloo")
         self._rank = dist.get_rank(self._group)
         self._size = dist.get_world_size(self._group)
+
+    def duplicate(self) -> Communicator:
+        """A new gloo group over the same ranks (``new_group`` is collective over the
+        default group: every process of the job must call this together)."""
+        ranks = None if self._group is None else self._dist.get_process_group_ranks(self._group)
+        return TorchDistComm(self._dist.new_group(ranks=ranks, backend="gloo"))
 
     @property
     def rank(self) -> int:
@@ -143,6 +157,9 @@ class MPIComm(Communicator):
         from mpi4py import MPI
 
         self._comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+
+    def duplicate(self) -> Communicator:
+        return MPIComm(self._comm)  # another Dup
 
     @property
     def rank(self) -> int:

@@ -40,17 +40,20 @@ def commit_rank(
     plan: RankPlan,
     manifest: RankManifest,
     layouts: dict[str, GlobalLayout] | None = None,
+    *,
+    checksums: bool = True,
 ) -> RankManifest:
     """Write this rank's data durably, then publish its manifest: the rank's commit point.
 
     ``layouts`` (agreed by every rank) says which chunks of the global arrays this rank
-    writes; they are durable before the manifest like the rank's own arrays.
+    writes; they are durable before the manifest like the rank's own arrays. ``checksums``
+    applies to the rank's own arrays; global chunks are always checksummed.
     """
     row, rank = manifest.row, manifest.rank
     fault_point("before_data", rank=rank, row=row)
     rank_dir = store.rank_dir(row, rank)
     write_rank_group(store.fs, rank_dir, rank)
-    entries = write_rank_arrays(store.fs, store.row_dir(row), plan)
+    entries = write_rank_arrays(store.fs, store.row_dir(row), plan, checksums=checksums)
     shards = write_rank_globals(store.fs, store.row_dir(row), plan, layouts or {}, rank)
     store.fs.fsync_dir(rank_dir)
     store.fs.fsync_dir(store.row_dir(row))

@@ -29,7 +29,7 @@ from .faults import fault_point
 from .globalio import GlobalReader, GlobalValue, shard_report
 from .logs import get_logger
 from .manifest import InvalidManifest, RankManifest, StateRecord
-from .plan import DEFAULT_PACK_THRESHOLD, plan_rank
+from .plan import DEFAULT_PACK_THRESHOLD, RankPlan, plan_rank
 from .redistribute import state_digests
 from .rowio import RankReader
 from .store import Store, utcnow
@@ -109,8 +109,13 @@ def save_row(
     row: int | None = None,
     name: str = "",
     pack_threshold: int = DEFAULT_PACK_THRESHOLD,
+    checksums: bool = True,
+    plan: RankPlan | None = None,
 ) -> RankManifest:
     """Collective: write this rank's part of a new row and commit it. Returns its manifest.
+
+    ``plan`` is a plan already made (and staged) from ``content.states``, by an
+    asynchronous writer; ``checksums=False`` records no crc32c for the row's tensors.
 
     Four agreed steps, so no rank is left waiting when another fails: plan (nothing touches
     the disk if any rank's state cannot be stored), open the row, write data then manifest,
@@ -118,9 +123,9 @@ def save_row(
     retract their manifests, so the row never looks committed.
     """
     failure: BaseException | None = None
-    plan = None
     try:
-        plan = plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
+        if plan is None:
+            plan = plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
         lead = None if content.lead_time is None else {"lead_time": content.lead_time}
         encoded_lead = None if lead is None else codec.encode_metadata(lead)
         encoded_meta = codec.encode_metadata(content.metadata)
@@ -183,7 +188,7 @@ def save_row(
             states=states,
             metadata=encoded_meta,
         )
-        manifest = commit_rank(store, plan, draft, layouts)
+        manifest = commit_rank(store, plan, draft, layouts, checksums=checksums)
     except Exception as exc:
         failure = exc
         log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
@@ -297,6 +302,10 @@ class RowView:
     @property
     def saved_world_size(self) -> int:
         return self.manifest.world_size
+
+    @property
+    def reader(self) -> RankReader:
+        return self._reader
 
     @property
     def metadata(self) -> dict[str, Any]:

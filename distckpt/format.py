@@ -63,8 +63,11 @@ def array_document(
     spec: DtypeSpec,
     attributes: dict[str, Any],
     chunk_shape: tuple[int, ...] | None = None,
+    *,
+    crc: bool = True,
 ) -> bytes:
-    """A zarr v3 array of one chunk covering ``shape``, bytes little-endian, crc32c-checked.
+    """A zarr v3 array of one chunk covering ``shape``, bytes little-endian, crc32c-checked
+    unless ``crc`` is false (a save with checksums off: then the chunk has no trailer).
 
     One chunk per array keeps files per array at two; chunk shapes must be positive, so a
     zero-length dimension gets a chunk extent of 1 and no chunk file is written at all.
@@ -73,7 +76,8 @@ def array_document(
     codecs: list[dict[str, Any]] = [{"name": "bytes"}]
     if spec.itemsize > 1:
         codecs[0]["configuration"] = {"endian": "little"}
-    codecs.append({"name": "crc32c"})
+    if crc:
+        codecs.append({"name": "crc32c"})
     doc = {
         "zarr_format": 3,
         "node_type": "array",

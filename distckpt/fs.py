@@ -38,6 +38,18 @@ class FileSystem(ABC):
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
         """Fill ``out`` from ``path`` starting at byte ``offset``; return bytes read."""
 
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        """Fill ``parts`` in order from consecutive bytes of ``path``; return bytes read.
+
+        Backends may do it in one call (the local one: one ``preadv``)."""
+        got = 0
+        for part in parts:
+            n = self.read_into(path, part, offset + got)
+            got += n
+            if n < len(part.cast("B")):
+                break
+        return got
+
     @abstractmethod
     def size(self, path: str) -> int: ...
 
@@ -65,6 +77,11 @@ class FileSystem(ABC):
     @abstractmethod
     def fsync_files(self, paths: Sequence[str]) -> None:
         """Make already written files durable, together (lets the filesystem batch them)."""
+
+    def fsync_dirs(self, paths: Sequence[str]) -> None:
+        """Make the entries of several directories durable (in any order)."""
+        for path in paths:
+            self.fsync_dir(path)
 
 
 def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
@@ -134,6 +151,29 @@ class LocalFileSystem(FileSystem):
         finally:
             os.close(fd)
 
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        views = [p.cast("B") for p in parts if len(p.cast("B"))]
+        total = sum(len(v) for v in views)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = 0
+            while views:
+                n = os.preadv(fd, views, offset + got)
+                if n == 0:
+                    break
+                got += n
+                while n and views:  # drop filled buffers, trim a partly filled one
+                    if n >= len(views[0]):
+                        n -= len(views[0])
+                        views.pop(0)
+                    else:
+                        views[0] = views[0][n:]
+                        n = 0
+            assert got <= total
+            return got
+        finally:
+            os.close(fd)
+
     def size(self, path: str) -> int:
         return os.stat(path).st_size
 
@@ -183,6 +223,14 @@ class LocalFileSystem(FileSystem):
         # fsync releases the GIL: concurrent syncs let the journal commit them together.
         with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
             list(pool.map(sync, paths))
+
+    def fsync_dirs(self, paths: Sequence[str]) -> None:
+        if len(paths) <= 1:
+            for p in paths:
+                self.fsync_dir(p)
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
+            list(pool.map(self.fsync_dir, paths))
 
 
 def _write_error(path: str, exc: OSError) -> CheckpointWriteError:

@@ -31,7 +31,7 @@ class ArrayEntry:
     shape: tuple[int, ...]
     nbytes: int
     offset: int  # byte offset inside the chunk (0 unless packed)
-    crc32c: int  # checksum of exactly this tensor's bytes
+    crc32c: int | None  # checksum of exactly this tensor's bytes; None: saved without
 
     def to_json(self) -> Json:
         return {
@@ -53,7 +53,7 @@ class ArrayEntry:
             shape=tuple(_int_list(doc, "shape")),
             nbytes=_typed(doc, "nbytes", int),
             offset=_typed(doc, "offset", int),
-            crc32c=_typed(doc, "crc32c", int),
+            crc32c=None if _is_null(doc, "crc32c") else _typed(doc, "crc32c", int),
         )
         if entry.nbytes < 0 or entry.offset < 0 or any(d < 0 for d in entry.shape):
             raise InvalidManifest(f"array {entry.name!r} has a negative size or offset")
@@ -249,6 +249,11 @@ def _typed(doc: Json, key: str, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidManifest(f"field {key!r} is not of type {kind.__name__}")
     return value
+
+
+def _is_null(doc: Json, key: str) -> bool:
+    """The field is present and null (absent stays an error)."""
+    return isinstance(doc, dict) and key in doc and doc[key] is None
 
 
 def _int_list(doc: Json, key: str) -> list[int]:

@@ -7,6 +7,7 @@ per rank stays bounded however many tensors a model has; large tensors get array
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,8 +85,14 @@ def stage(tensor: torch.Tensor, *, where: str) -> torch.Tensor:
 
 
 def plan_rank(
-    states: dict[str, Any], *, rank: int, pack_threshold: int = DEFAULT_PACK_THRESHOLD
+    states: dict[str, Any],
+    *,
+    rank: int,
+    pack_threshold: int = DEFAULT_PACK_THRESHOLD,
+    stager: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> RankPlan:
+    """``stager(tensor, where)`` replaces :func:`stage` (an asynchronous save copies each
+    tensor into its own reusable buffers)."""
     leaves: list[codec.Leaf] = []
     found: list[tuple[codec.Path, Any]] = []
     trees: dict[str, Any] = {}
@@ -107,7 +114,7 @@ def plan_rank(
     for index, leaf in enumerate(leaves):
         name = codec.path_str(leaf.path)
         spec = spec_for(leaf.tensor.dtype, where=name)
-        tensor = stage(leaf.tensor, where=name)
+        tensor = stage(leaf.tensor, where=name) if stager is None else stager(leaf.tensor, name)
         nbytes = tensor.numel() * spec.itemsize
         if nbytes < pack_threshold:
             planned.append(PlannedTensor(name, tensor, spec, f"{rank_dir}/{PACKED_ARRAY}", offset))

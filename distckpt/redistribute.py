@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .comm import Communicator
 from .errors import CheckpointError, CorruptCheckpointError, WorldSizeMismatchError
@@ -20,6 +20,9 @@ from .format import checksum
 from .plan import RankPlan
 from .rowio import byte_view
 from .store import Store
+
+if TYPE_CHECKING:
+    from . import engine
 
 
 @runtime_checkable
@@ -114,8 +117,31 @@ def _tensor_indices(node: Any) -> list[int]:
     return sorted(found)
 
 
+def open_part_agreed(store: Store, comm: Communicator, row: int) -> engine.RowView:
+    """Collective: this rank's part of a chosen row (part ``rank % N`` of an N-rank row);
+    every rank raises together if any rank cannot open its part."""
+    from . import engine
+
+    view: Any = None
+    problem: str | None = None
+    try:
+        view = engine.open_part(store, row, comm.rank)
+    except CheckpointError as exc:
+        problem = str(exc)
+    failures = engine.agree(comm, problem)
+    if failures:
+        raise CorruptCheckpointError(f"cannot restore row {row}: {engine.describe(failures)}")
+    result: engine.RowView = view
+    return result
+
+
 def read_states(
-    store: Store, comm: Communicator, row: int, mapping: StateMapping | None = None
+    store: Store,
+    comm: Communicator,
+    row: int,
+    mapping: StateMapping | None = None,
+    *,
+    view: engine.RowView | None = None,
 ) -> dict[str, Any]:
     """Collective: this rank's decoded states of ``row``, whatever world size wrote it.
 
@@ -128,15 +154,9 @@ def read_states(
     """
     from . import engine  # engine imports this module's digests for saving
 
-    view: Any = None
+    if view is None:
+        view = open_part_agreed(store, comm, row)
     problem: str | None = None
-    try:
-        view = engine.open_part(store, row, comm.rank)
-    except CheckpointError as exc:
-        problem = str(exc)
-    failures = engine.agree(comm, problem)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {row}: {engine.describe(failures)}")
     saved = view.saved_world_size
     if saved == comm.world_size:
         return engine.read_all(view, comm)

@@ -59,6 +59,7 @@ class RowReport:
     ranks_checked: int = 0
     arrays_checked: int = 0
     bytes_checked: int = 0
+    unchecksummed: int = 0  # tensors saved with checksums off: sizes checked, bytes not
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -74,6 +75,7 @@ class RowReport:
             "ranks_checked": self.ranks_checked,
             "arrays_checked": self.arrays_checked,
             "bytes_checked": self.bytes_checked,
+            "unchecksummed": self.unchecksummed,
             "problems": [p.to_json() for p in self.problems],
         }
 
@@ -255,6 +257,7 @@ class Verification:
             report.problems += result[0]
             report.arrays_checked += result[1]
             report.bytes_checked += manifest.nbytes
+            report.unchecksummed += sum(1 for a in manifest.arrays if a.crc32c is None)
 
         if jobs <= 1:
             for manifest in self.tasks:

@@ -78,3 +78,16 @@ def test_a_launcher_without_process_group_is_refused(monkeypatch, tmp_path, size
 def test_explicit_objects_are_wrapped():
     with pytest.raises(distckpt.CommunicatorError, match="cannot coordinate"):
         resolve(object())
+
+
+def test_duplicate_is_an_independent_communicator_over_the_same_ranks(comm: Communicator):
+    """What the asynchronous writer's thread uses, so its collectives never interleave
+    with the caller's."""
+    dup = comm.duplicate()
+    assert dup is not comm and type(dup) is type(comm)
+    assert (dup.rank, dup.world_size) == (comm.rank, comm.world_size)
+    if isinstance(comm, TorchDistComm):
+        assert dup._group is not comm._group  # type: ignore[attr-defined]
+        assert dist.get_backend(dup._group) == "gloo"  # type: ignore[attr-defined]
+    assert dup.allgather({"x": 1}) == [{"x": 1}]
+    assert comm.allgather(2) == [2]

@@ -62,3 +62,23 @@ def test_nccl_jobs_exchange_metadata_over_a_separate_gloo_group(tmp_path):
         assert torch.equal(target["x"].cpu(), torch.arange(4))
     finally:
         dist.destroy_process_group()
+
+
+def test_async_save_stages_cuda_tensors_through_reused_pinned_buffers(tmp_path):
+    dev = torch.device("cuda", torch.cuda.current_device())
+    state = {"w": torch.randn(1024, 1024, device=dev), "b": torch.randn(9, device=dev)}
+    want = {k: v.cpu() for k, v in state.items()}
+    with distckpt.AsyncSaver(tmp_path / "s") as saver:
+        saver.save(state)
+        for v in state.values():
+            v.zero_()  # queued on the caller's stream after the staging copies
+        saver.wait()
+        buffers = dict(saver.writer.slots[0]._buffers)
+        assert len(buffers) == 2 and all(b.is_pinned() for b in buffers.values())
+        saver.save(state)  # the second row reuses the same pinned memory
+        reused = saver.writer.slots[0]._buffers
+        assert all(reused[k] is b for k, b in buffers.items())
+    target = {k: torch.empty_like(v) for k, v in state.items()}
+    distckpt.load(target, tmp_path / "s", row=0)
+    for k, v in want.items():
+        assert torch.equal(target[k].cpu(), v)

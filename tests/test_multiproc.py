@@ -300,3 +300,48 @@ def test_launch_timeout_kills_every_rank(tmp_path: Path, launcher: str, timeout:
         except FileNotFoundError:
             continue
         assert state in ("Z", "X"), f"rank pid {pid} survived the timeout (state {state})"
+
+
+ASYNC_CRASHES = [
+    pytest.param("after_data", id="after_data"),
+    pytest.param("after_commit", id="after_commit"),
+]
+
+
+@multiproc
+@pytest.mark.timeout(TEST_TIMEOUT)
+@pytest.mark.parametrize("point", ASYNC_CRASHES)
+def test_sigkill_in_the_background_writer(tmp_path: Path, point: str) -> None:
+    """As above, with ``AsyncSaver``: the fault fires in rank 1's writer thread mid-row.
+
+    The job zeroes each state as soon as ``save()`` returns, so the restored rows also show
+    that the writer committed the staged copy, not the live (since changed) tensors.
+    """
+    nproc, crash_row = 2, ROWS - 1
+    store = tmp_path / "store"
+    env = {"DISTCKPT_FAULT": f"{point}@1:{crash_row}"}
+    crashed = run_worker("torchrun", nproc, store, ROWS, "write-async", env=env)
+
+    assert crashed.returncode != 0, f"the job survived the fault\n{crashed.describe()}"
+    for row in range(crash_row):
+        assert_every_rank(crashed, f"WROTE row={row} ", nproc)
+    assert 1 not in crashed.ranks(f"WROTE row={crash_row} ")
+    st = Store(store)
+    elected = crash_row - 1 if point == "after_data" else crash_row
+    assert (1 in st.manifest_ranks(crash_row)) == (point == "after_commit")
+    assert distckpt.latest(store) == elected
+
+    resumed = run_worker(
+        "torchrun",
+        nproc,
+        store,
+        1,
+        "restore-check,write-async,restore-check",
+        "--expect-row",
+        str(elected),
+        "--first-row",
+        str(crash_row + 1),
+    ).check()
+    assert_restored(resumed, nproc, elected)
+    assert_every_rank(resumed, f"WROTE row={crash_row + 1} ", nproc)
+    assert_restored(resumed, nproc, crash_row + 1)

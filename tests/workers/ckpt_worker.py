@@ -12,6 +12,7 @@ called with ``comm=None``, so its communicator auto-detection is under test too.
 MODE is a comma-separated list of steps, run in order:
 
 ``write``          save ROWS rows, ids ``--first-row`` .. ``--first-row + ROWS - 1``
+``write-async``    the same through ``distckpt.AsyncSaver`` (a background writer thread)
 ``restore-check``  load the elected row into zero-filled targets and compare bit-exactly with
                    values regenerated for (rank, row); ``--expect-row`` (default: the last row
                    this job wrote) must be the elected one
@@ -225,6 +226,26 @@ def digest(state: dict[str, Any]) -> str:
 
 
 # -- steps ------------------------------------------------------------------------------------
+def step_write_async(job: Job, store: str, rows: int, first: int) -> int | None:
+    """The same rows through ``AsyncSaver``: each state is zeroed as soon as ``save()``
+    returns (the row must hold the staged copy); WROTE is printed once a row is reported
+    committed (at the next save, or at ``wait()``)."""
+    said = 0
+    with distckpt.AsyncSaver(store) as saver:
+        for row in range(first, first + rows):
+            state = make_state(job.rank, row)
+            saver.save(state, row=row, **make_metadata(job.rank, row, job.world))
+            for t in tensor_refs(state).values():
+                t.zero_()
+            for done in saver.committed[said:]:
+                say(job, f"WROTE row={done}")
+            said = len(saver.committed)
+        saver.wait()
+        for done in saver.committed[said:]:
+            say(job, f"WROTE row={done}")
+    return saver.committed[-1] if saver.committed else None
+
+
 def step_write(job: Job, store: str, rows: int, first: int) -> int | None:
     last = None
     for row in range(first, first + rows):
@@ -296,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     for step in args.mode.split(","):
         if step == "write":
             last = step_write(job, args.store, args.rows, args.first_row)
+            expect_row = last if last is not None else expect_row
+        elif step == "write-async":
+            last = step_write_async(job, args.store, args.rows, args.first_row)
             expect_row = last if last is not None else expect_row
         elif step == "restore-check":
             step_restore_check(job, args.store, expect_row)
