@@ -82,6 +82,41 @@ class SingleProcessComm(Communicator):
         return SingleProcessComm()
 
 
+class RankInTurnComm(Communicator):
+    """Rank ``rank`` of ``world_size`` ranks that one process plays one after another.
+
+    For offline tools that write a multi-rank row without launching ranks (``distckpt
+    migrate``): gathers report every rank as agreeing with this one (a failure stops the
+    loop), and a broadcast replays what the root sent into ``sent``, so the root goes first.
+    """
+
+    def __init__(self, rank: int, world_size: int, sent: dict[int, bytes]) -> None:
+        self._rank = rank
+        self._size = world_size
+        self._sent = sent
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._size
+
+    def barrier(self) -> None:
+        pass
+
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        return [data] * self._size
+
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        if self._rank == root:
+            assert data is not None
+            self._sent[root] = data
+            return data
+        return self._sent[root]
+
+
 class TorchDistComm(Communicator):
     """Over an initialised ``torch.distributed``; creating one for NCCL is collective."""
 

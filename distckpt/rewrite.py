@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import engine, lease
-from .comm import Communicator
+from .comm import RankInTurnComm
 from .commit import retract_rank
 from .election import elect_offline, row_status
 from .errors import CheckpointError, MigrationError, NoCommittedRowError, StoreFormatError
@@ -31,40 +31,6 @@ class MigratedRow:
     row: int | None
     world_size: int
     applied: tuple[AppliedMigration, ...]  # rank 0's chain (every rank runs the same steps)
-
-
-class _RankInTurn(Communicator):
-    """Rank ``rank`` of ``world_size`` ranks played one after another by this process.
-
-    Gathers report every rank as agreeing with this one (a failure stops the loop); a
-    broadcast replays what rank 0 sent, so rank 0 must go first.
-    """
-
-    def __init__(self, rank: int, world_size: int, sent: dict[int, bytes]) -> None:
-        self._rank = rank
-        self._size = world_size
-        self._sent = sent
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
-
-    def barrier(self) -> None:
-        pass
-
-    def allgather_bytes(self, data: bytes) -> list[bytes]:
-        return [data] * self._size
-
-    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
-        if self._rank == root:
-            assert data is not None
-            self._sent[root] = data
-            return data
-        return self._sent[root]
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -140,7 +106,7 @@ def migrate_row(
     try:
         for rank, content in enumerate(contents):
             written = engine.save_row(
-                dest, _RankInTurn(rank, world, sent), content, name=names[rank]
+                dest, RankInTurnComm(rank, world, sent), content, name=names[rank]
             )
             new_row = written.row
             done.append(rank)

@@ -8,43 +8,19 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from distckpt.comm import Communicator
+from distckpt.comm import RankInTurnComm
 from distckpt.fs import Buffer, LocalFileSystem
 
 
-class SequentialComm(Communicator):
-    """Rank ``rank`` of ``world_size`` ranks that run one after another.
-
-    Broadcasts replay what the root sent earlier (the root must run first); gathers report
-    every rank as agreeing with this one. Enough to write multi-rank rows in one process.
-    """
+class SequentialComm(RankInTurnComm):
+    """Rank ``rank`` of ``world_size`` ranks that run one after another, sharing one record
+    of broadcasts across instances (the root must run first). Enough to write multi-rank
+    rows in one process."""
 
     _sent: dict[int, bytes] = {}  # noqa: RUF012
 
     def __init__(self, rank: int, world_size: int) -> None:
-        self._rank = rank
-        self._size = world_size
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
-
-    def barrier(self) -> None:
-        pass
-
-    def allgather_bytes(self, data: bytes) -> list[bytes]:
-        return [data] * self._size
-
-    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
-        if self._rank == root:
-            assert data is not None
-            SequentialComm._sent[root] = data
-            return data
-        return SequentialComm._sent[root]
+        super().__init__(rank, world_size, SequentialComm._sent)
 
 
 def save_as_ranks(store: Any, world_size: int, make_state: Any, **metadata: Any) -> int:
@@ -87,6 +63,10 @@ class RecordingFS(LocalFileSystem):
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
         self.reads.append((path, offset, len(out.cast("B"))))
         return super().read_into(path, out, offset)
+
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        self.reads.append((path, offset, sum(len(p.cast("B")) for p in parts)))
+        return super().read_into_parts(path, parts, offset)
 
     def remove(self, path: str) -> None:
         self.events.append(("remove", path))

@@ -264,6 +264,39 @@ def run_torchrun(
     return run_command(torchrun_command(nproc, script, args), env=env, timeout=timeout)
 
 
+ENSEMBLE_SCRIPT = REPO_ROOT / "scripts" / "ensemble.py"
+
+
+def ensemble_args(
+    root: Path,
+    *,
+    members: int,
+    steps: int,
+    grid: Sequence[int],
+    batch_size: int,
+    level: int,
+    model: str | None = None,
+) -> list[str]:
+    """Arguments of ``scripts/ensemble.py`` writing its checkpoint and output under ``root``."""
+    args = [
+        "--checkpoint",
+        str(root / "ckpt"),
+        "--output",
+        str(root / "out"),
+        "--members",
+        str(members),
+        "--steps",
+        str(steps),
+        "--grid",
+        *map(str, grid),
+        "--batch-size",
+        str(batch_size),
+        "--level",
+        str(level),
+    ]
+    return args if model is None else [*args, "--model", model]
+
+
 # -- mpiexec ----------------------------------------------------------------------------------
 @cache
 def find_mpiexec() -> str | None:

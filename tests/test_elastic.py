@@ -16,12 +16,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from multiproc import REPO_ROOT, WORKERS, LaunchResult, launch, needs_mpiexec, run_torchrun
+from multiproc import (
+    ENSEMBLE_SCRIPT,
+    WORKERS,
+    LaunchResult,
+    ensemble_args,
+    launch,
+    needs_mpiexec,
+    run_torchrun,
+)
 
 import distckpt
 from distckpt.format import CRC_BYTES
 
-SCRIPT = REPO_ROOT / "scripts" / "ensemble.py"
+SCRIPT = ENSEMBLE_SCRIPT
 MEMBERS, STEPS, GRID, BATCH = 8, 4, (8, 16), 1
 ROWS_PER_BATCH = STEPS + 1
 LAUNCH_TIMEOUT = 120.0
@@ -33,22 +41,9 @@ multiproc = pytest.mark.multiproc
 def run(
     launcher: str, nproc: int, root: Path, fault: str | None = None, level: int = 2
 ) -> LaunchResult:
-    args = [
-        "--level",
-        str(level),
-        "--checkpoint",
-        str(root / "ckpt"),
-        "--output",
-        str(root / "out"),
-        "--members",
-        str(MEMBERS),
-        "--steps",
-        str(STEPS),
-        "--grid",
-        *map(str, GRID),
-        "--batch-size",
-        str(BATCH),
-    ]
+    args = ensemble_args(
+        root, members=MEMBERS, steps=STEPS, grid=GRID, batch_size=BATCH, level=level
+    )
     env = {"DISTCKPT_FAULT": fault} if fault else None
     return launch(launcher, nproc, SCRIPT, args, env=env, timeout=LAUNCH_TIMEOUT)
 

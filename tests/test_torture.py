@@ -42,8 +42,9 @@ import numpy as np
 import pytest
 import zarr
 from multiproc import (
-    REPO_ROOT,
+    ENSEMBLE_SCRIPT,
     LaunchResult,
+    ensemble_args,
     launch,
     mpi_unavailable,
     needs_mpiexec,
@@ -53,7 +54,7 @@ from multiproc import (
 import distckpt
 from distckpt.store import Store
 
-SCRIPT = REPO_ROOT / "scripts" / "ensemble.py"
+SCRIPT = ENSEMBLE_SCRIPT
 MEMBERS, STEPS, GRID = 8, 6, (8, 16)
 ROWS_PER_BATCH = STEPS + 1  # a boundary (row) after the initial condition and every step
 POINTS = ("before_data", "after_data", "after_manifest", "after_commit", "after_output")
@@ -101,24 +102,15 @@ class Config:
         return mine[batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def args(self, root: Path) -> list[str]:
-        return [
-            "--checkpoint",
-            str(root / "ckpt"),
-            "--output",
-            str(root / "out"),
-            "--members",
-            str(MEMBERS),
-            "--steps",
-            str(STEPS),
-            "--grid",
-            *map(str, GRID),
-            "--batch-size",
-            str(self.batch_size),
-            "--level",
-            str(self.level),
-            "--model",
-            self.model,
-        ]
+        return ensemble_args(
+            root,
+            members=MEMBERS,
+            steps=STEPS,
+            grid=GRID,
+            batch_size=self.batch_size,
+            level=self.level,
+            model=self.model,
+        )
 
     def launch(self, root: Path, fault: str | None) -> LaunchResult:
         env = {"DISTCKPT_FAULT": fault} if fault else None

@@ -248,4 +248,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    # Skip interpreter teardown: gloo's threads can race it and abort the process after a
+    # successful run ("terminate called without an active exception"; see ckpt_worker).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
