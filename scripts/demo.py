@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "scripts" / "train_demo.py"
 ENSEMBLE = ROOT / "scripts" / "ensemble.py"
 NPROC = 2
+RELAUNCH_NPROC = 3  # the relaunch comes back on another number of ranks: members move
 VICTIM = NPROC - 1  # not the coordinator: the survivor must notice and stop too
 
 # The ensemble's shape (scripts/ensemble.py's defaults, passed explicitly). Every rank runs
@@ -51,13 +52,13 @@ ENS_ROWS = math.ceil(math.ceil(MEMBERS / NPROC) / BATCH) * ROWS_PER_BATCH  # 2 x
 
 
 # -- launching and killing --------------------------------------------------------------------
-def torchrun(script: Path, *args: Any) -> list[str]:
+def torchrun(script: Path, *args: Any, nproc: int = NPROC) -> list[str]:
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
-        f"--nproc-per-node={NPROC}",
+        f"--nproc-per-node={nproc}",
         str(script),
         *map(str, args),
     ]
@@ -157,7 +158,7 @@ def rel(path: Path) -> str:
 
 
 # -- part 1: the reference ensemble forecast --------------------------------------------------
-def ensemble_cmd(run: Path) -> list[str]:
+def ensemble_cmd(run: Path, nproc: int = NPROC) -> list[str]:
     return torchrun(
         ENSEMBLE,
         "--checkpoint",
@@ -174,6 +175,7 @@ def ensemble_cmd(run: Path) -> list[str]:
         BATCH,
         "--pid-dir",
         run / "pids",
+        nproc=nproc,
     )
 
 
@@ -218,10 +220,11 @@ def ensemble_part(work: Path, kill_row: int) -> int:
         fail(f"row {elected} is the last one: the kill came too late", log)
     print(f"        distckpt.latest() elects row {elected} ({where(elected)})")
 
-    took, text = run_to_end(ensemble_cmd(res), log)
+    took, text = run_to_end(ensemble_cmd(res, RELAUNCH_NPROC), log)
     done = done_line(text, log)
     print(
-        f"  [3/4] relaunch: {took:.1f} s, resumed_from={done['resumed_from']}, "
+        f"  [3/4] relaunch on {RELAUNCH_NPROC} ranks (members move between ranks): "
+        f"{took:.1f} s, resumed_from={done['resumed_from']}, "
         f"digest {done['digest']}"
     )
     if done["resumed_from"] != str(elected):
