@@ -77,6 +77,7 @@ COLUMNS = (
     "size/rank",
     "tool",
     "seconds",
+    "best s",
     "GB/s",
     "vs raw",
     "vs DCP",
@@ -94,6 +95,7 @@ def table_rows(records: list[Record]) -> list[list[str]]:
             r["size_label"],
             r["tool"],
             f"{r['seconds']:.3f}",
+            _fmt(r.get("best_s"), ".3f"),
             _fmt(r.get("gbps"), ".2f"),
             _fmt(r.get("vs_raw"), ".2f"),
             _fmt(r.get("vs_dcp"), ".2f"),
@@ -112,7 +114,7 @@ def format_table(records: list[Record], *, markdown: bool = False) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]
-    fmt = "  ".join(f"{{:{'<' if i in (0, 2, 3, 10) else '>'}{w}}}" for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:{'<' if i in (0, 2, 3, 11) else '>'}{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*COLUMNS).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
     lines += [fmt.format(*row).rstrip() for row in rows]
     return "\n".join(lines)
