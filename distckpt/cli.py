@@ -524,7 +524,10 @@ def ls_command(store: str, as_json: bool) -> None:
 @click.option(
     "--world-size",
     type=click.IntRange(min=1),
-    help="Only rows written by this many ranks (the size of the job that will restart).",
+    help=(
+        "Only rows written by this many ranks. Without it, rows of any size count: a job of "
+        "another size restores them when their state can be redistributed."
+    ),
 )
 @json_option
 @handle_errors
