@@ -54,6 +54,26 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text)
 
 
+def _fresh_dir(ctx: Ctx, cfg: Config, name: str) -> str:
+    """Collective: an empty working directory for one case (rank 0 clears it)."""
+    base = os.path.join(cfg.workdir, f"ranks{ctx.world}", _slug(name))
+    if ctx.rank == 0:
+        remove_tree(base)
+    ctx.barrier()
+    return base
+
+
+def _common(ctx: Ctx, state: State, size_mib: float, label: str) -> dict[str, Any]:
+    """The fields every record of one case shares."""
+    return {
+        "ctx": ctx,
+        "size_mib": size_mib,
+        "size_label": label,
+        "bytes_per_rank": state_nbytes(state),
+        "tensors_per_rank": len(state),
+    }
+
+
 def io_case(
     ctx: Ctx,
     cfg: Config,
@@ -68,18 +88,8 @@ def io_case(
     """Save ``state`` with every tool ``cfg.repeat`` times (fresh directory each time, the
     tools' order rotating per repeat), then restore the last save of each tool into
     preallocated tensors with the files in the page cache."""
-    base = os.path.join(cfg.workdir, f"ranks{ctx.world}", _slug(f"{case}-{size_label}"))
-    if ctx.rank == 0:
-        remove_tree(base)
-    ctx.barrier()
-    nbytes = state_nbytes(state)
-    common: dict[str, Any] = {
-        "ctx": ctx,
-        "size_mib": size_mib,
-        "size_label": size_label,
-        "bytes_per_rank": nbytes,
-        "tensors_per_rank": len(state),
-    }
+    base = _fresh_dir(ctx, cfg, f"{case}-{size_label}")
+    common = _common(ctx, state, size_mib, size_label)
     _warm_up(ctx, base, tools)
     totals: dict[str, list[float]] = {t.name: [] for t in tools}
     slowest: dict[str, list[float]] = {t.name: [] for t in tools}
@@ -301,19 +311,8 @@ def async_case(
     and this process's resident memory (growth over the case, and peak)."""
     import distckpt
 
-    base = os.path.join(cfg.workdir, f"ranks{ctx.world}", _slug(f"async-{label}"))
-    if ctx.rank == 0:
-        remove_tree(base)
-    ctx.barrier()
-    nbytes = state_nbytes(state)
-    common: dict[str, Any] = {
-        "ctx": ctx,
-        "size_mib": size_mib,
-        "size_label": label,
-        "bytes_per_rank": nbytes,
-        "tensors_per_rank": len(state),
-        "durable": True,
-    }
+    base = _fresh_dir(ctx, cfg, f"async-{label}")
+    common = {**_common(ctx, state, size_mib, label), "durable": True}
     rss0 = rss_bytes()
     sync_t: list[float] = []
     sync_slow: list[float] = []
@@ -371,15 +370,8 @@ def gpu_case(ctx: Ctx, cfg: Config, *, size_mib: float, label: str) -> list[dict
     state = {
         k: v.to(dev) for k, v in make_state(ctx.rank, int(size_mib * MiB), cfg.tensors).items()
     }
-    nbytes = state_nbytes(state)
     pinned = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True) for k, v in state.items()}
-    common: dict[str, Any] = {
-        "ctx": ctx,
-        "size_mib": size_mib,
-        "size_label": label,
-        "bytes_per_rank": nbytes,
-        "tensors_per_rank": len(state),
-    }
+    common = _common(ctx, state, size_mib, label)
 
     def d2h() -> None:
         for k, v in state.items():

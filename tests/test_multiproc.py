@@ -162,13 +162,20 @@ def test_sigkill_during_commit(tmp_path: Path, launcher: str, point: str) -> Non
         elected = crash_row
     assert distckpt.latest(store) == elected  # offline, as a restart script asks
 
-    # Relaunch: restore the elected row, keep going past the crashed row, restore again.
+    resume_past_crash(launcher, nproc, store, "write", elected, crash_row)
+    assert distckpt.latest(store) == crash_row + 1
+
+
+def resume_past_crash(
+    launcher: str, nproc: int, store: Path, write: str, elected: int, crash_row: int
+) -> None:
+    """Relaunch: restore the elected row, keep going past the crashed row, restore again."""
     resumed = run_worker(
         launcher,
         nproc,
         store,
         1,
-        "restore-check,write,restore-check",
+        f"restore-check,{write},restore-check",
         "--expect-row",
         str(elected),
         "--first-row",
@@ -177,7 +184,6 @@ def test_sigkill_during_commit(tmp_path: Path, launcher: str, point: str) -> Non
     assert_restored(resumed, nproc, elected)
     assert_every_rank(resumed, f"WROTE row={crash_row + 1} ", nproc)
     assert_restored(resumed, nproc, crash_row + 1)
-    assert distckpt.latest(store) == crash_row + 1
 
 
 WORLD_CHANGES = [
@@ -331,17 +337,4 @@ def test_sigkill_in_the_background_writer(tmp_path: Path, point: str) -> None:
     assert (1 in st.manifest_ranks(crash_row)) == (point == "after_commit")
     assert distckpt.latest(store) == elected
 
-    resumed = run_worker(
-        "torchrun",
-        nproc,
-        store,
-        1,
-        "restore-check,write-async,restore-check",
-        "--expect-row",
-        str(elected),
-        "--first-row",
-        str(crash_row + 1),
-    ).check()
-    assert_restored(resumed, nproc, elected)
-    assert_every_rank(resumed, f"WROTE row={crash_row + 1} ", nproc)
-    assert_restored(resumed, nproc, crash_row + 1)
+    resume_past_crash("torchrun", nproc, store, "write-async", elected, crash_row)
