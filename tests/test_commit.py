@@ -11,6 +11,7 @@ from fakes import FullDiskFS, RecordingFS, SequentialComm, save_as_ranks
 import distckpt
 from distckpt.commit import delete_row
 from distckpt.election import elect_offline, row_status
+from distckpt.manifest import InvalidManifest
 from distckpt.retention import rows_to_delete
 from distckpt.store import Store
 
@@ -144,3 +145,23 @@ def test_retention_with_keep_reads_only_the_rows_it_keeps(tmp_path, monkeypatch)
     monkeypatch.setattr(Store, "read_manifest", counting)
     assert rows_to_delete(store, keep=2) == list(range(10))
     assert set(read) == {10, 11}
+
+
+def test_a_store_handle_sees_a_manifest_that_changed_on_disk(tmp_path):
+    """Parsed manifests are reused only while their bytes are unchanged: a handle kept
+    across a retraction and a damaged rewrite reports what is on disk now."""
+    path = tmp_path / "s"
+    distckpt.save({"x": torch.ones(3)}, path, step=1)
+    st = Store(path)
+    first = st.read_manifest(0, 0)
+    assert st.read_manifest(0, 0) == first
+    manifest = st.manifest_path(0, 0)
+    with open(manifest, "rb") as f:
+        raw = f.read()
+    with open(manifest, "wb") as f:
+        f.write(raw.replace(b'"write_count":0', b'"write_count":7'))
+    assert st.read_manifest(0, 0).write_count == 7
+    os.remove(manifest)
+    assert elect_offline(st) is None
+    with pytest.raises(InvalidManifest, match="missing"):
+        st.read_manifest(0, 0)
