@@ -617,6 +617,17 @@ def rank_detail(m: RankManifest) -> dict[str, Any]:
             }
             for a in m.arrays
         ],
+        "globals": [
+            {
+                "name": g.name,
+                "shape": list(g.shape),
+                "dtype": g.dtype,
+                "chunk_shape": list(g.chunk_shape),
+                "chunks_written": len(g.chunks),
+                "array": g.array,
+            }
+            for g in m.globals
+        ],
     }
 
 
@@ -639,9 +650,10 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
     (state id, a prefix of the schema hash, schema version) and every saved tensor: its
     name, shape, dtype, size, and whether it lives in the rank's packed array (small
     tensors, with its byte offset) or in an array of its own (with the array's path).
-    Use --rank to limit the output to some ranks of a large job. On a file or directory
-    that is not a store (torch, Lightning, safetensors, DCP), says which format it detected
-    and why, and summarises its keys.
+    Global (sharded) arrays are listed with their global shape, chunk shape and how many
+    chunks each rank wrote. Use --rank to limit the output to some ranks of a large job. On
+    a file or directory that is not a store (torch, Lightning, safetensors, DCP), says which
+    format it detected and why, and summarises its keys.
     """
     from .cli_interchange import show_foreign
 
@@ -714,6 +726,23 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
                 rows.append([a.name, shape, a.dtype, human_bytes(a.nbytes), kind, where])
             for line in table(
                 ["NAME", "SHAPE", "DTYPE", "BYTES", "STORAGE", "WHERE"], rows, "    "
+            ):
+                out(line)
+        if m.globals:
+            out("  global arrays (sharded tensors; this rank's chunks of each):")
+            rows = [
+                [
+                    g.name,
+                    "x".join(str(d) for d in g.shape) or "scalar",
+                    g.dtype,
+                    "x".join(str(d) for d in g.chunk_shape) or "-",
+                    str(len(g.chunks)),
+                    g.array,
+                ]
+                for g in m.globals
+            ]
+            for line in table(
+                ["NAME", "GLOBAL SHAPE", "DTYPE", "CHUNK", "CHUNKS HERE", "ARRAY"], rows, "    "
             ):
                 out(line)
 

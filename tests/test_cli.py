@@ -312,6 +312,20 @@ def test_show_describes_the_latest_row(single):
     assert b[:4] == ["model/b", "8", "float32", "32"] and b[5:] == ["packed", "@0"]
 
 
+def test_show_lists_global_arrays_with_the_chunks_each_rank_wrote(tmp_path):
+    path = tmp_path / "g"
+    w = torch.arange(48.0).reshape(6, 8)
+    distckpt.save({"w": distckpt.Sharded(w, (6, 8), (0, 0)), "x": torch.ones(3)}, path)
+    out = run("show", path).stdout
+    section = out.split("global arrays", 1)[1].splitlines()
+    line = next(line for line in section if line.strip().startswith("w "))
+    assert line.split()[1:6] == ["6x8", "float32", "6x8", "1", "global/w"]
+    doc = json.loads(run("show", path, "--json").stdout)
+    (shown,) = doc["ranks"][0]["globals"]
+    assert (shown["name"], shown["shape"], shown["chunks_written"]) == ("w", [6, 8], 1)
+    assert [a["name"] for a in doc["ranks"][0]["arrays"]] == ["x"]
+
+
 def test_show_states_level_and_lead_time(workflow):
     out = run("show", workflow, "0").stdout
     assert "row        0" in out and "level      2" in out and "lead time  6:00:00" in out
