@@ -36,6 +36,7 @@ from .errors import (
     WorldSizeMismatchError,
 )
 from .format import PACKED_ARRAY, ZARR_JSON
+from .globalio import written_nbytes
 from .lease import Lease, LeaseHeldError, LeaseStatus, lease_status
 from .manifest import RankManifest
 from .retention import rows_to_delete
@@ -699,9 +700,13 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
     for m in shown:
         out("")
         packed = sum(a.nbytes for a in m.arrays if a.array.endswith("/" + PACKED_ARRAY))
+        shards = ""
+        if m.globals:
+            written = sum(written_nbytes(g) for g in m.globals)
+            shards = f"; {_plural(len(m.globals), 'global array')}, {human_bytes(written)} written"
         out(
             f"rank {m.rank}  ({_plural(len(m.arrays), 'tensor')}, {human_bytes(m.nbytes)}; "
-            f"{human_bytes(packed)} packed)"
+            f"{human_bytes(packed)} packed{shards})"
         )
         if first is not None and m.metadata != first.metadata:
             out(f"  metadata: {human_value(_decoded(m.metadata), 80)}")

@@ -282,11 +282,17 @@ def fill(live: Any, saved: GlobalValue) -> None:
             dest.copy_(host)
 
 
+def written_nbytes(entry: GlobalEntry) -> int:
+    """Bytes of the chunks one rank wrote of a global array (chunks are never clipped: the
+    grid divides the global shape)."""
+    itemsize = spec_for(torch_dtype(entry.dtype)).itemsize
+    return len(entry.chunks) * math.prod(entry.chunk_shape) * itemsize
+
+
 def check_written_chunks(fs: FileSystem, row_dir: str, entry: GlobalEntry) -> list[str]:
     """Re-read the chunks one rank wrote (``entry.chunks``); a problem per bad chunk."""
     problems = []
-    itemsize = spec_for(torch_dtype(entry.dtype)).itemsize
-    nbytes = math.prod(entry.chunk_shape) * itemsize
+    nbytes = written_nbytes(entry) // max(1, len(entry.chunks))
     for index, crc in entry.chunks:
         path = os.path.join(row_dir, entry.array, chunk_key(index))
         buf = bytearray(nbytes + CRC_BYTES)

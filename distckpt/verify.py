@@ -22,7 +22,7 @@ from . import codec
 from .election import row_status
 from .errors import CheckpointError, CorruptCheckpointError
 from .format import PACKED_ARRAY, ZARR_JSON, rank_dir_name
-from .globalio import check_written_chunks
+from .globalio import check_written_chunks, written_nbytes
 from .manifest import InvalidManifest, RankManifest
 from .rowio import RankReader
 from .store import Store
@@ -193,7 +193,14 @@ def read_rank(
         count += 1
         for message in check_written_chunks(store.fs, row_dir, g):
             problems.append(Problem(row, rank, g.name, message))
+        if on_bytes is not None:
+            on_bytes(written_nbytes(g))
     return problems, count
+
+
+def _written(manifest: RankManifest) -> int:
+    """Bytes one rank wrote to a row: its own arrays and its chunks of global arrays."""
+    return manifest.nbytes + sum(written_nbytes(g) for g in manifest.globals)
 
 
 class Verification:
@@ -229,7 +236,7 @@ class Verification:
             for problem in status.problems:
                 if problem.startswith("manifests disagree"):
                     report.problems.append(Problem(row, None, None, problem))
-        self.total_bytes = sum(m.nbytes for m in self.tasks)
+        self.total_bytes = sum(_written(m) for m in self.tasks)
 
     def run(
         self, *, jobs: int = 1, on_bytes: Callable[[int], None] | None = None
@@ -256,7 +263,7 @@ class Verification:
             report = self.reports[manifest.row]
             report.problems += result[0]
             report.arrays_checked += result[1]
-            report.bytes_checked += manifest.nbytes
+            report.bytes_checked += _written(manifest)
             report.unchecksummed += sum(1 for a in manifest.arrays if a.crc32c is None)
 
         if jobs <= 1:

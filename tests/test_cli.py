@@ -321,6 +321,9 @@ def test_show_lists_global_arrays_with_the_chunks_each_rank_wrote(tmp_path):
     line = next(line for line in section if line.strip().startswith("w "))
     assert line.split()[1:6] == ["6x8", "float32", "6x8", "1", "global/w"]
     doc = json.loads(run("show", path, "--json").stdout)
+    assert "1 global array, 192 B written" in out  # 6 x 8 float32
+    verified = run("verify", path)
+    assert verified.exit_code == 0 and "2 tensors, 204 B" in verified.stdout  # + x's 12 B
     (shown,) = doc["ranks"][0]["globals"]
     assert (shown["name"], shown["shape"], shown["chunks_written"]) == ("w", [6, 8], 1)
     assert [a["name"] for a in doc["ranks"][0]["arrays"]] == ["x"]
