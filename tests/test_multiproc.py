@@ -309,15 +309,17 @@ def test_launch_timeout_kills_every_rank(tmp_path: Path, launcher: str, timeout:
 
 
 ASYNC_CRASHES = [
-    pytest.param("after_data", id="after_data"),
-    pytest.param("after_commit", id="after_commit"),
+    pytest.param("torchrun", "after_data", id="torchrun-after_data"),
+    pytest.param("torchrun", "after_commit", id="torchrun-after_commit"),
+    # MPI: the writer thread collects on a Dup'ed communicator beside the caller's.
+    pytest.param("mpiexec", "after_data", id="mpiexec-after_data", marks=needs_mpiexec),
 ]
 
 
 @multiproc
 @pytest.mark.timeout(TEST_TIMEOUT)
-@pytest.mark.parametrize("point", ASYNC_CRASHES)
-def test_sigkill_in_the_background_writer(tmp_path: Path, point: str) -> None:
+@pytest.mark.parametrize(("launcher", "point"), ASYNC_CRASHES)
+def test_sigkill_in_the_background_writer(tmp_path: Path, launcher: str, point: str) -> None:
     """As above, with ``AsyncSaver``: the fault fires in rank 1's writer thread mid-row.
 
     The job zeroes each state as soon as ``save()`` returns, so the restored rows also show
@@ -326,7 +328,7 @@ def test_sigkill_in_the_background_writer(tmp_path: Path, point: str) -> None:
     nproc, crash_row = 2, ROWS - 1
     store = tmp_path / "store"
     env = {"DISTCKPT_FAULT": f"{point}@1:{crash_row}"}
-    crashed = run_worker("torchrun", nproc, store, ROWS, "write-async", env=env)
+    crashed = run_worker(launcher, nproc, store, ROWS, "write-async", env=env)
 
     assert crashed.returncode != 0, f"the job survived the fault\n{crashed.describe()}"
     for row in range(crash_row):
@@ -337,4 +339,4 @@ def test_sigkill_in_the_background_writer(tmp_path: Path, point: str) -> None:
     assert (1 in st.manifest_ranks(crash_row)) == (point == "after_commit")
     assert distckpt.latest(store) == elected
 
-    resume_past_crash("torchrun", nproc, store, "write-async", elected, crash_row)
+    resume_past_crash(launcher, nproc, store, "write-async", elected, crash_row)
