@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 from .faults import fault_point
 from .format import GLOBAL_MANIFEST_VERSION, ZARR_JSON, group_document
@@ -42,12 +43,15 @@ def commit_rank(
     layouts: dict[str, GlobalLayout] | None = None,
     *,
     checksums: bool = True,
+    annotate: Callable[[RankManifest], RankManifest] | None = None,
 ) -> RankManifest:
     """Write this rank's data durably, then publish its manifest: the rank's commit point.
 
     ``layouts`` (agreed by every rank) says which chunks of the global arrays this rank
     writes; they are durable before the manifest like the rank's own arrays. ``checksums``
-    applies to the rank's own arrays; global chunks are always checksummed.
+    applies to the rank's own arrays; global chunks are always checksummed. ``annotate``
+    completes the manifest from what the write produced (its entries, with checksums) before
+    it is published.
     """
     row, rank = manifest.row, manifest.rank
     fault_point("before_data", rank=rank, row=row)
@@ -61,6 +65,8 @@ def commit_rank(
     final = dataclasses.replace(manifest, arrays=tuple(entries), globals=tuple(shards))
     if shards:
         final = dataclasses.replace(final, format=GLOBAL_MANIFEST_VERSION)
+    if annotate is not None:
+        final = annotate(final)
     store.fs.atomic_write(store.manifest_path(row, rank), final.to_json())
     fault_point("after_manifest", rank=rank, row=row)
     return final

@@ -65,6 +65,20 @@ def _record(tree: Any, schema: StateSchema | None, version: int = 0) -> StateRec
     return StateRecord(tree, schema.digest, schema.version, dict(schema.fields))
 
 
+def _with_digests(plan: RankPlan) -> Callable[[RankManifest], RankManifest]:
+    """Record each state's digest (states equal on every rank may be restored at another
+    world size, see ``redistribute``), from the checksums the write just computed."""
+
+    def annotate(manifest: RankManifest) -> RankManifest:
+        digests = state_digests(plan, [a.crc32c for a in manifest.arrays])
+        states = {
+            sid: dataclasses.replace(r, digest=digests[sid]) for sid, r in manifest.states.items()
+        }
+        return dataclasses.replace(manifest, states=states)
+
+    return annotate
+
+
 def agree(comm: Communicator, error: str | None) -> list[tuple[int, str]]:
     """Exchange per-rank errors; every rank gets the same list of (rank, message)."""
     reports = comm.allgather(error)
@@ -133,9 +147,6 @@ def save_row(
             sid: _record(tree, content.schemas.get(sid), content.versions.get(sid, 0))
             for sid, tree in plan.states.items()
         }
-        # States equal on every rank may be restored at another world size (redistribute).
-        digests = state_digests(plan)
-        states = {sid: dataclasses.replace(r, digest=digests[sid]) for sid, r in states.items()}
     except Exception as exc:
         failure = exc
     agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
@@ -188,7 +199,9 @@ def save_row(
             states=states,
             metadata=encoded_meta,
         )
-        manifest = commit_rank(store, plan, draft, layouts, checksums=checksums)
+        manifest = commit_rank(
+            store, plan, draft, layouts, checksums=checksums, annotate=_with_digests(plan)
+        )
     except Exception as exc:
         failure = exc
         log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)

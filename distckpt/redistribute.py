@@ -83,15 +83,20 @@ class SourceRanks:
         return merged
 
 
-def state_digests(plan: RankPlan) -> dict[str, str]:
-    """A digest per state of its tree and its tensors' bytes: equal digests, equal values."""
+def state_digests(plan: RankPlan, crcs: Sequence[int | None] | None = None) -> dict[str, str]:
+    """A digest per state of its tree and its tensors' bytes: equal digests, equal values.
+
+    ``crcs[i]`` is tensor ``i``'s crc32c when the write already computed it (a save with
+    checksums off did not: those tensors are checksummed here)."""
     out: dict[str, str] = {}
     for state_id, tree in plan.states.items():
         h = hashlib.sha256(json.dumps(tree, sort_keys=True).encode())
         for index in _tensor_indices(tree):
             p = plan.tensors[index]
             h.update(f"{p.spec.name}{tuple(p.tensor.shape)}".encode())
-            h.update(checksum(byte_view(p.tensor)).to_bytes(4, "little"))
+            known = None if crcs is None else crcs[index]
+            crc = checksum(byte_view(p.tensor)) if known is None else known
+            h.update(crc.to_bytes(4, "little"))
         out[state_id] = h.hexdigest()
     return out
 

@@ -67,6 +67,28 @@ def test_state_equal_on_every_rank_restores_at_any_size(store):
         assert torch.equal(target["step"]["lr"], torch.tensor([0.5, 0.25]))
 
 
+@pytest.mark.parametrize("checksums", [True, False])
+def test_equal_and_private_states_are_told_apart_with_checksums_on_or_off(tmp_path, checksums):
+    """The digests that decide which states may move come from the write's checksums, or
+    from the tensors themselves when the save skipped checksums: either way a value that
+    differs between ranks only in its bytes is private, an equal one is shared."""
+    st = Store(tmp_path / "s")
+    save_as_ranks(
+        st,
+        2,
+        lambda rank: {"shared": torch.arange(4.0), "bytes_differ": torch.full((4,), rank)},
+        checksums=checksums,
+    )
+    digests = [
+        {sid: rec.digest for sid, rec in st.read_manifest(0, rank).states.items()}
+        for rank in (0, 1)
+    ]
+    assert digests[0]["shared"] == digests[1]["shared"]
+    assert digests[0]["bytes_differ"] != digests[1]["bytes_differ"]
+    with pytest.raises(distckpt.WorldSizeMismatchError, match="'bytes_differ'"):
+        distckpt.load({"shared": torch.zeros(4)}, st.path, comm=SequentialComm(0, 1))
+
+
 def test_rank_private_state_needs_a_mapping_policy(store):
     with pytest.raises(distckpt.WorldSizeMismatchError) as info:
         distckpt.load({}, store.path, comm=SequentialComm(0, 1))
