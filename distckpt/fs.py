@@ -84,6 +84,18 @@ class FileSystem(ABC):
             self.fsync_dir(path)
 
 
+def _advance(views: list[memoryview], n: int) -> None:
+    """After a vectored write or read moved ``n`` bytes: drop the buffers it finished and
+    trim the one it stopped inside."""
+    while n and views:
+        if n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][n:]
+            n = 0
+
+
 def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
     views = [memoryview(p).cast("B") for p in parts if len(memoryview(p).cast("B"))]
     total = sum(len(v) for v in views)
@@ -92,14 +104,7 @@ def _write_all(fd: int, parts: Sequence[Buffer]) -> int:
     while views:
         n = os.writev(fd, views[:iov_max])
         written += n
-        # Drop fully written buffers, trim a partially written one.
-        while n and views:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
+        _advance(views, n)
     assert written == total
     return total
 
@@ -162,13 +167,7 @@ class LocalFileSystem(FileSystem):
                 if n == 0:
                     break
                 got += n
-                while n and views:  # drop filled buffers, trim a partly filled one
-                    if n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
+                _advance(views, n)
             assert got <= total
             return got
         finally:
