@@ -217,14 +217,19 @@ def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict
     chosen = elect_offline(st) if row is None else row
     if chosen is None:
         return {}
-    status = row_status(st, chosen)
+    return committed_part(st, chosen, rank).metadata
+
+
+def committed_part(st: Store, row: int, rank: int) -> engine.RowView:
+    """Offline: saved rank ``rank``'s part of ``row``, which must be committed."""
+    status = row_status(st, row)
     if not status.committed:
-        raise NoCommittedRowError(f"row {chosen} of {st.path} is not committed")
+        raise NoCommittedRowError(f"row {row} of {st.path} is not committed")
     if rank not in status.valid_ranks:
         raise CheckpointError(
-            f"row {chosen} of {st.path} has ranks 0..{status.world_size}; no rank {rank}"
+            f"row {row} of {st.path} has ranks 0..{len(status.valid_ranks) - 1}; no rank {rank}"
         )
-    return engine.RowView(st, status.manifests[status.valid_ranks.index(rank)]).metadata
+    return engine.RowView(st, status.manifests[status.valid_ranks.index(rank)])
 
 
 def _check_fits(

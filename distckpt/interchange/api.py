@@ -12,12 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import codec, engine
-from ..api import StoreLike, save
+from .. import codec
+from ..api import StoreLike, committed_part, save
 from ..comm import SingleProcessComm
-from ..election import elect_offline, row_status
+from ..election import elect_offline
 from ..errors import (
-    CheckpointError,
     CheckpointSerializationError,
     ExportFormatError,
     ImportFormatError,
@@ -146,14 +145,7 @@ def read_row(store: StoreLike, row: int | None = None, rank: int = 0) -> tuple[i
     chosen = elect_offline(st) if row is None else row
     if chosen is None:
         raise NoCommittedRowError(f"no committed row in {st.path} to export")
-    status = row_status(st, chosen)
-    if not status.committed:
-        raise NoCommittedRowError(f"row {chosen} of {st.path} is not committed")
-    if rank not in status.valid_ranks:
-        raise CheckpointError(
-            f"row {chosen} of {st.path} has ranks 0..{len(status.valid_ranks) - 1}; no rank {rank}"
-        )
-    view = engine.RowView(st, status.manifests[status.valid_ranks.index(rank)])
+    view = committed_part(st, chosen, rank)
     return chosen, {sid: view.read_state(sid) for sid in view.manifest.states}
 
 
