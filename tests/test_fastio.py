@@ -49,6 +49,15 @@ def chunk_of(store: Path, row: int, name: str) -> Path:
     return chunk
 
 
+def corrupt_big_chunk(store: Path) -> None:
+    """Save a row, then flip one byte of its ``model/big`` chunk."""
+    row = distckpt.save(make_state(5), store)
+    chunk = chunk_of(store, row, "model/big")
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0x5A
+    chunk.write_bytes(bytes(data))
+
+
 def raw(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
@@ -152,11 +161,7 @@ def test_in_place_load_refuses_a_misfit_before_touching_anything(tmp_path):
 
 def test_in_place_load_of_a_corrupted_chunk_raises(tmp_path):
     store = tmp_path / "s"
-    row = distckpt.save(make_state(5), store)
-    chunk = chunk_of(store, row, "model/big")
-    data = bytearray(chunk.read_bytes())
-    data[100] ^= 0x5A
-    chunk.write_bytes(bytes(data))
+    corrupt_big_chunk(store)
     live = zeros_like(make_state(0))
     with pytest.raises(distckpt.CorruptCheckpointError, match="model/big"):
         distckpt.load(live, store, in_place=True)
@@ -165,11 +170,7 @@ def test_in_place_load_of_a_corrupted_chunk_raises(tmp_path):
 
 def test_default_load_of_a_corrupted_chunk_leaves_live_tensors_untouched(tmp_path):
     store = tmp_path / "s"
-    row = distckpt.save(make_state(5), store)
-    chunk = chunk_of(store, row, "model/big")
-    data = bytearray(chunk.read_bytes())
-    data[100] ^= 0x5A
-    chunk.write_bytes(bytes(data))
+    corrupt_big_chunk(store)
     live = zeros_like(make_state(0))
     with pytest.raises(distckpt.CorruptCheckpointError):
         distckpt.load(live, store)
