@@ -417,10 +417,10 @@ def gpu_case(ctx: Ctx, cfg: Config, *, size_mib: float, label: str) -> list[dict
 def build_manifest_store(path: str, rows: int, ranks: int, tensors: int) -> int:
     """A store of ``rows`` committed rows of ``ranks`` ranks: manifests and group documents
     only, no data. Returns the size in bytes of one manifest."""
-    from distckpt import codec
-    from distckpt.format import ZARR_JSON, group_document
-    from distckpt.manifest import ArrayEntry, RankManifest, StateRecord
-    from distckpt.store import Store, utcnow
+    from distckpt.format import tree as codec
+    from distckpt.format.layout import ZARR_JSON, group_document
+    from distckpt.format.manifest import ArrayEntry, RankManifest, StateRecord
+    from distckpt.storage.store import Store, utcnow
 
     remove_tree(path)
     store = Store(path)
@@ -470,9 +470,9 @@ def build_manifest_store(path: str, rows: int, ranks: int, tensors: int) -> int:
 def election_case(cfg: Config) -> list[dict[str, Any]]:
     """Time elect_offline, rows_to_delete(keep=1) and one rank's part of the online
     election (local_commits) over a store of cfg.election_rows x cfg.election_ranks."""
-    from distckpt.election import elect_offline, local_commits
-    from distckpt.retention import rows_to_delete
-    from distckpt.store import Store
+    from distckpt.dist.election import elect_offline, local_commits
+    from distckpt.dist.retention import rows_to_delete
+    from distckpt.storage.store import Store
 
     ctx = Ctx()
     rows, ranks = cfg.election_rows, cfg.election_ranks

@@ -54,8 +54,8 @@ def _calls(stats: pstats.Stats, name: str) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> None:
     import distckpt
-    from distckpt import lease
-    from distckpt.store import Store
+    from distckpt.storage import lease as lease
+    from distckpt.storage.store import Store
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__)
     p.add_argument("--size", type=int, default=256, help="MiB")
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     path = os.path.abspath(os.path.join(args.out, "work", "profile-store"))
     remove_tree(path)
     if args.election:
-        from distckpt.retention import rows_to_delete
+        from distckpt.dist.retention import rows_to_delete
 
         from .cases import build_manifest_store
 

@@ -76,8 +76,8 @@ class Distckpt(Tool):
 
     def before_save(self, ctx: Ctx, path: str, state: State) -> None:
         if ctx.rank == 0:
-            from distckpt import lease
-            from distckpt.store import Store
+            from distckpt.storage import lease as lease
+            from distckpt.storage.store import Store
 
             store = Store(path)
             store.create()
@@ -94,7 +94,7 @@ class Distckpt(Tool):
         distckpt.load(targets, path, in_place=self.in_place)
 
     def files(self, ctx: Ctx, path: str) -> tuple[int, int]:
-        from distckpt.store import Store
+        from distckpt.storage.store import Store
 
         store = Store(path)
         row = store.rows()[-1]
@@ -103,7 +103,7 @@ class Distckpt(Tool):
 
     def cleanup(self, ctx: Ctx, path: str) -> None:
         if ctx.rank == 0:
-            from distckpt import lease
+            from distckpt.storage import lease as lease
 
             lease.release(path)
         super().cleanup(ctx, path)

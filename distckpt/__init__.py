@@ -1,18 +1,12 @@
 """distckpt: distributed-first restart checkpoints for PyTorch, in zarr v3 stores."""
 
-from . import lease, logs, rng
-from .api import latest, load, metadata, save
-from .asyncwrite import AsyncSaver
-from .binding import CheckpointState, bind_checkpoint_state
-from .checkpoint import (
-    Checkpoint,
-    CheckpointEntry,
-    CheckpointSession,
-    NullCheckpoint,
-    default_checkpoint_path,
-)
-from .comm import Communicator, MPIComm, SingleProcessComm, TorchDistComm
-from .errors import (
+from distckpt import logs
+from distckpt.dist.comm import Communicator, MPIComm, SingleProcessComm, TorchDistComm
+from distckpt.engine.api import latest, load, metadata, save
+from distckpt.engine.asyncwrite import AsyncSaver
+from distckpt.engine.policies import LoadPolicy, LoadReport, SkippedKey, WarmStart, load_model
+from distckpt.engine.redistribute import SourceRanks, StateMapping
+from distckpt.errors import (
     CheckpointError,
     CheckpointSerializationError,
     CheckpointStateCollision,
@@ -30,9 +24,9 @@ from .errors import (
     StoreFormatError,
     WorldSizeMismatchError,
 )
-from .interchange import export_row, import_checkpoint
-from .members import MemberMapping
-from .migrations import (
+from distckpt.format.shards import Sharded
+from distckpt.interchange import export_row, import_checkpoint
+from distckpt.migrate.migrations import (
     AppliedMigration,
     Migration,
     MigrationRegistry,
@@ -40,14 +34,7 @@ from .migrations import (
     migration,
     register_migration,
 )
-from .policies import LoadPolicy, LoadReport, SkippedKey, WarmStart, load_model
-from .preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
-from .redistribute import SourceRanks, StateMapping
-from .rng import GeneratorState, GlobalRngState, RngStateError
-from .rollout import ResumableRollout, RolloutBoundary
-from .shards import Sharded
-from .store import Store
-from .surgery import (
+from distckpt.migrate.surgery import (
     AddKey,
     DropKeys,
     MoveSlice,
@@ -57,6 +44,21 @@ from .surgery import (
     TransformMetadata,
     TransformState,
 )
+from distckpt.session import rng
+from distckpt.session.binding import CheckpointState, bind_checkpoint_state
+from distckpt.session.checkpoint import (
+    Checkpoint,
+    CheckpointEntry,
+    CheckpointSession,
+    NullCheckpoint,
+    default_checkpoint_path,
+)
+from distckpt.session.members import MemberMapping
+from distckpt.session.preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
+from distckpt.session.rng import GeneratorState, GlobalRngState, RngStateError
+from distckpt.session.rollout import ResumableRollout, RolloutBoundary
+from distckpt.storage import lease
+from distckpt.storage.store import Store
 
 __version__ = "0.1.0"
 

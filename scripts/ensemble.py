@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from distckpt import Checkpoint, MemberMapping
-from distckpt.comm import resolve, under_mpi_launcher
+from distckpt.dist.comm import resolve, under_mpi_launcher
 from distckpt.reference import (
     EnsembleConfig,
     ForecastStore,

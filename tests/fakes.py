@@ -8,8 +8,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from distckpt.comm import RankInTurnComm
-from distckpt.fs import Buffer, LocalFileSystem
+from distckpt.dist.comm import RankInTurnComm
+from distckpt.storage.filesystem import Buffer, LocalFileSystem
 
 
 class SequentialComm(RankInTurnComm):
@@ -32,7 +32,7 @@ def save_as_ranks(store: Any, world_size: int, make_state: Any, **metadata: Any)
         row = distckpt.save(
             make_state(rank), store, comm=SequentialComm(rank, world_size), **metadata
         )
-    distckpt.lease.release(store)  # the writing "job" is over
+    distckpt.storage.lease.release(store)  # the writing "job" is over
     return row
 
 
@@ -46,7 +46,7 @@ class FullDiskFS(LocalFileSystem):
     def write_file(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> int:
         size = sum(len(memoryview(p).cast("B")) for p in parts)
         if self.written + size > self.budget:
-            from distckpt.fs import _write_error
+            from distckpt.storage.filesystem import _write_error
 
             raise _write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         self.written += size

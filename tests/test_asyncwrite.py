@@ -16,9 +16,9 @@ import torch
 from fakes import FullDiskFS
 
 import distckpt
-from distckpt.fs import Buffer, LocalFileSystem
-from distckpt.plan import DEFAULT_PACK_THRESHOLD
-from distckpt.store import Store
+from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
+from distckpt.storage.filesystem import Buffer, LocalFileSystem
+from distckpt.storage.store import Store
 
 BIG = DEFAULT_PACK_THRESHOLD // 4 + 10
 

@@ -323,7 +323,7 @@ def test_without_a_checkpoint_binding_is_inert():
         state = bind_checkpoint_state(Noise())
         return state.checkpoint_enabled, state.checkpoint_level, state.checkpoint_state_loaded
 
-    from distckpt import binding
+    from distckpt.session import binding as binding
 
     ctx = contextvars.copy_context()
     ctx.run(binding._CURRENT_CHECKPOINT.set, None)

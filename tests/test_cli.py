@@ -27,10 +27,10 @@ from distckpt.cli import (
     EXIT_USAGE,
     cli,
 )
-from distckpt.election import elect_offline, row_status
-from distckpt.format import single_chunk_key
-from distckpt.lease import LEASE_FILE, Lease
-from distckpt.store import Store
+from distckpt.dist.election import elect_offline, row_status
+from distckpt.format.layout import single_chunk_key
+from distckpt.storage.lease import LEASE_FILE, Lease
+from distckpt.storage.store import Store
 
 BIG = 300_000  # float32 elements: 1.2 MB, an array of its own
 
@@ -59,7 +59,7 @@ def single(tmp_path: Path) -> Path:
     for step in range(3):
         state = {"model": {"w": torch.arange(BIG, dtype=torch.float32), "b": torch.zeros(8)}}
         distckpt.save({**state, "step": step}, path, step=step, lr=0.1)
-    distckpt.lease.release(path)  # the writing job is over
+    distckpt.storage.lease.release(path)  # the writing job is over
     return path
 
 
@@ -525,7 +525,7 @@ def test_gc_removes_garbage_and_keeps_the_newest_rows(tmp_path):
 def test_gc_removes_manifests_before_data(tmp_path, monkeypatch):
     path = _garbage_store(tmp_path)
     fs = RecordingFS()
-    monkeypatch.setattr(cli_mod, "Store", lambda p: Store(p, fs=fs))
+    monkeypatch.setattr(cli_mod.common, "Store", lambda p: Store(p, fs=fs))
     events = fs.events
     assert run("gc", path, "--keep", "2").exit_code == 0
     assert Store(path).rows() == [2, 3, 4]
@@ -584,7 +584,7 @@ def test_unexpected_errors_are_one_line_unless_debug(single, monkeypatch):
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(cli_mod, "elect_offline", boom)
+    monkeypatch.setattr(cli_mod.inspect, "elect_offline", boom)
     result = run("latest", single)
     assert result.exit_code == EXIT_ERROR
     assert result.stderr == (
@@ -616,6 +616,6 @@ def test_verify_accepts_coordinate_arrays_in_states(tmp_path: Path) -> None:
         "variable": np.array(["t2m", "u10"]),
     }
     distckpt.save({"boundary": {"coords": coords, "x": torch.ones(3)}}, path)
-    distckpt.lease.release(path)
+    distckpt.storage.lease.release(path)
     result = run("verify", path, "--all")
     assert result.exit_code == 0, result.output

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.format import MANIFESTS_DIR, ROWS_DIR, manifest_name, row_name
+from distckpt.format.layout import MANIFESTS_DIR, ROWS_DIR, manifest_name, row_name
 
 
 @pytest.fixture

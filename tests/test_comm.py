@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 import distckpt
-from distckpt.comm import Communicator, MPIComm, SingleProcessComm, TorchDistComm, resolve
+from distckpt.dist.comm import Communicator, MPIComm, SingleProcessComm, TorchDistComm, resolve
 
 
 @pytest.fixture(params=["single", "torch-gloo", "mpi"])

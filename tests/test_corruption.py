@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.format import (
+from distckpt.format.layout import (
     FORMAT_VERSION,
     MANIFEST_VERSION,
     MANIFESTS_DIR,
@@ -20,7 +20,7 @@ from distckpt.format import (
     rank_dir_name,
     row_name,
 )
-from distckpt.plan import DEFAULT_PACK_THRESHOLD
+from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 
 ROW = 3  # an explicit row id, so "row 3" in a message cannot be confused with "rank 0"
 

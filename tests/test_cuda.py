@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import distckpt
-from distckpt.comm import TorchDistComm
+from distckpt.dist.comm import TorchDistComm
 
 pytestmark = [
     pytest.mark.cuda,

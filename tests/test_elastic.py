@@ -27,7 +27,7 @@ from multiproc import (
 )
 
 import distckpt
-from distckpt.format import CRC_BYTES
+from distckpt.format.layout import CRC_BYTES
 
 SCRIPT = ENSEMBLE_SCRIPT
 MEMBERS, STEPS, GRID, BATCH = 8, 4, (8, 16), 1

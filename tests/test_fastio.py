@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 import distckpt
 from distckpt.cli import cli
-from distckpt.format import MANIFESTS_DIR, ROWS_DIR, manifest_name, row_name
-from distckpt.plan import DEFAULT_PACK_THRESHOLD
+from distckpt.format.layout import MANIFESTS_DIR, ROWS_DIR, manifest_name, row_name
+from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 
 BIG = DEFAULT_PACK_THRESHOLD // 4 + 10  # float32 elements: an array of its own
 

@@ -20,10 +20,10 @@ from multiproc import WORKERS, LaunchResult, run_torchrun
 
 import distckpt
 from distckpt.errors import CheckpointSerializationError, CorruptCheckpointError
-from distckpt.globalio import array_path
-from distckpt.shards import Box, chunk_shape, plan_layouts
-from distckpt.store import Store
-from distckpt.verify import check_manifest, read_rank
+from distckpt.format.shards import Box, chunk_shape, plan_layouts
+from distckpt.io.globalio import array_path
+from distckpt.io.verify import check_manifest, read_rank
+from distckpt.storage.store import Store
 
 WORKER = WORKERS / "global_worker.py"
 TEST_TIMEOUT = 400

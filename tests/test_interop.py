@@ -20,9 +20,9 @@ import torch
 import zarr
 
 import distckpt
-from distckpt.dtypes import supported_dtypes
-from distckpt.format import MANIFESTS_DIR, ROWS_DIR, manifest_name, rank_dir_name, row_name
-from distckpt.plan import DEFAULT_PACK_THRESHOLD
+from distckpt.format.dtypes import supported_dtypes
+from distckpt.format.layout import MANIFESTS_DIR, ROWS_DIR, manifest_name, rank_dir_name, row_name
+from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 

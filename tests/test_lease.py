@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import distckpt
-from distckpt import lease as lease_mod
 from distckpt.errors import CheckpointError, StoreFormatError
-from distckpt.lease import (
+from distckpt.storage import lease as lease_mod
+from distckpt.storage.lease import (
     LEASE_FILE,
     LOCK_FILE,
     Lease,
@@ -30,7 +30,7 @@ from distckpt.lease import (
     release,
     release_all,
 )
-from distckpt.store import Store
+from distckpt.storage.store import Store
 
 
 class Clock:
@@ -109,7 +109,7 @@ def test_stale_heartbeat_is_taken_over_and_the_old_holder_finds_out(store, caplo
         Lease.acquire(store, clock=clock)
     clock.t += 2  # 301 s without a heartbeat
     assert lease_status(store, clock=clock).state == "stale"
-    with caplog.at_level(logging.WARNING, logger="distckpt.lease"):
+    with caplog.at_level(logging.WARNING, logger="distckpt.storage.lease"):
         new = Lease.acquire(store, clock=clock, job_id="successor")
     assert "taking over" in caplog.text and "no heartbeat" in caplog.text
     assert _doc(store)["token"] == new.token
@@ -163,7 +163,7 @@ def test_dead_process_on_this_host_is_taken_over_at_once(store, caplog):
     script = textwrap.dedent(
         f"""
         import os
-        from distckpt.lease import Lease
+        from distckpt.storage.lease import Lease
         Lease.acquire({store.path!r}, job_id="killed", timeout_s=3600)
         os._exit(0)  # dies without releasing (no atexit)
         """
@@ -172,14 +172,14 @@ def test_dead_process_on_this_host_is_taken_over_at_once(store, caplog):
     status = lease_status(store)
     assert status.state == "dead", status
     assert status.holder is not None and status.holder.job == "killed"
-    with caplog.at_level(logging.WARNING, logger="distckpt.lease"):
+    with caplog.at_level(logging.WARNING, logger="distckpt.storage.lease"):
         lease = Lease.acquire(store)
     assert "has exited" in caplog.text
     lease.release()
 
 
 def test_a_lease_still_held_at_normal_exit_is_released(store):
-    script = f"from distckpt.lease import Lease\nlease = Lease.acquire({store.path!r})\n"
+    script = f"from distckpt.storage.lease import Lease\nlease = Lease.acquire({store.path!r})\n"
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     assert lease_status(store).state == "free"
 
@@ -217,7 +217,7 @@ def test_a_requeued_job_takes_over_its_earlier_incarnation(store, caplog, monkey
     with pytest.raises(LeaseHeldError):
         Lease.acquire(store, job_id="777", purpose="distckpt gc")
     monkeypatch.setenv("SLURM_JOB_ID", "777")
-    with caplog.at_level(logging.WARNING, logger="distckpt.lease"):
+    with caplog.at_level(logging.WARNING, logger="distckpt.storage.lease"):
         lease = Lease.acquire(store)
     assert "earlier incarnation of job 777" in caplog.text
     assert _doc(store)["host"] == socket.gethostname()
@@ -232,7 +232,7 @@ def test_a_requeued_job_takes_over_its_earlier_incarnation(store, caplog, monkey
 def test_an_unreadable_lease_is_taken_over(store, caplog):
     Path(store.path, LEASE_FILE).write_text("{not json")
     assert lease_status(store).state == "invalid"
-    with caplog.at_level(logging.WARNING, logger="distckpt.lease"):
+    with caplog.at_level(logging.WARNING, logger="distckpt.storage.lease"):
         Lease.acquire(store).release()
     assert "taking over" in caplog.text
 
@@ -253,7 +253,7 @@ def test_saving_holds_the_lease_and_reading_needs_none(store):
     assert distckpt.latest(store.path) == 0
     distckpt.save({"x": torch.arange(3)}, store.path)  # the same job renews its own lease
     assert distckpt.latest(store.path) == 1
-    distckpt.lease.release(store.path)
+    distckpt.storage.lease.release(store.path)
     assert not lease_status(store).held
 
 
@@ -272,7 +272,7 @@ def test_a_second_job_writing_the_store_is_refused(store):
     assert other.returncode == 7, other.stderr
     assert f"pid {os.getpid()}" in other.stdout
     assert distckpt.latest(store.path) == 0  # the refused job wrote no row
-    distckpt.lease.release(store.path)
+    distckpt.storage.lease.release(store.path)
 
 
 def test_threads_racing_to_acquire_only_one_wins(store):
@@ -302,7 +302,7 @@ WORKER = textwrap.dedent(
     """
     import os, sys, time
     from pathlib import Path
-    from distckpt.lease import Lease, LeaseHeldError
+    from distckpt.storage.lease import Lease, LeaseHeldError
     store, sync, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     (sync / f"ready-{me}").touch()
     while not (sync / "go").exists():

@@ -13,11 +13,11 @@ from fakes import RecordingFS, ReplayComm, replay_job, save_as_ranks
 
 import distckpt
 from distckpt import Checkpoint, MemberMapping, bind_checkpoint_state
-from distckpt.format import single_chunk_key
-from distckpt.members import MappedView, broadcast_state, elect_any
+from distckpt.format.layout import single_chunk_key
 from distckpt.reference import EnsembleConfig
 from distckpt.reference.ensemble import assign_members, plan_batches
-from distckpt.store import Store
+from distckpt.session.members import MappedView, broadcast_state, elect_any
+from distckpt.storage.store import Store
 
 MEMBERS, SAVED = 8, 4
 GRID = (4, 8)

@@ -18,11 +18,11 @@ from torch import nn
 
 import distckpt
 from distckpt.cli import EXIT_ERROR, EXIT_OK, cli
-from distckpt.election import row_status
-from distckpt.format import FORMAT_VERSION
-from distckpt.fs import LocalFileSystem
-from distckpt.migrations import MigrationRegistry, load_migrations
-from distckpt.rewrite import migrate_row
+from distckpt.dist.election import row_status
+from distckpt.engine.rewrite import migrate_row
+from distckpt.format.layout import FORMAT_VERSION
+from distckpt.migrate.migrations import MigrationRegistry, load_migrations
+from distckpt.storage.filesystem import LocalFileSystem
 
 N_FEATURES = 52  # grid input features; neural-lam's example moves column 49
 
@@ -136,7 +136,7 @@ def test_neural_lam_rename_and_column_moves_give_the_old_outputs(tmp_path):
 
 def test_load_time_migration_leaves_the_store_untouched(tmp_path):
     save_old_model(tmp_path)
-    distckpt.lease.release(tmp_path)
+    distckpt.storage.lease.release(tmp_path)
     before = snapshot(tmp_path)
     target = {"model": NewGraphModel().state_dict()}
     distckpt.load(target, tmp_path, version=2, migrations=neural_lam_registry())
@@ -220,7 +220,7 @@ def test_registering_a_step_twice_is_an_error():
 
 def test_default_registry_is_used_without_an_explicit_one(tmp_path, monkeypatch):
     fresh = MigrationRegistry()
-    monkeypatch.setattr(distckpt.migrations, "default_registry", fresh)
+    monkeypatch.setattr(distckpt.migrate.migrations, "default_registry", fresh)
     distckpt.register_migration("m", 0, [distckpt.AddKey("b", torch.zeros(1))])
     assert fresh.versions("m") == [0]
     distckpt.save({"m": {"a": torch.ones(1)}}, tmp_path)
@@ -388,7 +388,7 @@ def test_bound_state_older_version_without_a_step_is_an_error(tmp_path):
 
 MIGRATIONS_FILE = f"""
 import distckpt
-from distckpt.migrations import MigrationRegistry
+from distckpt.migrate.migrations import MigrationRegistry
 
 migrations = MigrationRegistry()
 migrations.register(
@@ -420,7 +420,7 @@ def run(*args: object):
 def test_cli_migrate_writes_a_new_row_and_records_the_chain(tmp_path, migrations_file):
     store = tmp_path / "store"
     old = save_old_model(store)
-    distckpt.lease.release(store)
+    distckpt.storage.lease.release(store)
     before = snapshot(store / "rows" / "000000000000")
     result = run("migrate", store, "--to", 2, "--migrations", migrations_file, "--json")
     assert result.exit_code == EXIT_OK, result.output
@@ -462,7 +462,7 @@ def test_cli_migrate_into_a_new_store_keeps_every_rank(tmp_path, migrations_file
             comm=SequentialComm(rank, 2),
             epoch=7,
         )
-    distckpt.lease.release(store)
+    distckpt.storage.lease.release(store)
     result = run(
         "migrate",
         store,
@@ -481,7 +481,7 @@ def test_cli_migrate_into_a_new_store_keeps_every_rank(tmp_path, migrations_file
     assert status.committed and status.world_size == 2
     for rank in range(2):
         assert distckpt.metadata(out, rank=rank)["epoch"] == 7
-        view = distckpt.engine.RowView(distckpt.Store(out), status.manifests[rank])
+        view = distckpt.engine.steps.RowView(distckpt.Store(out), status.manifests[rank])
         new = NewGraphModel()
         new.load_state_dict(view.read_state("model"))
         assert_same_outputs(states[rank], new)
@@ -507,7 +507,7 @@ def test_migrated_row_is_not_committed_when_a_rank_fails_to_write(tmp_path, migr
             version=1,
             comm=SequentialComm(rank, 2),
         )
-    distckpt.lease.release(store)
+    distckpt.storage.lease.release(store)
     target = distckpt.Store(out, fs=FailsForRank1())
     with pytest.raises(distckpt.CheckpointWriteError):
         migrate_row(
@@ -522,7 +522,7 @@ def test_migrated_row_is_not_committed_when_a_rank_fails_to_write(tmp_path, migr
 def test_cli_migrate_refuses_to_write_in_place(tmp_path, migrations_file):
     store = tmp_path / "store"
     save_old_model(store)
-    distckpt.lease.release(store)
+    distckpt.storage.lease.release(store)
     before = snapshot(store)
     result = run("migrate", store, "--to", 2, "--out", store, "--migrations", migrations_file)
     assert result.exit_code == EXIT_ERROR
@@ -535,7 +535,7 @@ def test_cli_migrate_refuses_an_out_store_that_already_has_rows(tmp_path, migrat
     save_old_model(store)
     distckpt.save({"x": torch.ones(1)}, other)
     for path in (store, other):
-        distckpt.lease.release(path)
+        distckpt.storage.lease.release(path)
     result = run("migrate", store, "--to", 2, "--out", other, "--migrations", migrations_file)
     assert result.exit_code != EXIT_OK and "already holds rows" in result.stderr
     assert distckpt.Store(other).rows() == [0] and distckpt.Store(store).rows() == [0]
@@ -544,7 +544,7 @@ def test_cli_migrate_refuses_an_out_store_that_already_has_rows(tmp_path, migrat
 def test_cli_migrate_refuses_a_newer_saved_version(tmp_path, migrations_file):
     store = tmp_path / "store"
     distckpt.save({"model": {"w": torch.ones(1)}}, store, version=3)
-    distckpt.lease.release(store)
+    distckpt.storage.lease.release(store)
     result = run("migrate", store, "--to", 2, "--migrations", migrations_file)
     assert result.exit_code == EXIT_ERROR
     assert re.search(r"schema version 3; this code knows version 2", result.stderr)
@@ -554,7 +554,7 @@ def test_cli_migrate_refuses_a_newer_saved_version(tmp_path, migrations_file):
 def test_cli_migrate_names_a_missing_step_and_writes_nothing(tmp_path, migrations_file):
     store = tmp_path / "store"
     save_old_model(store)
-    distckpt.lease.release(store)
+    distckpt.storage.lease.release(store)
     result = run("migrate", store, "--to", 3, "--migrations", migrations_file)
     assert result.exit_code == EXIT_ERROR
     assert "'model' from version 2 to 3" in result.stderr
@@ -564,7 +564,7 @@ def test_cli_migrate_names_a_missing_step_and_writes_nothing(tmp_path, migration
 def test_cli_migrate_with_nothing_to_do_writes_nothing(tmp_path, migrations_file):
     store = tmp_path / "store"
     distckpt.save({"model": {"w": torch.ones(1)}}, store, version=2)
-    distckpt.lease.release(store)
+    distckpt.storage.lease.release(store)
     result = run("migrate", store, "--to", 2, "--migrations", migrations_file)
     assert result.exit_code == EXIT_OK and "nothing written" in result.stdout
     assert distckpt.Store(store).rows() == [0]

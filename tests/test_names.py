@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.format import PACKED_ARRAY, ROWS_DIR, rank_dir_name, row_name
-from distckpt.names import escape_component, unescape_component
-from distckpt.plan import DEFAULT_PACK_THRESHOLD
+from distckpt.format.layout import PACKED_ARRAY, ROWS_DIR, rank_dir_name, row_name
+from distckpt.format.names import escape_component, unescape_component
+from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 
 NAME_MAX = 255
 

@@ -11,7 +11,7 @@ from torch import nn
 
 import distckpt
 from distckpt import LoadPolicy
-from distckpt.migrations import MigrationRegistry
+from distckpt.migrate.migrations import MigrationRegistry
 
 WORKERS = Path(__file__).parent / "workers"
 

@@ -4,7 +4,7 @@ In-process tests cover the handler itself (flags, ``every``, agreement over a fa
 communicator, handler chaining and restoring, the requeue status and record). Real jobs
 cover what only processes can show: ``torchrun`` with two ranks where SIGUSR1 reaches ONE
 rank (every rank stops at the same boundary, exits with 85 and the row is committed by
-both), and ``python -m distckpt.preempt`` stopping the unmodified reference ensemble at its
+both), and ``python -m distckpt.session.preempt`` stopping the unmodified reference ensemble at its
 first boundary, which a relaunch then finishes with the bytes of an uninterrupted run.
 
 Synchronisation is by polling (a committed row, a pid file, the process's caught-signal
@@ -45,15 +45,15 @@ from multiproc import (
 
 import distckpt
 from distckpt import Checkpoint, CheckpointError, bind_checkpoint_state
-from distckpt.comm import Communicator, SingleProcessComm
-from distckpt.preempt import (
+from distckpt.dist.comm import Communicator, SingleProcessComm
+from distckpt.session.preempt import (
     REQUEUE_EXIT_CODE,
     PreemptionHandler,
     parse_signal,
     preemption,
     watch_boundaries,
 )
-from distckpt.store import Store
+from distckpt.storage.store import Store
 
 WORKER = WORKERS / "preempt_worker.py"
 ENSEMBLE = REPO_ROOT / "scripts" / "ensemble.py"
@@ -248,7 +248,9 @@ class FakeComm(Communicator):
 def no_atexit(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Record what checkpoint_and_exit registers at exit instead of registering it in pytest."""
     registered: list[Any] = []
-    monkeypatch.setattr("distckpt.preempt.atexit.register", lambda f, *a: registered.append((f, a)))
+    monkeypatch.setattr(
+        "distckpt.session.preempt.atexit.register", lambda f, *a: registered.append((f, a))
+    )
     return registered
 
 
@@ -282,7 +284,7 @@ def test_every_rank_stops_when_another_rank_was_signalled(
 ) -> None:
     comm = FakeComm(0, 3, others={2: int(signal.SIGTERM)})
     handler = PreemptionHandler(comm=comm)
-    caplog.set_level(logging.WARNING, logger="distckpt.preempt")
+    caplog.set_level(logging.WARNING, logger="distckpt.session.preempt")
     assert handler.received is None
     assert handler.should_stop()
     assert handler.reasons == {2: "SIGTERM"}
@@ -509,14 +511,14 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_boundary(tmp_path: Path
 def test_runner_stops_the_unmodified_ensemble_and_a_relaunch_finishes_it_bit_for_bit(
     tmp_path: Path, reference_digest: str
 ) -> None:
-    """``python -m distckpt.preempt scripts/ensemble.py``: SIGUSR1 as soon as the handler is
+    """``python -m distckpt.session.preempt scripts/ensemble.py``: SIGUSR1 as soon as the handler is
     installed (before the first boundary); the run stops at its first boundary with row 0
     committed and exit status 85; a plain relaunch resumes and matches an uninterrupted run."""
     ckpt, out, marker = tmp_path / "ckpt", tmp_path / "out", tmp_path / "requeue.json"
     cmd = [
         sys.executable,
         "-m",
-        "distckpt.preempt",
+        "distckpt.session.preempt",
         ENSEMBLE,
         "--checkpoint",
         ckpt,
@@ -559,7 +561,7 @@ def test_runner_makes_functional_saves_boundaries(tmp_path: Path) -> None:
         "print('FINISHED')\n"
     )
     result = run_command(
-        [sys.executable, "-m", "distckpt.preempt", "--every", "1", script, tmp_path / "s"],
+        [sys.executable, "-m", "distckpt.session.preempt", "--every", "1", script, tmp_path / "s"],
         timeout=LAUNCH_TIMEOUT,
     )
     assert result.returncode == 85, result.describe()

@@ -7,9 +7,9 @@ import torch
 from fakes import SequentialComm, replay_job, save_as_ranks
 
 import distckpt
-from distckpt import engine
-from distckpt.election import elect
-from distckpt.store import Store
+from distckpt.dist.election import elect
+from distckpt.engine import steps as engine
+from distckpt.storage.store import Store
 
 
 def _state(rank: int) -> dict:

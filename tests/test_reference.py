@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from distckpt import Checkpoint, NullCheckpoint
-from distckpt.comm import SingleProcessComm
+from distckpt.dist.comm import SingleProcessComm
 from distckpt.reference import (
     EnsembleConfig,
     ForecastStore,
@@ -112,7 +112,7 @@ def test_finished_run_relaunched_does_nothing_more(tmp_path, reference):
 
 
 def test_preemption_stops_at_a_boundary_and_the_relaunch_finishes(tmp_path, reference):
-    from distckpt.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
+    from distckpt.session.preempt import REQUEUE_EXIT_CODE, PreemptionHandler
 
     comm = SingleProcessComm()
     x0, coords0 = initial_condition(GRID)

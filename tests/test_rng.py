@@ -20,8 +20,8 @@ from distckpt import (
     CheckpointStateSchemaError,
     bind_checkpoint_state,
 )
-from distckpt.codec import Leaf, decode, encode
-from distckpt.rng import (
+from distckpt.format.tree import Leaf, decode, encode
+from distckpt.session.rng import (
     GeneratorState,
     GlobalRngState,
     RngStateError,

@@ -8,7 +8,7 @@ import torch
 
 from distckpt import Checkpoint
 from distckpt.reference import Persistence, StochasticModel, initial_condition
-from distckpt.rollout import ResumableRollout
+from distckpt.session.rollout import ResumableRollout
 
 
 def _batch(members: list[int]):

@@ -42,7 +42,7 @@ from test_preempt import (
 from test_preempt import reference_digest as reference_digest  # a fixture, used by name
 
 import distckpt
-from distckpt.comm import SingleProcessComm
+from distckpt.dist.comm import SingleProcessComm
 
 RUN_SH = REPO_ROOT / "scripts" / "slurm" / "run.sh"
 JOB_SBATCH = REPO_ROOT / "scripts" / "slurm" / "job.sbatch"
@@ -393,8 +393,8 @@ def test_real_cli_decides_fresh_start_resume_or_refusal(tmp_path: Path) -> None:
 
 # -- end to end: job.sbatch, real torchrun, the unmodified ensemble ---------------------------
 def _preempt_workers(root: int) -> list[int]:
-    """Workers under ``root`` (``python -u -m distckpt.preempt ...``) with their USR1 handler
-    in. Not torchrun, and not the driver, whose command lines name the module too."""
+    """Workers under ``root`` (``python -u -m distckpt.session.preempt ...``) with their USR1
+    handler in. Not torchrun, and not the driver, whose command lines name the module too."""
     found = []
     for pid in _tree(root):
         try:
@@ -404,7 +404,7 @@ def _preempt_workers(root: int) -> list[int]:
         words = [a.decode(errors="replace") for a in argv]
         if not words or not Path(words[0]).name.startswith("python"):
             continue
-        if words[1:4] != ["-u", "-m", "distckpt.preempt"]:
+        if words[1:4] != ["-u", "-m", "distckpt.session.preempt"]:
             continue
         if handles_signal(pid, signal.SIGUSR1):
             found.append(pid)
@@ -417,7 +417,7 @@ def test_job_preempted_requeued_and_resumed_matches_an_uninterrupted_run(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """job.sbatch -> run.sh -> srun -> torchrun (c10d rendezvous, 2 ranks) -> ``python -m
-    distckpt.preempt scripts/ensemble.py``. USR1 to the batch shell once both workers can
+    distckpt.session.preempt scripts/ensemble.py``. USR1 to the batch shell once both workers can
     take it: the step stops at a boundary, rank 0 records the row, the driver requeues; the
     requeued job resumes from that row and ends with the bytes of an uninterrupted run."""
     cli = "real" if cli_missing() is None else "contract"

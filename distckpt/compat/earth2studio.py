@@ -51,7 +51,8 @@ import threading
 from types import FunctionType, ModuleType, TracebackType
 from typing import Any
 
-from .. import binding, checkpoint, errors
+from distckpt import errors
+from distckpt.session import binding, checkpoint
 
 #: The Earth2Studio module whose names are swapped.
 SOURCE_MODULE = "earth2studio.utils.checkpoint"

@@ -1,7 +1,7 @@
 """Imports from and exports to other checkpoint formats (torch.save, Lightning,
 safetensors, torch.distributed.checkpoint); see docs/import.md."""
 
-from .api import (
+from distckpt.interchange.api import (
     EXPORT_FORMATS,
     ImportResult,
     export_row,
@@ -10,8 +10,8 @@ from .api import (
     read_row,
     resolve_format,
 )
-from .detect import IMPORT_FORMATS, Detection, detect
-from .records import Exported, Imported
+from distckpt.interchange.detect import IMPORT_FORMATS, Detection, detect
+from distckpt.interchange.records import Exported, Imported
 
 __all__ = [
     "EXPORT_FORMATS",

@@ -12,25 +12,33 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import codec
-from ..api import StoreLike, committed_part, save
-from ..comm import SingleProcessComm
-from ..election import elect_offline
-from ..errors import (
+from distckpt.dist.comm import SingleProcessComm
+from distckpt.dist.election import elect_offline
+from distckpt.engine.api import StoreLike, committed_part, save
+from distckpt.errors import (
     CheckpointSerializationError,
     ExportFormatError,
     ImportFormatError,
     NoCommittedRowError,
 )
-from ..logs import get_logger
-from ..store import Store
-from .dcp import read_dcp
-from .detect import DCP, DISTCKPT, IMPORT_FORMATS, LIGHTNING, SAFETENSORS, TORCH, Detection
-from .detect import detect as detect_format
-from .lightning import read_lightning
-from .records import Exported, Imported
-from .safetensors import read_safetensors, write_safetensors
-from .torchfile import read_torch, write_torch
+from distckpt.format import tree as codec
+from distckpt.interchange.dcp import read_dcp
+from distckpt.interchange.detect import (
+    DCP,
+    DISTCKPT,
+    IMPORT_FORMATS,
+    LIGHTNING,
+    SAFETENSORS,
+    TORCH,
+    Detection,
+)
+from distckpt.interchange.detect import detect as detect_format
+from distckpt.interchange.lightning import read_lightning
+from distckpt.interchange.records import Exported, Imported
+from distckpt.interchange.safetensors import read_safetensors, write_safetensors
+from distckpt.interchange.torchfile import read_torch, write_torch
+from distckpt.logs import get_logger
+from distckpt.storage.store import Store
 
 log = get_logger(__name__)
 

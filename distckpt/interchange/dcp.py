@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from ..errors import ImportFormatError
-from .detect import DCP_METADATA
-from .records import Imported
-from .torchfile import load_weights_only
+from distckpt.errors import ImportFormatError
+from distckpt.interchange.detect import DCP_METADATA
+from distckpt.interchange.records import Imported
+from distckpt.interchange.torchfile import load_weights_only
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
 _ALLOWED: frozenset[tuple[str, str]] = frozenset(

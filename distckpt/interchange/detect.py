@@ -13,7 +13,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 
-from ..errors import ImportFormatError
+from distckpt.errors import ImportFormatError
 
 TORCH = "torch"
 LIGHTNING = "lightning"

@@ -11,11 +11,11 @@ import json
 import math
 from typing import Any
 
-from .. import codec
-from ..errors import CheckpointSerializationError, ImportFormatError
-from .detect import LIGHTNING_KEY
-from .records import Imported
-from .torchfile import load_weights_only
+from distckpt.errors import CheckpointSerializationError, ImportFormatError
+from distckpt.format import tree as codec
+from distckpt.interchange.detect import LIGHTNING_KEY
+from distckpt.interchange.records import Imported
+from distckpt.interchange.torchfile import load_weights_only
 
 # Keys whose loss would make the import useless: refused rather than dropped.
 _REQUIRED = ("state_dict",)

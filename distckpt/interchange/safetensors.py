@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from .. import codec
-from ..errors import CheckpointSerializationError, ExportFormatError, ImportFormatError
-from ..rowio import byte_view
-from .publish import atomic_file
-from .records import Imported
+from distckpt.errors import CheckpointSerializationError, ExportFormatError, ImportFormatError
+from distckpt.format import tree as codec
+from distckpt.interchange.publish import atomic_file
+from distckpt.interchange.records import Imported
+from distckpt.io.rowio import byte_view
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 TREE_KEY = "distckpt.tree"  # __metadata__ entry: the row's tree as codec JSON

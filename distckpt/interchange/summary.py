@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from .dcp import read_metadata
-from .detect import DCP, LIGHTNING, SAFETENSORS, TORCH, Detection
-from .safetensors import DTYPES, read_header
-from .torchfile import load_weights_only
+from distckpt.interchange.dcp import read_metadata
+from distckpt.interchange.detect import DCP, LIGHTNING, SAFETENSORS, TORCH, Detection
+from distckpt.interchange.safetensors import DTYPES, read_header
+from distckpt.interchange.torchfile import load_weights_only
 
 MAX_KEYS = 20
 

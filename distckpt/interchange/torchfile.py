@@ -14,10 +14,10 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from ..codec import Path, path_str
-from ..errors import ExportFormatError, ImportFormatError
-from .publish import atomic_file
-from .records import Imported
+from distckpt.errors import ExportFormatError, ImportFormatError
+from distckpt.format.tree import Path, path_str
+from distckpt.interchange.publish import atomic_file
+from distckpt.interchange.records import Imported
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _WEIGHTS_ERROR = re.compile(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", re.S)

@@ -6,10 +6,10 @@ state (in the manner of FourCastNet 3), a Gaussian initial-condition perturbatio
 own generators, and an ensemble workflow that spreads members over ranks and batches.
 """
 
-from .ensemble import EnsembleConfig, assign_members, plan_batches, run_ensemble
-from .models import Persistence, StochasticModel, initial_condition
-from .output import ForecastStore
-from .perturbation import GaussianPerturbation
+from distckpt.reference.ensemble import EnsembleConfig, assign_members, plan_batches, run_ensemble
+from distckpt.reference.models import Persistence, StochasticModel, initial_condition
+from distckpt.reference.output import ForecastStore
+from distckpt.reference.perturbation import GaussianPerturbation
 
 __all__ = [
     "EnsembleConfig",

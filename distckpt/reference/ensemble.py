@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointSession, NullCheckpoint
-from ..comm import Communicator
-from ..errors import CheckpointError
-from ..faults import active as faults_active
-from ..faults import fault_point
-from ..logs import get_logger
-from ..members import round_robin
-from ..preempt import PreemptionHandler
-from ..rollout import Coords
-from .output import ForecastStore
+from distckpt.dist.comm import Communicator
+from distckpt.errors import CheckpointError
+from distckpt.faults import active as faults_active
+from distckpt.faults import fault_point
+from distckpt.logs import get_logger
+from distckpt.reference.output import ForecastStore
+from distckpt.session.checkpoint import CheckpointSession, NullCheckpoint
+from distckpt.session.members import round_robin
+from distckpt.session.preempt import PreemptionHandler
+from distckpt.session.rollout import Coords
 
 log = get_logger(__name__)
 

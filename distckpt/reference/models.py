@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..binding import bind_checkpoint_state
-from ..rollout import Coords, ResumableRollout, member_ids
+from distckpt.session.binding import bind_checkpoint_state
+from distckpt.session.rollout import Coords, ResumableRollout, member_ids
 
 DT = np.timedelta64(6, "h")
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import zarr
 
-from ..comm import Communicator
+from distckpt.dist.comm import Communicator
 
 
 class ForecastStore:

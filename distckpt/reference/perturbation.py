@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..binding import bind_checkpoint_state
-from ..rollout import Coords, member_ids
-from .models import seed_for
+from distckpt.reference.models import seed_for
+from distckpt.session.binding import bind_checkpoint_state
+from distckpt.session.rollout import Coords, member_ids
 
 
 @dataclass

@@ -2,7 +2,7 @@
 # SLURM batch driver for a resumable distckpt job: one torchrun per node, preemption-aware.
 #
 #   CKPT=/shared/ckpt scripts/slurm/run.sh [torchrun target...]
-#   e.g. run.sh -m distckpt.preempt scripts/ensemble.py --checkpoint "$CKPT" --output out
+#   e.g. run.sh -m distckpt.session.preempt scripts/ensemble.py --checkpoint "$CKPT" --output out
 #
 # Meant to be exec'd by the batch script (scripts/slurm/job.sbatch), so that it IS the batch
 # shell: with `#SBATCH --signal=B:USR1@T` SLURM signals only that process, T seconds before
@@ -15,7 +15,7 @@
 #      traps only between commands, and `wait` is interruptible where a foreground srun isn't.
 #   3. On $PREEMPT_SIGNAL (USR1): forward it to srun, which forwards it to every task of the
 #      step; torchrun (told to handle it with --signals-to-handle) passes it to its workers,
-#      whose distckpt.preempt handler commits at the next boundary and exits with 85.
+#      whose distckpt.session.preempt handler commits at the next boundary and exits with 85.
 #   4. The step ended: status 0 -> exit 0. Status 85, or the requeue record that rank 0 wrote
 #      ($DISTCKPT_REQUEUE_FILE: torchrun reports 1 whatever its workers returned), or a
 #      forwarded preemption signal -> `scontrol requeue $SLURM_JOB_ID` and exit 85; the job

@@ -43,9 +43,9 @@ import torch
 import torch.distributed as dist
 
 import distckpt
-import distckpt.comm
-import distckpt.commit
+import distckpt.dist.comm
 import distckpt.faults
+import distckpt.io.commit
 
 _MPI_VARS = ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     job = Job()
-    comm = distckpt.comm.resolve()
+    comm = distckpt.dist.comm.resolve()
     say(job, f"START backend={job.backend} comm={type(comm).__name__} world={job.world}")
     if args.world is not None and job.world != args.world:
         say(job, f"UNEXPECTED world size {job.world}, expected {args.world}")

@@ -26,9 +26,9 @@ import torch.distributed as dist
 
 import distckpt
 from distckpt import Checkpoint, MemberMapping, bind_checkpoint_state
-from distckpt.comm import resolve
-from distckpt.fs import LocalFileSystem
-from distckpt.store import Store
+from distckpt.dist.comm import resolve
+from distckpt.storage.filesystem import LocalFileSystem
+from distckpt.storage.store import Store
 
 MEMBERS = 8
 MAPPING = MemberMapping(MEMBERS, replicated=("weights",))

@@ -8,7 +8,7 @@ Under torchrun (``RANK`` set) it initialises ``torch.distributed`` with gloo; ot
 runs as a single process. It writes ``DIR/rank<N>.pid`` (atomically), then resumes from the
 elected row if there is one, and loops: each step updates a per-rank tensor, records a
 boundary with ``session.write`` (a row is committed every ``--flush-interval`` writes) and
-asks the :class:`~distckpt.preempt.PreemptionHandler` whether to stop. Once told, it commits
+asks the :class:`~distckpt.session.preempt.PreemptionHandler` whether to stop. Once told, it commits
 the pending writes with ``checkpoint_and_exit`` (exit status 85, "requeue me").
 
 Lines on stdout, one per rank and event: ``RESUMED rank= row= step=`` (or ``FRESH rank=``),
@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from distckpt import Checkpoint, bind_checkpoint_state
-from distckpt.comm import resolve
-from distckpt.preempt import PreemptionHandler
+from distckpt.dist.comm import resolve
+from distckpt.session.preempt import PreemptionHandler
 
 
 @dataclass

@@ -1,0 +1,3 @@
+from distckpt.cli import main
+
+main()

@@ -1,0 +1,166 @@
+"""Election: which row every rank restores.
+
+A row counts when every one of its ranks published a manifest that parses, validates and
+agrees with the others (world size, row, write count). Online, each rank reports the rows
+its own manifest commits, the reports are gathered, and all ranks elect the same newest row
+from the same data. Offline (CLI, no process group) all manifests of a shared store are read.
+A bad manifest makes its row uncommitted; it never raises out of the election.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distckpt.dist.comm import Communicator
+from distckpt.errors import CheckpointError, StoreFormatError
+from distckpt.logs import get_logger
+from distckpt.format.manifest import InvalidManifest, RankManifest
+from distckpt.storage.store import Store
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RowStatus:
+    """What the manifests of one row say, read without a process group."""
+
+    row: int
+    committed: bool
+    world_size: int | None
+    write_count: int | None
+    valid_ranks: tuple[int, ...]
+    missing_ranks: tuple[int, ...]
+    problems: tuple[str, ...]
+    manifests: tuple[RankManifest, ...] = ()
+
+
+def row_status(store: Store, row: int) -> RowStatus:
+    valid: dict[int, RankManifest] = {}
+    problems: list[str] = []
+    for rank in store.manifest_ranks(row):
+        try:
+            valid[rank] = store.read_manifest(row, rank)
+        except InvalidManifest as exc:
+            problems.append(str(exc))
+    sizes = {m.world_size for m in valid.values()}
+    counts = {m.write_count for m in valid.values()}
+    if len(sizes) > 1:
+        problems.append(f"manifests disagree on world size: {sorted(sizes)}")
+    if len(counts) > 1:
+        problems.append(f"manifests disagree on write count: {sorted(counts)}")
+    world = max(sizes) if sizes else None
+    missing = tuple(r for r in range(world) if r not in valid) if world else ()
+    committed = world is not None and not missing and len(sizes) == 1 and len(counts) == 1
+    return RowStatus(
+        row=row,
+        committed=committed,
+        world_size=world,
+        write_count=next(iter(counts)) if len(counts) == 1 else None,
+        valid_ranks=tuple(sorted(valid)),
+        missing_ranks=missing,
+        problems=tuple(problems),
+        manifests=tuple(valid[r] for r in sorted(valid)),
+    )
+
+
+def elect_offline(store: Store, *, world_size: int | None = None) -> int | None:
+    """Newest committed row (of ``world_size`` ranks, if given) from the manifests alone.
+
+    Scans newest first and stops at the first committed row, so its cost does not grow with
+    the number of older rows.
+    """
+    if store.root_attributes() is None:
+        return None
+    for row in reversed(store.rows()):
+        status = row_status(store, row)
+        if status.committed and (world_size is None or status.world_size == world_size):
+            return row
+    return None
+
+
+def committed_rows_offline(store: Store) -> list[RowStatus]:
+    if store.root_attributes() is None:
+        return []
+    return [s for s in (row_status(store, r) for r in store.rows()) if s.committed]
+
+
+def local_commits(store: Store, rank: int, world_size: int) -> dict[int, int]:
+    """Rows this rank's own manifest commits at ``world_size``: row -> write count."""
+    out: dict[int, int] = {}
+    for row in store.rows():
+        try:
+            manifest = store.read_manifest(row, rank)
+        except InvalidManifest as exc:
+            log.debug("row %d not committed by rank %d: %s", row, rank, exc)
+            continue
+        if manifest.world_size == world_size:
+            out[row] = manifest.write_count
+    return out
+
+
+def newest_committed_after(store: Store, floor: int | None) -> int | None:
+    """The newest row above ``floor`` committed at any world size, from all its manifests.
+
+    Needs every rank's manifest to be visible (a shared filesystem); on node-local storage
+    the other ranks' manifests are missing, so nothing counts and the caller keeps ``floor``.
+    """
+    if store.root_attributes() is None:
+        return None
+    for row in reversed(store.rows()):
+        if floor is not None and row <= floor:
+            break
+        if row_status(store, row).committed:
+            return row
+    return None
+
+
+def elect(store: Store, comm: Communicator, *, any_world_size: bool = False) -> int | None:
+    """Collective: the newest row committed by every rank of ``comm``, same on all ranks.
+
+    With ``any_world_size`` a newer row written by another number of ranks wins if all its
+    manifests are present and valid: the coordinator checks them (shared filesystem) and
+    broadcasts its finding. The same-size step runs first and unchanged, so node-local
+    stores still elect at the same size. A rank that cannot read the store reports why
+    instead of leaving the others waiting; then every rank raises the same error.
+    """
+    if comm.world_size == 1:
+        return elect_offline(store, world_size=None if any_world_size else 1)
+    same = _elect_same_size(store, comm)
+    if not any_world_size:
+        return same
+    found: dict[str, object] = {"row": None}
+    if comm.is_coordinator:
+        try:
+            found = {"row": newest_committed_after(store, same)}
+        except CheckpointError as exc:
+            found = {"error": f"{type(exc).__name__}: {exc}"}
+    found = comm.broadcast(found)
+    if "error" in found:
+        raise StoreFormatError(f"cannot elect a row of {store.path}: rank 0: {found['error']}")
+    newer = found["row"]
+    return same if newer is None else int(str(newer))
+
+
+def _elect_same_size(store: Store, comm: Communicator) -> int | None:
+    report: dict[str, object]
+    try:
+        if store.root_attributes() is None:
+            report = {"rows": {}}
+        else:
+            mine = local_commits(store, comm.rank, comm.world_size)
+            report = {"rows": {str(r): c for r, c in mine.items()}}
+    except CheckpointError as exc:
+        report = {"error": f"{type(exc).__name__}: {exc}"}
+    reports = comm.allgather(report)
+    errors = [f"rank {i}: {r['error']}" for i, r in enumerate(reports) if "error" in r]
+    if errors:
+        raise StoreFormatError(f"cannot elect a row of {store.path}: " + "; ".join(errors))
+    commits = [r["rows"] for r in reports]
+    common = set(commits[0])
+    for rows in commits[1:]:
+        common &= set(rows)
+    for key in sorted(common, key=int, reverse=True):
+        if len({rows[key] for rows in commits}) == 1:
+            return int(key)
+        log.warning("row %s: ranks disagree on write count; not elected", key)
+    return None

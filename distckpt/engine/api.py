@@ -1,0 +1,294 @@
+"""The functional API for training loops, in the manner of torch.distributed.checkpoint.
+
+``save`` writes each rank's ``state_dict`` as a new row; ``load`` fills a live
+``state_dict`` in place from the elected row, onto the devices of the live tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from distckpt.dist.comm import resolve
+from distckpt.dist.election import elect, elect_offline, row_status
+from distckpt.dist.retention import rows_to_delete
+from distckpt.engine import steps as engine
+from distckpt.engine.redistribute import StateMapping, open_part_agreed, read_states
+from distckpt.engine.restore import read_for_load
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointStateSchemaError,
+    MigrationError,
+    NoCommittedRowError,
+)
+from distckpt.format.shards import is_global
+from distckpt.format.tree import Path, path_str
+from distckpt.io.globalio import GlobalValue, fill, target_problem
+from distckpt.logs import get_logger
+from distckpt.migrate.migrations import AppliedMigration, MigrationRegistry, migrate_states
+from distckpt.storage.store import Store
+
+log = get_logger(__name__)
+
+StoreLike = str | os.PathLike[str] | Store
+Versions = int | Mapping[str, int]
+
+
+def _store(store: StoreLike) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def save(
+    state_dict: dict[str, Any],
+    store: StoreLike,
+    *,
+    row: int | None = None,
+    comm: Any = None,
+    keep: int | None = None,
+    version: Versions | None = None,
+    checksums: bool = True,
+    **metadata: Any,
+) -> int:
+    """Collective: commit every rank's ``state_dict`` as one new row; returns the row id.
+
+    Each rank's values are its own (ranks may hold different tensors under one key).
+    ``keep`` retains only the newest N committed rows afterwards. ``version`` is the user
+    schema version of every state (top-level key), or a mapping state -> version; a later
+    ``load(..., version=M)`` migrates older states to M. ``metadata`` must be JSON-like
+    (scalars, lists, dicts, datetimes) and comes back from :func:`metadata`.
+    ``checksums=False`` skips crc32c (the row records that; loads then cannot detect
+    corrupted bytes). For saves that return before the bytes are written, see
+    :class:`AsyncSaver`.
+    """
+    st = _store(store)
+    c = resolve(comm)
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"state_dict must be a dict, not {type(state_dict).__qualname__}")
+    content = engine.RowContent(
+        states=dict(state_dict),
+        schemas={},
+        metadata=metadata,
+        versions=state_versions(version, state_dict, "save"),
+    )
+    manifest = engine.save_row(st, c, content, row=row, checksums=checksums)
+    if keep is not None:
+        engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
+    return manifest.row
+
+
+def load(
+    state_dict: dict[str, Any],
+    store: StoreLike,
+    *,
+    row: int | None = None,
+    comm: Any = None,
+    strict: bool = True,
+    version: Versions | None = None,
+    migrations: MigrationRegistry | None = None,
+    mapping: StateMapping | None = None,
+    in_place: bool = False,
+) -> int:
+    """Collective: fill ``state_dict`` in place from the elected (or given) row.
+
+    Tensors are copied into the live tensors (so they keep their device, e.g. ``cuda:N``);
+    shapes and dtypes must match. Keys present in the row but not in ``state_dict`` are
+    added (a fresh optimizer has no state yet); keys missing from the row raise unless
+    ``strict=False``. With ``version`` (as in :func:`save`), states saved at an older
+    version are first migrated in memory by the chain in ``migrations`` (default: the
+    registry of ``register_migration``); a newer saved version is refused. Everything is
+    read, migrated and verified before anything is modified, except global (sharded)
+    tensors: their shapes and dtypes are checked first, then each rank's region is read
+    chunk by chunk straight into the live DTensor, ``Sharded`` piece or tensor, whatever
+    layout saved it.
+    A row written by another number of ranks is restored when its state can be
+    redistributed: states every rank saved alike come from any rank; rank-private ones need
+    ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.
+
+    ``in_place=True`` reads each tensor straight into its live CPU tensor when dtype and
+    shape match (no second copy of the state in memory, no extra copy): faster, but if a
+    checksum then fails the load raises with those live tensors holding the row's bytes,
+    or part of them (everything else is untouched); load again from a good row.
+    Returns the row id.
+    """
+    st = _store(store)
+    c = resolve(comm)
+    chosen = engine.choose_row(st, c, row, any_world_size=True)
+    view = open_part_agreed(st, c, chosen)
+    kept: list[str] = []
+
+    def check(saved: dict[str, Any]) -> None:
+        kept.clear()
+        problem: str | None = None
+        try:
+            _check_fits(state_dict, saved, (), strict, kept)
+        except CheckpointStateSchemaError as exc:
+            problem = str(exc)
+        failures = engine.agree(c, problem)
+        if failures:
+            raise CheckpointStateSchemaError(
+                f"row {chosen} of {st.path} does not fit the live state: "
+                + engine.describe(failures)
+            )
+
+    # The direct path reads this rank's own part with every tensor paired to its live
+    # target; redistribution, migration and global arrays decode states first.
+    has_globals = any(c.allgather(bool(view.manifest.globals)))
+    if view.saved_world_size == c.world_size and version is None and not has_globals:
+        saved = read_for_load(view, c, state_dict, in_place=in_place, check=check)
+    else:
+        saved = read_states(st, c, chosen, mapping, view=view)
+        if version is not None:
+            saved, _ = migrate_row_states(
+                view, saved, state_versions(version, saved, "load"), migrations, c
+            )
+        check(saved)
+    _merge(state_dict, saved)
+    if kept:  # nothing is skipped silently
+        log.warning(
+            "row %d of %s has no value for %d live key(s), which kept their values: %s",
+            chosen,
+            st.path,
+            len(kept),
+            ", ".join(kept[:20]) + (" ..." if len(kept) > 20 else ""),
+        )
+    return chosen
+
+
+def state_versions(
+    version: Versions | None, states: Mapping[str, Any], what: str
+) -> dict[str, int]:
+    """``version`` as a mapping state -> version (an int applies to every state)."""
+    if version is None:
+        return {}
+    if isinstance(version, Mapping):
+        unknown = sorted(set(version) - set(states))
+        if unknown:
+            where = "the state_dict" if what == "save" else "the row"
+            raise CheckpointError(f"{what}: version given for states not in {where}: {unknown}")
+        return {str(k): int(v) for k, v in version.items()}
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{what}: version must be an int or a mapping, not {version!r}")
+    return {str(sid): version for sid in states}
+
+
+def migrate_row_states(
+    view: engine.RowView,
+    saved: dict[str, Any],
+    targets: Mapping[str, int],
+    registry: MigrationRegistry | None,
+    comm: Any,
+) -> tuple[dict[str, Any], tuple[AppliedMigration, ...]]:
+    """Collective: migrate this rank's saved states to ``targets``; all ranks raise together
+    (a newer saved version as SchemaVersionError, a missing step as MigrationError)."""
+    failure: Exception | None = None
+    applied: tuple[AppliedMigration, ...] = ()
+    try:
+        saved, applied = migrate_states(saved, view.manifest.states, targets, registry)
+    except Exception as exc:
+        failure = exc
+    engine.agree_or_raise(
+        comm, failure, MigrationError, f"row {view.row} of {view.store.path} cannot be read"
+    )
+    for record in applied:
+        log.info(
+            "row %d: migrated state %r from version %d to %d",
+            view.row,
+            record.state,
+            record.from_version,
+            record.to_version,
+        )
+    return saved, applied
+
+
+def latest(store: StoreLike, *, comm: Any = None) -> int | None:
+    """The row a restart would elect, or None. Offline unless ``comm`` is given."""
+    st = _store(store)
+    if comm is None:
+        return elect_offline(st)
+    return elect(st, resolve(comm), any_world_size=True)  # what load elects
+
+
+def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict[str, Any]:
+    """The metadata a rank saved with a row (default: the latest row, rank 0)."""
+    st = _store(store)
+    chosen = elect_offline(st) if row is None else row
+    if chosen is None:
+        return {}
+    return committed_part(st, chosen, rank).metadata
+
+
+def committed_part(st: Store, row: int, rank: int) -> engine.RowView:
+    """Offline: saved rank ``rank``'s part of ``row``, which must be committed."""
+    status = row_status(st, row)
+    if not status.committed:
+        raise NoCommittedRowError(f"row {row} of {st.path} is not committed")
+    if rank not in status.valid_ranks:
+        raise CheckpointError(
+            f"row {row} of {st.path} has ranks 0..{len(status.valid_ranks) - 1}; no rank {rank}"
+        )
+    return engine.RowView(st, status.manifests[status.valid_ranks.index(rank)])
+
+
+def _check_fits(
+    target: Any, saved: Any, path: Path, strict: bool, kept: list[str] | None = None
+) -> None:
+    """Raise before any write if a saved value cannot go into the live one; with
+    ``strict=False``, collect in ``kept`` the live keys the row does not have."""
+    if isinstance(saved, GlobalValue):
+        problem = target_problem(target, saved)
+        if problem is not None:
+            raise CheckpointStateSchemaError(f"{path_str(path)!r}: {problem}")
+        return
+    if isinstance(target, torch.Tensor):
+        if not isinstance(saved, torch.Tensor):
+            raise CheckpointStateSchemaError(
+                f"{path_str(path)!r}: live value is a tensor, saved value is a "
+                f"{type(saved).__qualname__}"
+            )
+        if target.shape != saved.shape or target.dtype != saved.dtype:
+            raise CheckpointStateSchemaError(
+                f"{path_str(path)!r}: saved tensor is {tuple(saved.shape)} {saved.dtype}, "
+                f"live tensor is {tuple(target.shape)} {target.dtype}"
+            )
+        return
+    if isinstance(target, dict) and isinstance(saved, dict):
+        for key, value in target.items():
+            if key in saved:
+                _check_fits(value, saved[key], (*path, key), strict, kept)
+            elif not strict:
+                if kept is not None:
+                    kept.append(path_str((*path, key)))
+            else:
+                raise CheckpointStateSchemaError(
+                    f"{path_str((*path, key))!r} is not in the checkpoint "
+                    "(load with strict=False to keep the live value)"
+                )
+    elif isinstance(target, list) and isinstance(saved, list) and len(target) == len(saved):
+        for i, (t, s) in enumerate(zip(target, saved, strict=True)):
+            _check_fits(t, s, (*path, i), strict, kept)
+
+
+def _merge(target: dict[Any, Any] | list[Any], saved: Any) -> None:
+    keys = list(saved.keys()) if isinstance(target, dict) else list(range(len(saved)))
+    for key in keys:
+        value = saved[key]
+        live = target.get(key) if isinstance(target, dict) else target[key]
+        if isinstance(value, GlobalValue):
+            if is_global(live) or isinstance(live, torch.Tensor):
+                fill(live, value)  # this rank's region only, from whatever layout was saved
+            else:
+                target[key] = value.full()
+        elif isinstance(live, torch.Tensor):
+            if value is live:  # read in place
+                continue
+            with torch.no_grad():
+                live.copy_(value)
+        elif (isinstance(live, dict) and isinstance(value, dict)) or (
+            isinstance(live, list) and isinstance(value, list) and len(live) == len(value)
+        ):
+            _merge(live, value)
+        else:
+            target[key] = value

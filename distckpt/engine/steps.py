@@ -1,0 +1,436 @@
+"""The collective steps of saving and restoring a row, shared by both public APIs.
+
+Every rank calls these in the same order. Each rank's failure is exchanged so that all ranks
+raise together instead of one raising while the others wait forever.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distckpt import errors
+from distckpt.dist.comm import Communicator
+from distckpt.dist.election import committed_rows_offline, elect, row_status
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointSerializationError,
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    NoCommittedRowError,
+    WorldSizeMismatchError,
+)
+from distckpt.faults import fault_point
+from distckpt.format import tree as codec
+from distckpt.format.manifest import InvalidManifest, RankManifest, StateRecord
+from distckpt.io import globalio
+from distckpt.io.commit import commit_rank, delete_row, prepare_row, retract_rank
+from distckpt.io.digests import state_digests
+from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
+from distckpt.io.rowio import RankReader
+from distckpt.logs import get_logger
+from distckpt.plan.save import DEFAULT_PACK_THRESHOLD, RankPlan, plan_rank
+from distckpt.storage import lease
+from distckpt.storage.store import Store, utcnow
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class RowContent:
+    """What one rank wants in a row besides its tensors' bytes."""
+
+    states: dict[str, Any]
+    schemas: dict[str, StateSchema]
+    metadata: dict[str, Any]
+    write_count: int = 0
+    lead_time: Any = None
+    level: int | None = None
+    versions: dict[str, int] = field(default_factory=dict)  # user versions of unbound states
+
+
+@dataclass(frozen=True)
+class StateSchema:
+    """What a bound state promises about its shape: checked before it is restored."""
+
+    digest: str
+    version: int
+    fields: dict[str, str]
+
+
+def _record(tree: Any, schema: StateSchema | None, version: int = 0) -> StateRecord:
+    if schema is None:
+        return StateRecord(tree, version=version)
+    return StateRecord(tree, schema.digest, schema.version, dict(schema.fields))
+
+
+def _with_digests(plan: RankPlan) -> Callable[[RankManifest], RankManifest]:
+    """Record each state's digest (states equal on every rank may be restored at another
+    world size, see ``redistribute``), from the checksums the write just computed."""
+
+    def annotate(manifest: RankManifest) -> RankManifest:
+        digests = state_digests(plan, [a.crc32c for a in manifest.arrays])
+        states = {
+            sid: dataclasses.replace(r, digest=digests[sid]) for sid, r in manifest.states.items()
+        }
+        return dataclasses.replace(manifest, states=states)
+
+    return annotate
+
+
+def agree(comm: Communicator, error: str | None) -> list[tuple[int, str]]:
+    """Exchange per-rank errors; every rank gets the same list of (rank, message)."""
+    reports = comm.allgather(error)
+    return [(rank, msg) for rank, msg in enumerate(reports) if msg is not None]
+
+
+def describe(failures: list[tuple[int, str]]) -> str:
+    return "; ".join(f"rank {rank}: {msg}" for rank, msg in failures)
+
+
+def _report(exc: BaseException) -> dict[str, str]:
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def agree_or_raise(
+    comm: Communicator, exc: BaseException | None, default: type[CheckpointError], context: str
+) -> None:
+    """Collective: if any rank failed, every rank raises the same typed error.
+
+    The error's class is that of the first failing rank when it is one of ours (so a
+    serialization problem stays a CheckpointSerializationError), else ``default``.
+    """
+    reports = comm.allgather(None if exc is None else _report(exc))
+    failures = [(rank, r) for rank, r in enumerate(reports) if r is not None]
+    if not failures:
+        return
+    first = failures[0][1]
+    cls = getattr(errors, first["type"], None)
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
+        cls = default
+    detail = "; ".join(f"rank {rank}: {r['message']}" for rank, r in failures)
+    if comm.world_size == 1:
+        detail = first["message"]
+    raise cls(f"{context}: {detail}") from exc
+
+
+def save_row(
+    store: Store,
+    comm: Communicator,
+    content: RowContent,
+    *,
+    row: int | None = None,
+    name: str = "",
+    pack_threshold: int = DEFAULT_PACK_THRESHOLD,
+    checksums: bool = True,
+    plan: RankPlan | None = None,
+) -> RankManifest:
+    """Collective: write this rank's part of a new row and commit it. Returns its manifest.
+
+    ``plan`` is a plan already made (and staged) from ``content.states``, by an
+    asynchronous writer; ``checksums=False`` records no crc32c for the row's tensors.
+
+    Four agreed steps, so no rank is left waiting when another fails: plan (nothing touches
+    the disk if any rank's state cannot be stored), open the row, write data then manifest,
+    and agree on success. If any rank failed, every rank raises; ranks that had published
+    retract their manifests, so the row never looks committed.
+    """
+    failure: BaseException | None = None
+    try:
+        if plan is None:
+            plan = plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
+        lead = None if content.lead_time is None else {"lead_time": content.lead_time}
+        encoded_lead = None if lead is None else codec.encode_metadata(lead)
+        encoded_meta = codec.encode_metadata(content.metadata)
+        states = {
+            sid: _record(tree, content.schemas.get(sid), content.versions.get(sid, 0))
+            for sid, tree in plan.states.items()
+        }
+    except Exception as exc:
+        failure = exc
+    agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
+    assert plan is not None
+    # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
+    # and refuses the same overlaps or gaps, so no agreement step is needed.
+    reports = comm.allgather(shard_report(plan))
+    layouts = globalio.layouts(reports) if any(reports) else {}
+
+    setup: dict[str, Any] = {}
+    if comm.is_coordinator:
+        try:
+            store.create(name)
+            # One writing job per store: a second one is refused here, on every rank.
+            lease.hold(store)
+            existing = store.rows()
+            newest = existing[-1] if existing else -1
+            chosen = newest + 1 if row is None else row
+            if chosen <= newest:
+                raise CheckpointWriteError(
+                    f"row {chosen} is not newer than row {newest} in {store.path}; rows are "
+                    "never rewritten in place"
+                )
+            prepare_row(store, chosen)
+            setup = {"row": chosen}
+        except Exception as exc:
+            failure = exc
+            setup = {"row": -1}
+    chosen = int(comm.broadcast(setup)["row"])
+    if not comm.is_coordinator and chosen >= 0:
+        # Node-local storage: this rank's directory tree may not be the coordinator's.
+        try:
+            store.create(name)
+            store.fs.makedirs(store.manifests_dir(chosen))
+        except Exception as exc:
+            failure = exc
+    agree_or_raise(comm, failure, CheckpointWriteError, f"cannot start a row in {store.path}")
+
+    manifest: RankManifest | None = None
+    try:
+        draft = RankManifest(
+            row=chosen,
+            rank=comm.rank,
+            world_size=comm.world_size,
+            write_count=content.write_count,
+            created=utcnow(),
+            name=name,
+            level=content.level,
+            lead_time=encoded_lead,
+            states=states,
+            metadata=encoded_meta,
+        )
+        manifest = commit_rank(
+            store, plan, draft, layouts, checksums=checksums, annotate=_with_digests(plan)
+        )
+    except Exception as exc:
+        failure = exc
+        log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
+    try:
+        agree_or_raise(
+            comm, failure, CheckpointWriteError, f"row {chosen} of {store.path} was not committed"
+        )
+    except CheckpointError:
+        if manifest is not None:
+            retract_rank(store, chosen, comm.rank)
+        raise
+    assert manifest is not None
+    fault_point("after_commit", rank=comm.rank, row=chosen)
+    return manifest
+
+
+def choose_row(
+    store: Store, comm: Communicator, row: int | None, *, any_world_size: bool = False
+) -> int:
+    """Collective: the elected row, or check that an explicitly named row is committed.
+
+    With ``any_world_size`` a row written by another number of ranks counts when all of
+    its manifests are present and valid (checked by the coordinator on a shared store);
+    without it such a row is refused with ``WorldSizeMismatchError``.
+    """
+    if row is None:
+        elected = elect(store, comm, any_world_size=any_world_size)
+        if elected is None:
+            raise _nothing_to_restore(store, comm.world_size)
+        return elected
+    problem: dict[str, Any] | None = None
+    try:
+        manifest = store.read_manifest(row, comm.rank)
+        if manifest.world_size != comm.world_size:
+            problem = {"size": manifest.world_size}
+    except InvalidManifest as exc:
+        problem = {"invalid": str(exc)}
+    reports = comm.allgather(problem)
+    if all(r is None for r in reports):
+        return row
+    if any_world_size:
+        return _check_any_size(store, comm, row)
+    sizes = {r["size"] for r in reports if r is not None and "size" in r}
+    if sizes:
+        raise WorldSizeMismatchError(
+            f"row {row} of {store.path} was written by {sorted(sizes)[0]} ranks; this job has "
+            f"{comm.world_size}"
+        )
+    invalid = [(rank, r["invalid"]) for rank, r in enumerate(reports) if r is not None]
+    raise NoCommittedRowError(f"row {row} is not committed: {describe(invalid)}")
+
+
+def _check_any_size(store: Store, comm: Communicator, row: int) -> int:
+    """Collective: the coordinator reads every manifest of ``row``; all ranks agree."""
+    verdict: dict[str, Any] = {}
+    if comm.is_coordinator:
+        try:
+            status = row_status(store, row)
+            verdict = {"ok": status.committed}
+            if not status.committed:
+                missing = ", ".join(str(r) for r in status.missing_ranks) or "none"
+                verdict["why"] = f"missing ranks: {missing}; " + "; ".join(status.problems)
+        except CheckpointError as exc:
+            verdict = {"ok": False, "why": f"{type(exc).__name__}: {exc}"}
+    verdict = comm.broadcast(verdict)
+    if not verdict["ok"]:
+        raise NoCommittedRowError(f"row {row} of {store.path} is not committed: {verdict['why']}")
+    return row
+
+
+def _nothing_to_restore(store: Store, world_size: int) -> CheckpointError:
+    """Say whether rows exist at another world size: that is a different fix for the user."""
+    try:
+        others = [s for s in committed_rows_offline(store) if s.world_size != world_size]
+    except CheckpointError:
+        others = []
+    if others:
+        newest = others[-1]
+        return WorldSizeMismatchError(
+            f"no row of {store.path} was committed by all {world_size} ranks of this job; "
+            f"row {newest.row} was committed by {newest.world_size} ranks (restoring "
+            f"rank-private state at another world size is not supported)"
+        )
+    return NoCommittedRowError(f"no row of {store.path} was committed by all ranks")
+
+
+class RowView:
+    """One rank's committed part of a row: manifest, decoded states, verified tensors."""
+
+    def __init__(self, store: Store, manifest: RankManifest) -> None:
+        self.store = store
+        self.manifest = manifest
+        self._globals = GlobalReader(store, manifest.row, manifest.world_size)
+        self._reader = RankReader(
+            store.fs,
+            store.row_dir(manifest.row),
+            row=manifest.row,
+            rank=manifest.rank,
+            entries=manifest.arrays,
+        )
+
+    @property
+    def row(self) -> int:
+        return self.manifest.row
+
+    @property
+    def rank(self) -> int:
+        """The saved rank whose part this is (not necessarily the reading rank)."""
+        return self.manifest.rank
+
+    @property
+    def saved_world_size(self) -> int:
+        return self.manifest.world_size
+
+    @property
+    def reader(self) -> RankReader:
+        return self._reader
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return codec.decode_metadata(self.manifest.metadata)
+
+    @property
+    def lead_time(self) -> Any:
+        if self.manifest.lead_time is None:
+            return None
+        return codec.decode_metadata(self.manifest.lead_time).get("lead_time")
+
+    def has_state(self, state_id: str) -> bool:
+        return state_id in self.manifest.states
+
+    def read_state(
+        self, state_id: str, place: Callable[[torch.Tensor, bool], Any] | None = None
+    ) -> Any:
+        """Decode a state, reading and verifying its tensors (they arrive on the CPU).
+
+        Global (sharded) tensors come back as ``GlobalValue``s, read later by region.
+        """
+        record = self.manifest.states[state_id]
+
+        def leaf(index: int, as_numpy: bool) -> Any:
+            if not 0 <= index < len(self.manifest.arrays):
+                raise CorruptCheckpointError(
+                    f"row {self.row}, rank {self.manifest.rank}: state {state_id!r} refers to "
+                    f"missing array {index}"
+                )
+            tensor = self._reader.read(self.manifest.arrays[index])
+            if place is not None:
+                return place(tensor, as_numpy)
+            return tensor.numpy() if as_numpy else tensor
+
+        def shard(index: int) -> GlobalValue:
+            if not 0 <= index < len(self.manifest.globals):
+                raise CorruptCheckpointError(
+                    f"row {self.row}, rank {self.manifest.rank}: state {state_id!r} refers to "
+                    f"missing global array {index}"
+                )
+            return GlobalValue(self.manifest.globals[index], self._globals)
+
+        return codec.decode(record.tree, leaf, shard)
+
+
+def open_row(
+    store: Store, comm: Communicator, row: int | None = None, *, any_world_size: bool = False
+) -> RowView:
+    """Collective: elect (or check) a row and open this rank's part of it.
+
+    With ``any_world_size`` the row may have been written by N ranks while this job has M:
+    a rank below N opens its own part, a rank at or above N opens part ``rank % N`` (check
+    ``view.rank``); :func:`open_rank` opens any other part.
+    """
+    chosen = choose_row(store, comm, row, any_world_size=any_world_size)
+    return open_part(store, chosen, comm.rank)
+
+
+def open_part(store: Store, row: int, rank: int) -> RowView:
+    """Part ``rank`` of a chosen row, or part ``rank % N`` when the row has N <= rank ranks."""
+    try:
+        return RowView(store, store.read_manifest(row, rank))
+    except InvalidManifest:
+        return open_rank(store, row, rank % saved_world_size(store, row))
+
+
+def open_rank(store: Store, row: int, rank: int) -> RowView:
+    """Open saved rank ``rank``'s part of ``row`` (any rank of the row, from any job)."""
+    try:
+        return RowView(store, store.read_manifest(row, rank))
+    except InvalidManifest as exc:
+        raise CorruptCheckpointError(
+            f"row {row} of {store.path} has no valid part for saved rank {rank}: {exc}"
+        ) from exc
+
+
+def saved_world_size(store: Store, row: int) -> int:
+    """How many ranks wrote ``row``, from the first valid manifest found."""
+    for rank in store.manifest_ranks(row):
+        try:
+            return store.read_manifest(row, rank).world_size
+        except InvalidManifest:
+            continue
+    raise NoCommittedRowError(f"row {row} of {store.path} has no valid manifest")
+
+
+def read_all(
+    view: RowView, comm: Communicator, only: Collection[str] | None = None
+) -> dict[str, Any]:
+    """Collective: decode every state of this rank (or those in ``only`` that the row has);
+    all ranks raise if any rank failed."""
+    out: dict[str, Any] = {}
+    error: str | None = None
+    try:
+        for state_id in view.manifest.states:
+            if only is None or state_id in only:
+                out[state_id] = view.read_state(state_id)
+    except CheckpointError as exc:
+        error = str(exc)
+    failures = agree(comm, error)
+    if failures:
+        raise CorruptCheckpointError(f"cannot restore row {view.row}: {describe(failures)}")
+    return out
+
+
+def prune(store: Store, comm: Communicator, doomed: list[int]) -> None:
+    """Coordinator deletes ``doomed`` rows (manifests first); others return at once."""
+    if not comm.is_coordinator:
+        return
+    for row in doomed:
+        log.info("deleting row %d of %s", row, store.path)
+        delete_row(store, row)

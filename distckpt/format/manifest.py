@@ -1,0 +1,263 @@
+"""Rank manifests: the per-rank, per-row commit records, and their JSON form.
+
+A manifest is written last and names everything needed to validate the rank's part of a
+row. Parsing is strict: anything malformed raises ``InvalidManifest`` so that the election
+can treat the row as uncommitted instead of crashing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from distckpt.errors import StoreFormatError
+from distckpt.format.layout import FORMAT_VERSION, MANIFEST_VERSION
+
+Json = Any
+
+
+class InvalidManifest(Exception):
+    """A manifest that cannot count as a commit (internal: never escapes the election)."""
+
+
+@dataclass(frozen=True)
+class ArrayEntry:
+    """Where one saved tensor lives: a zarr array, and a byte range of its single chunk."""
+
+    name: str  # the tensor's state path, for messages and plain-zarr readers
+    array: str  # array directory relative to the row directory
+    dtype: str  # torch dtype name
+    shape: tuple[int, ...]
+    nbytes: int
+    offset: int  # byte offset inside the chunk (0 unless packed)
+    crc32c: int | None  # checksum of exactly this tensor's bytes; None: saved without
+
+    def to_json(self) -> Json:
+        return {
+            "name": self.name,
+            "array": self.array,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "nbytes": self.nbytes,
+            "offset": self.offset,
+            "crc32c": self.crc32c,
+        }
+
+    @staticmethod
+    def from_json(doc: Json) -> ArrayEntry:
+        entry = ArrayEntry(
+            name=_typed(doc, "name", str),
+            array=_typed(doc, "array", str),
+            dtype=_typed(doc, "dtype", str),
+            shape=tuple(_int_list(doc, "shape")),
+            nbytes=_typed(doc, "nbytes", int),
+            offset=_typed(doc, "offset", int),
+            crc32c=None if _is_null(doc, "crc32c") else _typed(doc, "crc32c", int),
+        )
+        if entry.nbytes < 0 or entry.offset < 0 or any(d < 0 for d in entry.shape):
+            raise InvalidManifest(f"array {entry.name!r} has a negative size or offset")
+        if entry.array.startswith("/") or ".." in entry.array.split("/"):
+            raise InvalidManifest(f"array {entry.name!r} points outside its row: {entry.array!r}")
+        return entry
+
+
+@dataclass(frozen=True)
+class GlobalEntry:
+    """A global (sharded) array a rank's state refers to, and the chunks this rank wrote.
+
+    The array lives at ``array`` (relative to the row, under ``global/``); its chunk grid is
+    regular with ``chunk_shape``. A reader gathers ``chunks`` from every rank's manifest to
+    find each chunk's checksum; together they name every chunk of the array exactly once.
+    """
+
+    name: str  # the tensor's state path
+    array: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    chunks: tuple[tuple[tuple[int, ...], int], ...] = ()  # (chunk index, crc32c) written here
+
+    def to_json(self) -> Json:
+        return {
+            "name": self.name,
+            "array": self.array,
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "chunk_shape": list(self.chunk_shape),
+            "chunks": [[list(i), c] for i, c in self.chunks],
+        }
+
+    @staticmethod
+    def from_json(doc: Json) -> GlobalEntry:
+        chunks = []
+        for item in _typed(doc, "chunks", list):
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)):
+                raise InvalidManifest("global array chunk entries are not [index, crc32c]")
+            chunks.append((tuple(_int_list({"i": item[0]}, "i")), item[1]))
+        entry = GlobalEntry(
+            name=_typed(doc, "name", str),
+            array=_typed(doc, "array", str),
+            dtype=_typed(doc, "dtype", str),
+            shape=tuple(_int_list(doc, "shape")),
+            chunk_shape=tuple(_int_list(doc, "chunk_shape")),
+            chunks=tuple(chunks),
+        )
+        if len(entry.chunk_shape) != len(entry.shape) or any(c < 1 for c in entry.chunk_shape):
+            raise InvalidManifest(f"global array {entry.name!r} has a bad chunk shape")
+        if any(d < 0 for d in entry.shape):
+            raise InvalidManifest(f"global array {entry.name!r} has a negative size")
+        if entry.array.startswith("/") or ".." in entry.array.split("/"):
+            raise InvalidManifest(f"array {entry.name!r} points outside its row: {entry.array!r}")
+        return entry
+
+
+@dataclass(frozen=True)
+class StateRecord:
+    """One saved state: its encoded value tree, schema hash and user schema version."""
+
+    tree: Json
+    schema: str | None = None
+    version: int = 0
+    fields: dict[str, str] | None = None  # field name -> annotation, for schema messages
+    # Digest of the value (tree and tensor bytes): when every rank's is equal, a job of
+    # another size may restore the state from any rank's part (redistribute).
+    digest: str | None = None
+
+    def to_json(self) -> Json:
+        doc = {"tree": self.tree, "schema": self.schema, "version": self.version}
+        if self.fields is not None:
+            doc["fields"] = self.fields
+        if self.digest is not None:
+            doc["digest"] = self.digest
+        return doc
+
+    @staticmethod
+    def from_json(doc: Json) -> StateRecord:
+        schema = doc.get("schema") if isinstance(doc, dict) else None
+        if schema is not None and not isinstance(schema, str):
+            raise InvalidManifest("state schema is not a string")
+        fields = doc.get("fields")
+        if fields is not None and not (
+            isinstance(fields, dict) and all(isinstance(v, str) for v in fields.values())
+        ):
+            raise InvalidManifest("state fields are not a name -> annotation mapping")
+        return StateRecord(
+            tree=_typed(doc, "tree", dict),
+            schema=schema,
+            version=_typed(doc, "version", int),
+            fields=fields,
+            digest=doc["digest"] if isinstance(doc.get("digest"), str) else None,
+        )
+
+
+@dataclass(frozen=True)
+class RankManifest:
+    """The commit record of one rank for one row."""
+
+    row: int
+    rank: int
+    world_size: int
+    write_count: int
+    created: str
+    name: str = ""
+    level: int | None = None
+    lead_time: Json = None  # encoded value node, or None
+    arrays: tuple[ArrayEntry, ...] = ()
+    states: dict[str, StateRecord] = field(default_factory=dict)
+    metadata: Json = field(default_factory=lambda: {"dict": []})
+    format: int = FORMAT_VERSION
+    globals: tuple[GlobalEntry, ...] = ()  # referred to by {"global": i} tree nodes
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+    def to_json(self) -> bytes:
+        doc = {
+            "distckpt_manifest": self.format,
+            "row": self.row,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "write_count": self.write_count,
+            "created": self.created,
+            "name": self.name,
+            "level": self.level,
+            "lead_time": self.lead_time,
+            "arrays": [a.to_json() for a in self.arrays],
+            "states": {k: v.to_json() for k, v in self.states.items()},
+            "metadata": self.metadata,
+        }
+        if self.globals:
+            doc["globals"] = [g.to_json() for g in self.globals]
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @staticmethod
+    def from_json(data: bytes, *, where: str = "manifest") -> RankManifest:
+        """Parse and validate; raise StoreFormatError for a newer format, else InvalidManifest."""
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidManifest(f"{where} is not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict):
+            raise InvalidManifest(f"{where} is not a JSON object")
+        fmt = doc.get("distckpt_manifest")
+        if not isinstance(fmt, int) or isinstance(fmt, bool):
+            raise InvalidManifest(f"{where} has no format version")
+        if fmt > MANIFEST_VERSION:
+            raise StoreFormatError(
+                f"{where} was written by format version {fmt}; this distckpt reads up to "
+                f"version {MANIFEST_VERSION}: upgrade distckpt to read it"
+            )
+        try:
+            states = doc.get("states", {})
+            if not isinstance(states, dict):
+                raise InvalidManifest("states is not an object")
+            level = doc.get("level")
+            if level is not None and not isinstance(level, int):
+                raise InvalidManifest("level is not an integer")
+            manifest = RankManifest(
+                format=fmt,
+                row=_typed(doc, "row", int),
+                rank=_typed(doc, "rank", int),
+                world_size=_typed(doc, "world_size", int),
+                write_count=_typed(doc, "write_count", int),
+                created=_typed(doc, "created", str),
+                name=doc.get("name", "") if isinstance(doc.get("name", ""), str) else "",
+                level=level,
+                lead_time=doc.get("lead_time"),
+                arrays=tuple(ArrayEntry.from_json(a) for a in _typed(doc, "arrays", list)),
+                states={str(k): StateRecord.from_json(v) for k, v in states.items()},
+                metadata=_typed(doc, "metadata", dict),
+                globals=tuple(GlobalEntry.from_json(g) for g in doc.get("globals", [])),
+            )
+        except InvalidManifest as exc:
+            raise InvalidManifest(f"{where}: {exc}") from exc
+        except (AttributeError, TypeError) as exc:
+            raise InvalidManifest(f"{where}: malformed ({exc})") from exc
+        if manifest.world_size < 1 or not 0 <= manifest.rank < manifest.world_size:
+            raise InvalidManifest(
+                f"{where}: rank {manifest.rank} outside world size {manifest.world_size}"
+            )
+        return manifest
+
+
+def _typed(doc: Json, key: str, kind: type) -> Any:
+    if not isinstance(doc, dict) or key not in doc:
+        raise InvalidManifest(f"missing field {key!r}")
+    value = doc[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise InvalidManifest(f"field {key!r} is not of type {kind.__name__}")
+    return value
+
+
+def _is_null(doc: Json, key: str) -> bool:
+    """The field is present and null (absent stays an error)."""
+    return isinstance(doc, dict) and key in doc and doc[key] is None
+
+
+def _int_list(doc: Json, key: str) -> list[int]:
+    values = _typed(doc, key, list)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise InvalidManifest(f"field {key!r} is not a list of integers")
+    return values

@@ -1,0 +1,288 @@
+"""Shard descriptions: which region of a global tensor each rank holds, and the checks on them.
+
+A global (sharded) tensor is a ``torch.distributed.tensor.DTensor`` or an explicit
+:class:`Sharded` (global shape + this rank's offsets, for code without DTensor). Either way
+a rank holds one box of the global index space. A save gathers every rank's boxes and
+checks here that they cover each tensor exactly: equal boxes are replicas (written once),
+any other overlap or a gap is an error naming the tensor and the ranks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distckpt.errors import CheckpointSerializationError
+
+CHUNK_TARGET_BYTES = 4 << 20  # chunks are split down to about this size (docs/design.md section 16)
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """This rank's piece ``local`` of a tensor of ``global_shape``, starting at ``offsets``.
+
+    Save it and the ranks' pieces become one global array; load into it and the piece is
+    filled from any saved layout. Ranks passing equal regions hold replicas.
+    """
+
+    local: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        shape, offs = tuple(self.global_shape), tuple(self.offsets)
+        object.__setattr__(self, "global_shape", shape)
+        object.__setattr__(self, "offsets", offs)
+        lengths = tuple(self.local.shape)
+        if not (len(shape) == len(offs) == len(lengths)):
+            raise CheckpointSerializationError(
+                f"Sharded: global shape {shape}, offsets {offs} and local shape {lengths} "
+                "differ in rank"
+            )
+        for d, (n, o, k) in enumerate(zip(shape, offs, lengths, strict=True)):
+            if o < 0 or o + k > n:
+                raise CheckpointSerializationError(
+                    f"Sharded: dimension {d}: local rows {o}..{o + k} lie outside 0..{n}"
+                )
+
+
+@dataclass(frozen=True)
+class Box:
+    """A region of a global index space: ``offsets`` and ``lengths`` per dimension."""
+
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.lengths)
+
+    def intersect(self, other: Box) -> Box | None:
+        offs, lens = [], []
+        for a, n, b, m in zip(
+            self.offsets, self.lengths, other.offsets, other.lengths, strict=True
+        ):
+            lo, hi = max(a, b), min(a + n, b + m)
+            if hi <= lo:
+                return None
+            offs.append(lo)
+            lens.append(hi - lo)
+        return Box(tuple(offs), tuple(lens))
+
+    def slices(self, origin: tuple[int, ...]) -> tuple[slice, ...]:
+        """This box as slices of a tensor whose element 0 sits at ``origin``."""
+        return tuple(
+            slice(o - g, o - g + n)
+            for o, n, g in zip(self.offsets, self.lengths, origin, strict=True)
+        )
+
+    def to_json(self) -> list[list[int]]:
+        return [list(self.offsets), list(self.lengths)]
+
+    @staticmethod
+    def from_json(doc: Any) -> Box:
+        return Box(tuple(int(v) for v in doc[0]), tuple(int(v) for v in doc[1]))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What one rank holds of a global tensor: the tensor's shape and dtype, its box, data."""
+
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+    box: Box
+    local: torch.Tensor | None  # None where this rank is not in the DTensor's mesh
+
+
+@functools.cache
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def is_global(value: Any) -> bool:
+    """Whether ``value`` is saved as a region of a global array."""
+    if isinstance(value, Sharded):
+        return True
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(value, dtensor)
+
+
+def piece(value: Any, *, where: str) -> Piece:
+    """The region of its global tensor that ``value`` holds on this rank."""
+    if isinstance(value, Sharded):
+        box = Box(value.offsets, tuple(value.local.shape))
+        return Piece(value.global_shape, value.local.dtype, box, value.local)
+    from torch.distributed.tensor import Partial
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    placements = tuple(value.placements)
+    if any(isinstance(p, Partial) for p in placements):
+        raise CheckpointSerializationError(
+            f"DTensor at {where!r} has a Partial placement {placements}; reduce it first "
+            "(full_tensor() or redistribute to Shard/Replicate)"
+        )
+    shape = tuple(value.shape)
+    mesh = value.device_mesh
+    if mesh.get_coordinate() is None:  # this rank is not in the tensor's mesh
+        return Piece(shape, value.dtype, Box((0,) * len(shape), (0,) * len(shape)), None)
+    lengths, offsets = compute_local_shape_and_global_offset(shape, mesh, placements)
+    local = value.to_local()
+    if tuple(local.shape) != tuple(lengths):
+        raise CheckpointSerializationError(
+            f"DTensor at {where!r}: local tensor is {tuple(local.shape)}, its placements "
+            f"{placements} say {tuple(lengths)}"
+        )
+    return Piece(shape, value.dtype, Box(tuple(offsets), tuple(lengths)), local)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One distinct box of a global tensor, the ranks holding it, and the one writing it."""
+
+    box: Box
+    holders: tuple[int, ...]
+    writer: int
+
+
+@dataclass(frozen=True)
+class GlobalLayout:
+    """How one global tensor is stored: every rank agrees on it from the gathered boxes."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunk: tuple[int, ...]
+    regions: tuple[Region, ...]
+    holders: tuple[int, ...]  # every rank holding the tensor (some may hold empty boxes)
+
+    def writes(self, rank: int) -> list[Region]:
+        return [r for r in self.regions if r.writer == rank]
+
+    @property
+    def document_writer(self) -> int:
+        """The rank writing the array's ``zarr.json``: its lowest-ranked chunk writer."""
+        return min((r.writer for r in self.regions), default=self.holders[0])
+
+
+def plan_layouts(
+    reports: Sequence[Sequence[dict[str, Any]]], itemsizes: dict[str, int]
+) -> dict[str, GlobalLayout]:
+    """Check gathered shard reports and decide each global tensor's chunks and writers.
+
+    ``reports[rank]`` lists ``{"key", "shape", "dtype", "box"}`` for every global tensor that
+    rank holds. Deterministic: every rank computes the same layouts from the same reports.
+    """
+    by_key: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for rank, items in enumerate(reports):
+        for item in items:
+            by_key.setdefault(item["key"], []).append((rank, item))
+    layouts: dict[str, GlobalLayout] = {}
+    for ordinal, key in enumerate(sorted(by_key)):
+        held = by_key[key]
+        layouts[key] = _layout(key, ordinal, held, itemsizes[held[0][1]["dtype"]])
+    return layouts
+
+
+def _layout(
+    key: str, ordinal: int, held: list[tuple[int, dict[str, Any]]], itemsize: int
+) -> GlobalLayout:
+    shapes = {tuple(item["shape"]) for _, item in held}
+    dtypes = {item["dtype"] for _, item in held}
+    if len(shapes) > 1 or len(dtypes) > 1:
+        detail = ", ".join(f"rank {r}: {tuple(i['shape'])} {i['dtype']}" for r, i in held)
+        raise CheckpointSerializationError(
+            f"global tensor {key!r}: ranks disagree on its shape or dtype ({detail})"
+        )
+    shape = shapes.pop()
+    boxes: dict[Box, list[int]] = {}
+    for rank, item in held:
+        box = Box.from_json(item["box"])
+        if box.numel:
+            boxes.setdefault(box, []).append(rank)
+    distinct = sorted(boxes, key=lambda b: (b.offsets, b.lengths))
+    for i, a in enumerate(distinct):
+        for b in distinct[i + 1 :]:
+            common = a.intersect(b)
+            if common is not None:
+                raise CheckpointSerializationError(
+                    f"global tensor {key!r}: the shards of ranks {boxes[a]} (offsets "
+                    f"{a.offsets}, shape {a.lengths}) and ranks {boxes[b]} (offsets {b.offsets}, "
+                    f"shape {b.lengths}) overlap at offsets {common.offsets}"
+                )
+    covered = sum(b.numel for b in distinct)
+    total = math.prod(shape)
+    if covered != total:
+        raise CheckpointSerializationError(
+            f"global tensor {key!r} of shape {shape}: the shards of ranks "
+            f"{sorted({r for r, _ in held})} cover "
+            f"{covered} of its {total} elements"
+        )
+    regions = tuple(
+        Region(b, tuple(boxes[b]), boxes[b][(ordinal + i) % len(boxes[b])])
+        for i, b in enumerate(distinct)
+    )
+    holders = tuple(sorted({r for r, _ in held}))
+    chunk = chunk_shape(shape, distinct, itemsize)
+    return GlobalLayout(key, shape, dtypes.pop(), chunk, regions, holders)
+
+
+def chunk_shape(
+    shape: tuple[int, ...], boxes: Sequence[Box], itemsize: int, target: int = CHUNK_TARGET_BYTES
+) -> tuple[int, ...]:
+    """A regular chunk grid in which every box is a union of whole chunks.
+
+    Per dimension, the gcd of the tensor's extent and every box boundary: each writer owns
+    whole chunks, and no chunk runs past the tensor's end (zarr stores edge chunks padded to
+    full size; here there are none, so the bytes written equal the logical size). Chunks
+    above ``target`` bytes are then divided, largest dimension first, by their smallest
+    prime factor, so a reader of another layout reads little beyond its region.
+    """
+    chunk = []
+    for d, n in enumerate(shape):
+        g = n
+        for b in boxes:
+            g = math.gcd(g, b.offsets[d], b.offsets[d] + b.lengths[d])
+        chunk.append(max(g, 1))
+    while math.prod(chunk) * itemsize > target:
+        for d in sorted(range(len(chunk)), key=lambda d: (-chunk[d], -d)):
+            p = _smallest_factor(chunk[d])
+            if p > 1:
+                chunk[d] //= p
+                break
+        else:
+            break
+    return tuple(chunk)
+
+
+def _smallest_factor(n: int) -> int:
+    if n < 2:
+        return 1
+    for p in range(2, math.isqrt(n) + 1):
+        if n % p == 0:
+            return p
+    return n
+
+
+def chunk_indices(box: Box, chunk: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Indices of the chunks overlapping ``box``, in C order."""
+    ranges = [
+        range(o // c, -(-(o + n) // c))
+        for o, n, c in zip(box.offsets, box.lengths, chunk, strict=True)
+    ]
+    out: list[tuple[int, ...]] = [()]
+    for r in ranges:
+        out = [(*prefix, i) for prefix in out for i in r]
+    return out if box.numel else []
+
+
+def chunk_box(index: tuple[int, ...], chunk: tuple[int, ...]) -> Box:
+    return Box(tuple(i * c for i, c in zip(index, chunk, strict=True)), chunk)

@@ -1,0 +1,259 @@
+"""Lossless JSON encoding of state trees, with tensors pulled out as leaves.
+
+This replaces pickle: a saved tree is JSON whose nodes are tagged by type, so loading can
+rebuild dicts, lists, tuples, scalars, datetimes and tensors but can never run code.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as _dt
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from distckpt.errors import CheckpointSerializationError
+from distckpt.format.shards import is_global
+
+Json = Any
+Path = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A tensor found in a tree; ``numpy`` marks one that must come back as an ndarray."""
+
+    path: Path
+    tensor: torch.Tensor
+    numpy: bool
+
+
+def qualified_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def path_str(path: Path) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def encode(
+    obj: Any, leaves: list[Leaf], path: Path = (), shards: list[tuple[Path, Any]] | None = None
+) -> Json:
+    """Encode ``obj`` as a tagged JSON node, appending each tensor to ``leaves``.
+
+    Global (sharded) values (DTensor, ``Sharded``) go to ``shards`` as ``{"global": i}``
+    nodes; where ``shards`` is None they cannot be stored.
+    """
+    if is_global(obj):
+        if shards is None:
+            raise CheckpointSerializationError(
+                f"sharded value at {path_str(path)!r} cannot be stored here"
+            )
+        shards.append((path, obj))
+        return {"global": len(shards) - 1}
+    if isinstance(obj, torch.Tensor):
+        leaves.append(Leaf(path, obj, False))
+        return {"tensor": len(leaves) - 1}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "mM":  # datetimes as their int64 counts, unit kept in the node
+            index = _ndarray_leaf(obj.view(np.int64), leaves, path)
+            return {"np_time_array": [obj.dtype.str, index]}
+        if obj.dtype.kind == "U":  # e.g. variable names in coordinates: small, kept inline
+            return {"np_str_array": [obj.dtype.str, list(obj.shape), obj.reshape(-1).tolist()]}
+        return {"ndarray": _ndarray_leaf(obj, leaves, path)}
+    if isinstance(obj, np.generic):
+        # Before the plain scalar checks: np.float64 is a float and np.str_ a str, but
+        # they must come back as the numpy types they were.
+        return {"np_scalar": [obj.dtype.str, _np_scalar_value(obj, path)]}
+    if obj is None or isinstance(obj, bool | str):
+        return {"v": obj}
+    if isinstance(obj, int):
+        return {"v": int(obj)}
+    if isinstance(obj, float):
+        return {"v": obj} if math.isfinite(obj) else {"float": repr(obj)}
+    if isinstance(obj, dict):
+        items = []
+        for k, v in obj.items():
+            if not isinstance(k, str | int) or isinstance(k, bool):
+                raise CheckpointSerializationError(
+                    f"dict key {k!r} at {path_str(path)!r} is not a str or int"
+                )
+            items.append([k, encode(v, leaves, (*path, k), shards)])
+        return {"dict": items}
+    if isinstance(obj, list):
+        return {"list": [encode(v, leaves, (*path, i), shards) for i, v in enumerate(obj)]}
+    if isinstance(obj, torch.Size):
+        return {"size": list(obj)}
+    if isinstance(obj, tuple):
+        return {"tuple": [encode(v, leaves, (*path, i), shards) for i, v in enumerate(obj)]}
+    if isinstance(obj, _dt.datetime):
+        return {"datetime": obj.isoformat()}
+    if isinstance(obj, _dt.date):
+        return {"date": obj.isoformat()}
+    if isinstance(obj, _dt.timedelta):
+        return {"timedelta": [obj.days, obj.seconds, obj.microseconds]}
+    if isinstance(obj, torch.dtype):
+        return {"dtype": str(obj).removeprefix("torch.")}
+    if isinstance(obj, bytes):
+        return {"bytes": base64.b64encode(obj).decode()}
+    if isinstance(obj, complex):
+        return {"complex": [_float_json(obj.real), _float_json(obj.imag)]}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = [
+            [f.name, encode(getattr(obj, f.name), leaves, (*path, f.name), shards)]
+            for f in dataclasses.fields(obj)
+        ]
+        return {"dataclass": {"type": qualified_name(type(obj)), "fields": fields}}
+    raise CheckpointSerializationError(
+        f"value of type {type(obj).__qualname__} at {path_str(path)!r} cannot be stored "
+        "(supported: tensors, numpy arrays, dict/list/tuple, scalars, str, bytes, datetimes)"
+    )
+
+
+def _float_json(x: float) -> float | str:
+    """A float as strict JSON: non-finite values as their repr, which float() reads back."""
+    return x if math.isfinite(x) else repr(x)
+
+
+def _np_scalar_value(obj: np.generic, path: Path) -> Json:
+    kind = obj.dtype.kind
+    if kind in "mM":
+        return int(obj.view(np.int64))
+    if kind == "c":
+        c = complex(obj)
+        return [_float_json(c.real), _float_json(c.imag)]
+    if kind == "f":
+        if obj.dtype.itemsize > 8:
+            raise CheckpointSerializationError(
+                f"numpy {obj.dtype} scalar at {path_str(path)!r} cannot be stored losslessly"
+            )
+        return _float_json(float(obj))
+    if kind in "biu":
+        return obj.item()
+    if kind == "U":
+        return str(obj)
+    raise CheckpointSerializationError(
+        f"numpy {obj.dtype} scalar at {path_str(path)!r} cannot be stored"
+    )
+
+
+def _ndarray_leaf(obj: np.ndarray, leaves: list[Leaf], path: Path) -> int:
+    if obj.dtype.kind not in "biufc":
+        raise CheckpointSerializationError(
+            f"numpy array of dtype {obj.dtype} at {path_str(path)!r} cannot be stored "
+            "(numeric and bool arrays only)"
+        )
+    if not obj.dtype.isnative:
+        obj = obj.astype(obj.dtype.newbyteorder("="))
+    if not obj.flags.c_contiguous:
+        obj = obj.copy(order="C")
+    try:
+        tensor = torch.from_numpy(obj)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointSerializationError(
+            f"numpy array of dtype {obj.dtype} at {path_str(path)!r} cannot be stored: {exc}"
+        ) from exc
+    leaves.append(Leaf(path, tensor, True))
+    return len(leaves) - 1
+
+
+def decode(
+    node: Json,
+    get_leaf: Callable[[int, bool], Any],
+    get_global: Callable[[int], Any] | None = None,
+) -> Any:
+    """Rebuild the object encoded by :func:`encode`; tensors come from ``get_leaf``,
+    global values from ``get_global``."""
+    try:
+        (tag, value), *rest = node.items()
+    except (AttributeError, ValueError) as exc:
+        raise CheckpointSerializationError(f"malformed stored value {node!r:.80}") from exc
+    if rest:
+        raise CheckpointSerializationError(f"malformed stored value {node!r:.80}")
+    if tag == "v":
+        return value
+    if tag == "tensor":
+        return get_leaf(int(value), False)
+    if tag == "global":
+        if get_global is None:
+            raise CheckpointSerializationError("stored value refers to a global array here")
+        return get_global(int(value))
+    if tag == "ndarray":
+        return get_leaf(int(value), True)
+    if tag == "np_time_array":
+        dtype = np.dtype(value[0])
+        if dtype.kind not in "mM":
+            raise CheckpointSerializationError(f"not a datetime dtype: {value[0]!r}")
+        return get_leaf(int(value[1]), True).view(dtype)
+    if tag == "np_str_array":
+        dtype = np.dtype(value[0])
+        if dtype.kind != "U":
+            raise CheckpointSerializationError(f"not a str dtype: {value[0]!r}")
+        return np.array(value[2], dtype=dtype).reshape(value[1])
+    if tag == "dict":
+        return {k: decode(v, get_leaf, get_global) for k, v in value}
+    if tag == "list":
+        return [decode(v, get_leaf, get_global) for v in value]
+    if tag == "tuple":
+        return tuple(decode(v, get_leaf, get_global) for v in value)
+    if tag == "size":
+        return torch.Size(value)
+    if tag == "float":
+        return float(value)
+    if tag == "datetime":
+        return _dt.datetime.fromisoformat(value)
+    if tag == "date":
+        return _dt.date.fromisoformat(value)
+    if tag == "timedelta":
+        return _dt.timedelta(days=value[0], seconds=value[1], microseconds=value[2])
+    if tag == "np_scalar":
+        dtype = np.dtype(value[0])
+        if dtype.hasobject:
+            raise CheckpointSerializationError(f"refusing object dtype {value[0]!r}")
+        v = value[1]
+        if dtype.kind in "mM":
+            return np.array(v, dtype=np.int64).view(dtype)[()]
+        if dtype.kind == "c":
+            return dtype.type(complex(float(v[0]), float(v[1])))
+        if dtype.kind == "f":
+            return dtype.type(float(v))
+        return dtype.type(v)
+    if tag == "dtype":
+        from distckpt.format.dtypes import torch_dtype
+
+        return torch_dtype(value)
+    if tag == "bytes":
+        return base64.b64decode(value)
+    if tag == "complex":
+        return complex(float(value[0]), float(value[1]))
+    if tag == "dataclass":
+        # Types are never imported from a checkpoint: fields come back as a dict and the
+        # live object (if any) is filled in place by the binding layer.
+        return {k: decode(v, get_leaf, get_global) for k, v in value["fields"]}
+    raise CheckpointSerializationError(f"unknown stored value tag {tag!r}")
+
+
+def encode_metadata(metadata: dict[str, Any]) -> Json:
+    """Metadata is a tree without tensors: refuse tensors so it stays small and inline."""
+    leaves: list[Leaf] = []
+    node = encode(dict(metadata), leaves)
+    if leaves:
+        raise CheckpointSerializationError(
+            f"metadata may not hold tensors (found one at {path_str(leaves[0].path)!r})"
+        )
+    return node
+
+
+def decode_metadata(node: Json) -> dict[str, Any]:
+    def no_leaf(index: int, numpy: bool) -> Any:
+        raise CheckpointSerializationError("metadata refers to a tensor")
+
+    value = decode(node, no_leaf)
+    if not isinstance(value, dict):
+        raise CheckpointSerializationError("stored metadata is not a mapping")
+    return value

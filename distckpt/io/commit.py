@@ -1,0 +1,90 @@
+"""The commit protocol: the one place that decides in what order bytes become durable.
+
+A rank's part of a row is committed by its manifest: data files are written and fsynced
+first (rowio), then the manifest is published atomically here. Removal runs the other way:
+manifests go first (the row stops counting), data after. A crash at any instant leaves
+either a committed row or garbage that the election ignores and GC removes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+from distckpt.faults import fault_point
+from distckpt.format.layout import GLOBAL_MANIFEST_VERSION, ZARR_JSON, group_document
+from distckpt.format.manifest import RankManifest
+from distckpt.format.shards import GlobalLayout
+from distckpt.io.globalio import write_rank_globals
+from distckpt.io.rowio import write_rank_arrays, write_rank_group
+from distckpt.plan.save import RankPlan
+from distckpt.storage.store import Store, utcnow
+
+
+def prepare_row(store: Store, row: int) -> None:
+    """Create the row's group and manifests directory (coordinator, before any rank writes)."""
+    fs = store.fs
+    row_dir = store.row_dir(row)
+    fs.makedirs(store.manifests_dir(row))
+    # manifests/ is an (empty) zarr group so zarr readers walking the row see no strangers.
+    note = {"distckpt": "rank commit manifests (JSON files), not zarr data"}
+    fs.write_file(os.path.join(store.manifests_dir(row), ZARR_JSON), [group_document(note)])
+    doc = group_document({"distckpt": {"row": row, "created": utcnow()}})
+    fs.write_file(os.path.join(row_dir, ZARR_JSON), [doc])
+    fs.fsync_dir(row_dir)
+    fs.fsync_dir(store.rows_dir)
+
+
+def commit_rank(
+    store: Store,
+    plan: RankPlan,
+    manifest: RankManifest,
+    layouts: dict[str, GlobalLayout] | None = None,
+    *,
+    checksums: bool = True,
+    annotate: Callable[[RankManifest], RankManifest] | None = None,
+) -> RankManifest:
+    """Write this rank's data durably, then publish its manifest: the rank's commit point.
+
+    ``layouts`` (agreed by every rank) says which chunks of the global arrays this rank
+    writes; they are durable before the manifest like the rank's own arrays. ``checksums``
+    applies to the rank's own arrays; global chunks are always checksummed. ``annotate``
+    completes the manifest from what the write produced (its entries, with checksums) before
+    it is published.
+    """
+    row, rank = manifest.row, manifest.rank
+    fault_point("before_data", rank=rank, row=row)
+    rank_dir = store.rank_dir(row, rank)
+    write_rank_group(store.fs, rank_dir, rank)
+    entries = write_rank_arrays(store.fs, store.row_dir(row), plan, checksums=checksums)
+    shards = write_rank_globals(store.fs, store.row_dir(row), plan, layouts or {}, rank)
+    store.fs.fsync_dir(rank_dir)
+    store.fs.fsync_dir(store.row_dir(row))
+    fault_point("after_data", rank=rank, row=row)
+    final = dataclasses.replace(manifest, arrays=tuple(entries), globals=tuple(shards))
+    if shards:
+        final = dataclasses.replace(final, format=GLOBAL_MANIFEST_VERSION)
+    if annotate is not None:
+        final = annotate(final)
+    store.fs.atomic_write(store.manifest_path(row, rank), final.to_json())
+    fault_point("after_manifest", rank=rank, row=row)
+    return final
+
+
+def retract_rank(store: Store, row: int, rank: int) -> None:
+    """Withdraw one rank's commit (its row stops counting); data is left for GC."""
+    store.fs.remove(store.manifest_path(row, rank))
+    if store.fs.exists(store.manifests_dir(row)):
+        store.fs.fsync_dir(store.manifests_dir(row))
+
+
+def delete_row(store: Store, row: int) -> None:
+    """Uncommit ``row`` (every manifest, durably) and only then delete its data."""
+    mdir = store.manifests_dir(row)
+    for name in store.fs.listdir(mdir):
+        store.fs.remove(os.path.join(mdir, name))
+    if store.fs.exists(mdir):
+        store.fs.fsync_dir(mdir)
+    store.fs.rmtree(store.row_dir(row))
+    store.fs.fsync_dir(store.rows_dir)

@@ -1,0 +1,310 @@
+"""Global (sharded) arrays: each rank writes its own chunks, any rank reads any region.
+
+A global tensor is one zarr v3 array under ``rows/<row>/global/`` whose regular chunk grid
+follows the shards (``shards.chunk_shape``), so every chunk has exactly one writer and is
+written whole. Reading a region visits the chunks overlapping it; a chunk inside the
+region goes straight into the destination's memory where that memory is contiguous, any
+other is read whole (its crc32c covers the whole chunk) and the overlap copied.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from distckpt.errors import CorruptCheckpointError
+from distckpt.format.dtypes import spec_for, torch_dtype
+from distckpt.format.layout import (
+    CRC_BYTES,
+    GLOBAL_DIR,
+    ZARR_JSON,
+    array_document,
+    checksum,
+    chunk_key,
+    crc_trailer,
+)
+from distckpt.format.manifest import GlobalEntry, InvalidManifest
+from distckpt.format.names import escape_component
+from distckpt.format.shards import (
+    Box,
+    GlobalLayout,
+    Sharded,
+    chunk_box,
+    chunk_indices,
+    is_global,
+    piece,
+    plan_layouts,
+)
+from distckpt.io.rowio import byte_view
+from distckpt.plan.save import PlannedShard, RankPlan
+from distckpt.storage.filesystem import FileSystem
+from distckpt.storage.store import Store
+
+
+def shard_report(plan: RankPlan) -> list[dict[str, Any]]:
+    """What this rank holds of each global tensor: gathered to plan the layouts."""
+    return [
+        {
+            "key": s.name,
+            "shape": list(s.piece.global_shape),
+            "dtype": s.spec.name,
+            "box": s.piece.box.to_json(),
+        }
+        for s in plan.shards
+    ]
+
+
+def layouts(reports: Sequence[Sequence[dict[str, Any]]]) -> dict[str, GlobalLayout]:
+    """Every rank's identical decision: chunk grid and writer of each region (or an error)."""
+    itemsizes = {
+        item["dtype"]: spec_for(torch_dtype(item["dtype"])).itemsize
+        for items in reports
+        for item in items
+    }
+    return plan_layouts(reports, itemsizes)
+
+
+def array_path(key: str) -> str:
+    """A global array's directory relative to the row."""
+    return f"{GLOBAL_DIR}/{escape_component(key)}"
+
+
+def write_rank_globals(
+    fs: FileSystem, row_dir: str, plan: RankPlan, layout: dict[str, GlobalLayout], rank: int
+) -> list[GlobalEntry]:
+    """Write this rank's chunks of every global tensor durably; entries for its manifest.
+
+    The array's ``zarr.json`` is written by the lowest-ranked writer of the array. Files are
+    fsynced together, then their directories, before the caller publishes the manifest.
+    """
+    entries: list[GlobalEntry] = []
+    files: list[str] = []
+    dirs: set[str] = set()
+    for shard in plan.shards:
+        lay = layout[shard.name]
+        array = array_path(shard.name)
+        array_dir = os.path.join(row_dir, array)
+        mine = lay.writes(rank)
+        chunks: list[tuple[tuple[int, ...], int]] = []
+        if mine or lay.document_writer == rank:
+            fs.makedirs(array_dir)
+            dirs.update({array_dir, os.path.dirname(array_dir)})
+        if lay.document_writer == rank:
+            attrs = {"distckpt": {"name": shard.name, "dtype": shard.spec.name, "global": True}}
+            doc = os.path.join(array_dir, ZARR_JSON)
+            fs.write_file(
+                doc, [array_document(lay.shape, shard.spec, attrs, lay.chunk)], durable=False
+            )
+            files.append(doc)
+        for region in mine:
+            written = _write_region(fs, array_dir, shard, region.box, lay.chunk)
+            chunks += [(index, crc) for index, crc, _ in written]
+            files += [path for _, _, path in written]
+        entries.append(
+            GlobalEntry(shard.name, array, shard.spec.name, lay.shape, lay.chunk, tuple(chunks))
+        )
+    fs.fsync_files(files)
+    for d in sorted(dirs, key=len, reverse=True):
+        fs.fsync_dir(d)
+    return entries
+
+
+def _write_region(
+    fs: FileSystem, array_dir: str, shard: PlannedShard, box: Box, chunk: tuple[int, ...]
+) -> list[tuple[tuple[int, ...], int, str]]:
+    local = shard.piece.local
+    assert local is not None and shard.piece.box == box
+    out = []
+    for index in chunk_indices(box, chunk):
+        part = local[chunk_box(index, chunk).slices(box.offsets)]
+        if not part.is_contiguous():
+            part = part.contiguous()
+        data = byte_view(part)
+        crc = checksum(data)
+        path = os.path.join(array_dir, chunk_key(index))
+        fs.write_file(path, [data, crc_trailer(crc)], durable=False)
+        out.append((index, crc, path))
+    return out
+
+
+@dataclass
+class GlobalReader:
+    """Reads regions of a row's global arrays; chunk checksums come from every manifest."""
+
+    store: Store
+    row: int
+    world_size: int
+    _crcs: dict[str, dict[tuple[int, ...], int]] | None = field(default=None, repr=False)
+
+    def crcs(self, array: str) -> dict[tuple[int, ...], int]:
+        if self._crcs is None:
+            table: dict[str, dict[tuple[int, ...], int]] = {}
+            for rank in range(self.world_size):
+                try:
+                    manifest = self.store.read_manifest(self.row, rank)
+                except InvalidManifest as exc:
+                    raise CorruptCheckpointError(
+                        f"row {self.row}: manifest of saved rank {rank} is needed for the "
+                        f"global arrays and is not valid: {exc}"
+                    ) from exc
+                for g in manifest.globals:
+                    table.setdefault(g.array, {}).update(dict(g.chunks))
+            self._crcs = table
+        return self._crcs.get(array, {})
+
+    def read(self, entry: GlobalEntry, box: Box, dest: torch.Tensor) -> None:
+        """Fill ``dest`` (a CPU tensor shaped like ``box``) with that region of the array."""
+        dtype = torch_dtype(entry.dtype)
+        if dest.dtype != dtype or tuple(dest.shape) != box.lengths:
+            raise CorruptCheckpointError(
+                f"row {self.row}, global array {entry.name!r}: destination is "
+                f"{tuple(dest.shape)} {dest.dtype}, region is {box.lengths} {dtype}"
+            )
+        crcs = self.crcs(entry.array)
+        array_dir = os.path.join(self.store.row_dir(self.row), entry.array)
+        for index in chunk_indices(box, entry.chunk_shape):
+            whole = chunk_box(index, entry.chunk_shape)
+            overlap = whole.intersect(box)
+            assert overlap is not None
+            target = dest[overlap.slices(box.offsets)]
+            if overlap == whole and target.is_contiguous():
+                self._read_chunk(entry, index, crcs, array_dir, target)
+            else:
+                buf = torch.empty(whole.lengths, dtype=dtype)
+                self._read_chunk(entry, index, crcs, array_dir, buf)
+                target.copy_(buf[overlap.slices(whole.offsets)])
+
+    def _read_chunk(
+        self,
+        entry: GlobalEntry,
+        index: tuple[int, ...],
+        crcs: dict[tuple[int, ...], int],
+        array_dir: str,
+        out: torch.Tensor,
+    ) -> None:
+        path = os.path.join(array_dir, chunk_key(index))
+
+        def fail(problem: str) -> CorruptCheckpointError:
+            return CorruptCheckpointError(
+                f"row {self.row}, global array {entry.name!r}, chunk {index} ({path}): {problem}"
+            )
+
+        expected = crcs.get(index)
+        if expected is None:
+            raise fail("no saved rank's manifest lists this chunk")
+        data = byte_view(out)
+        try:
+            size = self.store.fs.size(path)
+        except FileNotFoundError as exc:
+            raise fail("chunk file is missing") from exc
+        if size != len(data) + CRC_BYTES:
+            raise fail(f"chunk file has {size} bytes, expected {len(data) + CRC_BYTES}")
+        if self.store.fs.read_into(path, data) != len(data):
+            raise fail("chunk file is truncated")
+        if checksum(data) != expected:
+            raise fail("checksum mismatch (data corrupted)")
+        trailer = bytearray(CRC_BYTES)
+        self.store.fs.read_into(path, memoryview(trailer), offset=len(data))
+        if int.from_bytes(trailer, "little") != expected:
+            raise fail("chunk checksum trailer does not match the manifest")
+
+
+@dataclass(frozen=True)
+class GlobalValue:
+    """A saved global tensor, not yet read: ``load`` fills live targets from it by region."""
+
+    entry: GlobalEntry
+    reader: GlobalReader
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.entry.dtype)
+
+    def read(self, box: Box, dest: torch.Tensor) -> None:
+        self.reader.read(self.entry, box, dest)
+
+    def full(self) -> torch.Tensor:
+        """The whole logical tensor (for a target that is a plain tensor or absent)."""
+        out = torch.empty(self.shape, dtype=self.dtype)
+        if math.prod(self.shape):
+            self.read(Box((0,) * len(self.shape), self.shape), out)
+        return out
+
+
+def target_region(live: Any) -> tuple[tuple[int, ...], torch.dtype, Box, torch.Tensor | None]:
+    """A live target's global shape, dtype, region and local tensor (None: holds nothing)."""
+    if is_global(live):
+        held = piece(live, where="target")
+        local = live.local if isinstance(live, Sharded) else live._local_tensor
+        return held.global_shape, held.dtype, held.box, None if held.local is None else local
+    shape = tuple(live.shape)
+    return shape, live.dtype, Box((0,) * len(shape), shape), live
+
+
+def target_problem(live: Any, saved: GlobalValue) -> str | None:
+    """Why ``saved`` cannot fill ``live`` (checked on every rank before anything is read)."""
+    if not (is_global(live) or isinstance(live, torch.Tensor)):
+        return None  # replaced by the whole tensor
+    shape, dtype, _, _ = target_region(live)
+    if shape != saved.shape or dtype != saved.dtype:
+        return (
+            f"saved global tensor is {saved.shape} {saved.dtype}, live tensor is "
+            f"{shape} {dtype} (global shape)"
+        )
+    return None
+
+
+def fill(live: Any, saved: GlobalValue) -> None:
+    """Read this rank's region of ``saved`` into ``live`` (DTensor, Sharded or tensor).
+
+    Chunks go straight into the live memory when it is a contiguous CPU tensor; otherwise
+    through a host buffer of the local size (e.g. a CUDA local shard).
+    """
+    _, _, box, local = target_region(live)
+    if local is None or not box.numel:
+        return
+    with torch.no_grad():
+        dest = local.detach()
+        if dest.device.type == "cpu" and dest.is_contiguous():
+            saved.read(box, dest)
+        else:
+            host = torch.empty(box.lengths, dtype=dest.dtype)
+            saved.read(box, host)
+            dest.copy_(host)
+
+
+def written_nbytes(entry: GlobalEntry) -> int:
+    """Bytes of the chunks one rank wrote of a global array (chunks are never clipped: the
+    grid divides the global shape)."""
+    itemsize = spec_for(torch_dtype(entry.dtype)).itemsize
+    return len(entry.chunks) * math.prod(entry.chunk_shape) * itemsize
+
+
+def check_written_chunks(fs: FileSystem, row_dir: str, entry: GlobalEntry) -> list[str]:
+    """Re-read the chunks one rank wrote (``entry.chunks``); a problem per bad chunk."""
+    problems = []
+    nbytes = written_nbytes(entry) // max(1, len(entry.chunks))
+    for index, crc in entry.chunks:
+        path = os.path.join(row_dir, entry.array, chunk_key(index))
+        buf = bytearray(nbytes + CRC_BYTES)
+        try:
+            got = fs.read_into(path, memoryview(buf))
+        except FileNotFoundError:
+            problems.append(f"chunk {index} is missing ({path})")
+            continue
+        if got != len(buf) or fs.size(path) != len(buf):
+            problems.append(f"chunk {index} has {fs.size(path)} bytes, expected {len(buf)}")
+        elif checksum(memoryview(buf)[:nbytes]) != crc:
+            problems.append(f"chunk {index} fails its checksum ({path})")
+        elif int.from_bytes(buf[nbytes:], "little") != crc:
+            problems.append(f"chunk {index}: trailer does not match the manifest ({path})")
+    return problems

@@ -1,0 +1,125 @@
+"""Planning: turning live state into the list of arrays one rank writes for a row.
+
+Kept apart from the byte writing (rowio) and from the collective steps (engine) so each can
+be tested alone. Small tensors are packed into one array per rank per row, so the file count
+per rank stays bounded however many tensors a model has; large tensors get arrays of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from distckpt.errors import CheckpointSerializationError
+from distckpt.format import tree as codec
+from distckpt.format.dtypes import DtypeSpec, spec_for
+from distckpt.format.layout import PACKED_ARRAY, rank_dir_name
+from distckpt.format.names import escape_component
+from distckpt.format.shards import Piece, piece
+
+DEFAULT_PACK_THRESHOLD = 1 << 20  # tensors below 1 MiB go into the packed array
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor, staged on the host, with its destination."""
+
+    name: str
+    tensor: torch.Tensor  # CPU, contiguous, conj/neg resolved
+    spec: DtypeSpec
+    array: str  # array directory relative to the row
+    offset: int  # offset inside the packed chunk, 0 for an own array
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.spec.itemsize
+
+    @property
+    def packed(self) -> bool:
+        return self.array.endswith("/" + PACKED_ARRAY)
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    """This rank's piece of a global tensor, staged on the host (``globalio`` writes it)."""
+
+    name: str  # state path: also the global array's key
+    piece: Piece  # local staged to a CPU contiguous tensor (None: not in the mesh)
+    spec: DtypeSpec
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    states: dict[str, Any]  # state id -> encoded tree (JSON)
+    tensors: tuple[PlannedTensor, ...]  # index = leaf id used in the trees
+    packed_nbytes: int
+    shards: tuple[PlannedShard, ...] = ()  # index = {"global": i} id used in the trees
+
+
+def stage(tensor: torch.Tensor, *, where: str) -> torch.Tensor:
+    """A CPU, contiguous, plain tensor holding exactly ``tensor``'s values."""
+    if tensor.layout != torch.strided:
+        raise CheckpointSerializationError(
+            f"tensor at {where!r} has layout {tensor.layout}; only dense tensors can be stored"
+        )
+    if tensor.is_nested or tensor.is_quantized or tensor.device.type == "meta":
+        kind = "nested" if tensor.is_nested else "quantized" if tensor.is_quantized else "meta"
+        raise CheckpointSerializationError(
+            f"tensor at {where!r} is a {kind} tensor; only dense tensors with data can be stored"
+        )
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        raise CheckpointSerializationError(
+            f"tensor at {where!r} is a {type(tensor).__qualname__}; pass a plain tensor"
+        )
+    t = tensor.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.contiguous()
+
+
+def plan_rank(
+    states: dict[str, Any],
+    *,
+    rank: int,
+    pack_threshold: int = DEFAULT_PACK_THRESHOLD,
+    stager: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+) -> RankPlan:
+    """``stager(tensor, where)`` replaces :func:`stage` (an asynchronous save copies each
+    tensor into its own reusable buffers)."""
+    leaves: list[codec.Leaf] = []
+    found: list[tuple[codec.Path, Any]] = []
+    trees: dict[str, Any] = {}
+    for state_id, value in states.items():
+        if not isinstance(state_id, str):
+            raise CheckpointSerializationError(f"state id {state_id!r} is not a string")
+        trees[state_id] = codec.encode(value, leaves, (state_id,), found)
+    shards = []
+    for path, value in found:
+        name = codec.path_str(path)
+        held = piece(value, where=name)
+        local = None if held.local is None else stage(held.local, where=name)
+        shards.append(
+            PlannedShard(name, replace(held, local=local), spec_for(held.dtype, where=name))
+        )
+    rank_dir = rank_dir_name(rank)
+    planned: list[PlannedTensor] = []
+    offset = 0
+    for index, leaf in enumerate(leaves):
+        name = codec.path_str(leaf.path)
+        spec = spec_for(leaf.tensor.dtype, where=name)
+        tensor = stage(leaf.tensor, where=name) if stager is None else stager(leaf.tensor, name)
+        nbytes = tensor.numel() * spec.itemsize
+        if nbytes < pack_threshold:
+            planned.append(PlannedTensor(name, tensor, spec, f"{rank_dir}/{PACKED_ARRAY}", offset))
+            offset += nbytes
+        else:
+            array = f"{rank_dir}/t{index:05d}-{escape_component(name)}"
+            planned.append(PlannedTensor(name, tensor, spec, array, 0))
+    return RankPlan(trees, tuple(planned), offset, tuple(shards))

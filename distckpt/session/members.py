@@ -1,0 +1,435 @@
+"""Ensemble members move between ranks: restoring member-keyed state at another world size.
+
+A row written by N ranks holds each rank's private state. When its states are keyed by
+ensemble member id (noise and RNG per member, the rollout boundary of a batch of members), a
+job of M ranks can restore it: each rank works out its members at M and takes each member's
+entries from whichever saved rank held it, reading only those tensors. States replicated on
+every rank (model weights) are read once and broadcast. Anything else cannot be
+redistributed and raises, naming the state and both world sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from distckpt.dist.comm import Communicator
+from distckpt.dist.election import elect, row_status
+from distckpt.engine.steps import RowView, agree_or_raise, saved_world_size
+from distckpt.errors import CheckpointError, CorruptCheckpointError, WorldSizeMismatchError
+from distckpt.format import tree as codec
+from distckpt.format.dtypes import spec_for, torch_dtype
+from distckpt.format.layout import CRC_BYTES, PACKED_ARRAY, checksum, single_chunk_key
+from distckpt.format.manifest import ArrayEntry, RankManifest
+from distckpt.io.rowio import RankReader
+from distckpt.logs import get_logger
+from distckpt.storage.store import Store
+
+log = get_logger(__name__)
+
+Json = Any
+BOUNDARY_FIELDS = frozenset({"step", "x", "coords", "members"})  # a RolloutBoundary's fields
+
+
+def round_robin(nensemble: int, rank: int, world_size: int) -> list[int]:
+    """Rank ``rank`` of ``world_size`` holds members rank, rank + W, rank + 2W, ..."""
+    return list(range(rank, nensemble, world_size))
+
+
+@dataclass(frozen=True)
+class MemberMapping:
+    """Mapping policy: how rank-private state moves when the world size changes.
+
+    Pass it as ``Checkpoint(..., mapping=MemberMapping(nensemble))``. At restore with M ranks
+    from a row of N ranks, a state is redistributed when it is member-keyed:
+
+    - every field is a dict keyed by member id (``{member: tensor}``): each rank gets the
+      entries of its members at M, from whichever saved rank held them;
+    - or it is a :class:`~distckpt.RolloutBoundary` (``x`` stacked along dim 0 in the
+      order of ``members``): the rows of this rank's members are reassembled, in the order
+      :meth:`members_of` gives them, into one boundary (they must share one step).
+
+    Members listed under ``done_key`` in the row's metadata are finished: their entries are
+    not carried over. A state id in ``replicated`` is identical on every rank (e.g. model
+    weights): one saved copy is read by this job's rank 0 only and broadcast, at any
+    world size; at another world size so is every state that all saved ranks recorded with
+    the same digest. Any other state of an N-rank row restored at M != N raises
+    :class:`~distckpt.WorldSizeMismatchError`. Override :meth:`members_of` for another
+    assignment than round robin.
+    """
+
+    nensemble: int
+    replicated: tuple[str, ...] = ()
+    done_key: str | None = "completed_ensembles"
+
+    def members_of(self, rank: int, world_size: int) -> list[int]:
+        """The members rank ``rank`` of a ``world_size``-rank job holds."""
+        return round_robin(self.nensemble, rank, world_size)
+
+
+# -- election across world sizes ----------------------------------------------------------------
+def elect_any(store: Store, comm: Communicator) -> tuple[int, int] | None:
+    """Collective: (row, its world size) of the newest committed row of any world size
+    (``election.elect(..., any_world_size=True)``: rows of this job's size are elected as
+    always; the coordinator looks for a newer row of another size and broadcasts it)."""
+    row = elect(store, comm, any_world_size=True)
+    if row is None:
+        return None
+    return row, saved_world_size(store, row)
+
+
+# -- reading single entries of any rank ---------------------------------------------------------
+class EntryReader:
+    """Reads single tensors of one saved rank: a packed one by its byte range only."""
+
+    def __init__(self, store: Store, manifest: RankManifest) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.row_dir = store.row_dir(manifest.row)
+        self._reader = RankReader(
+            store.fs,
+            self.row_dir,
+            row=manifest.row,
+            rank=manifest.rank,
+            entries=manifest.arrays,
+        )
+
+    def leaf(self, state_id: str) -> Callable[[int, bool], Any]:
+        def get(index: int, as_numpy: bool) -> Any:
+            if not 0 <= index < len(self.manifest.arrays):
+                raise CorruptCheckpointError(
+                    f"row {self.manifest.row}, rank {self.manifest.rank}: state {state_id!r} "
+                    f"refers to missing array {index}"
+                )
+            tensor = self.read(self.manifest.arrays[index])
+            return tensor.numpy() if as_numpy else tensor
+
+        return get
+
+    def read(self, entry: ArrayEntry) -> torch.Tensor:
+        if not entry.array.endswith("/" + PACKED_ARRAY) or entry.nbytes == 0:
+            return self._reader.read(entry)
+        out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+        if out.numel() * out.element_size() != entry.nbytes:
+            raise self._fail(entry, f"manifest says {entry.nbytes} bytes for shape {entry.shape}")
+        chunk = os.path.join(self.row_dir, entry.array, single_chunk_key(1))
+        dest = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        try:
+            size = self.store.fs.size(chunk)
+        except FileNotFoundError as exc:
+            raise self._fail(entry, "packed chunk file is missing") from exc
+        if entry.offset + entry.nbytes > size - CRC_BYTES:
+            raise self._fail(entry, "byte range lies beyond the packed chunk")
+        if self.store.fs.read_into(chunk, dest, offset=entry.offset) != entry.nbytes:
+            raise self._fail(entry, "packed chunk file is truncated")
+        if checksum(dest) != entry.crc32c:
+            raise self._fail(entry, "checksum mismatch (data corrupted)")
+        return out
+
+    def _fail(self, entry: ArrayEntry, problem: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"row {self.manifest.row}, rank {self.manifest.rank}, array {entry.name!r} "
+            f"({os.path.join(self.row_dir, entry.array)}): {problem}"
+        )
+
+
+# -- broadcast of replicated states -------------------------------------------------------------
+def broadcast_state(comm: Communicator, value: Any, root: int = 0) -> Any:
+    """Collective: ``value`` (a decoded state, on ``root`` only) on every rank.
+
+    The tree goes as tagged JSON and the tensors as one raw byte payload; no pickle.
+    """
+    header: dict[str, Any] | None = None
+    payload = b""
+    if comm.rank == root:
+        leaves: list[codec.Leaf] = []
+        tree = codec.encode(value, leaves)
+        staged = [leaf.tensor.detach().cpu().contiguous() for leaf in leaves]
+        header = {
+            "tree": tree,
+            "leaves": [
+                [spec_for(t.dtype).name, list(t.shape), leaf.numpy]
+                for t, leaf in zip(staged, leaves, strict=True)
+            ],
+        }
+        payload = b"".join(t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in staged)
+    header = comm.broadcast(header, root)
+    data = comm.broadcast_bytes(payload if comm.rank == root else None, root)
+    assert header is not None
+    tensors: list[tuple[torch.Tensor, bool]] = []
+    offset = 0
+    for name, shape, as_numpy in header["leaves"]:
+        dtype = torch_dtype(name)
+        n = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        if n:
+            raw = torch.frombuffer(bytearray(data[offset : offset + n]), dtype=torch.uint8)
+            tensor = raw.view(dtype).reshape(shape)
+        else:
+            tensor = torch.empty(shape, dtype=dtype)
+        tensors.append((tensor, as_numpy))
+        offset += n
+
+    def leaf(index: int, as_numpy: bool) -> Any:
+        tensor, _ = tensors[index]
+        return tensor.numpy() if as_numpy else tensor
+
+    return codec.decode(header["tree"], leaf)
+
+
+# -- the view a session restores from -----------------------------------------------------------
+class MappedView:
+    """A row restored through a :class:`MemberMapping`, for rank ``comm.rank`` of M.
+
+    Quacks like :class:`~distckpt.engine.steps.RowView` for the session: ``manifest`` (saved rank
+    0's, with every rank's state records), ``metadata`` (saved rank 0's), ``lead_time``,
+    ``has_state`` and ``read_state``. Creating one is collective (replicated states are read
+    on rank 0 and broadcast then).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        row: int,
+        comm: Communicator,
+        mapping: MemberMapping | None,
+    ) -> None:
+        self.store = store
+        self.mapping = mapping
+        self.rank = comm.rank
+        self.world_size = comm.world_size
+        failure: BaseException | None = None
+        status = None
+        try:  # every rank reads every manifest of the row (a shared store)
+            status = row_status(store, row)
+            if not status.committed or status.world_size is None:
+                missing = list(status.missing_ranks)
+                raise CheckpointError(f"row {row} is not committed here (missing {missing})")
+        except CheckpointError as exc:
+            failure = exc
+        agree_or_raise(comm, failure, CheckpointError, f"cannot open row {row} of {store.path}")
+        assert status is not None and status.world_size is not None
+        self.saved: tuple[RankManifest, ...] = status.manifests
+        self.saved_world = status.world_size
+        records: dict[str, Any] = {}
+        for m in self.saved:
+            for sid, record in m.states.items():
+                records.setdefault(sid, record)
+        self.manifest = dataclasses.replace(self.saved[0], states=records)
+        self._readers: dict[int, EntryReader] = {}
+        self._own: RowView | None = None
+        if self.saved_world == self.world_size:
+            self._own = RowView(store, self.saved[self.rank])
+        shared = set(mapping.replicated) if mapping is not None else set()
+        if self.saved_world != self.world_size:
+            shared |= {sid for sid in records if self._uniform(sid)}
+        self._replicated: dict[str, Any] = {}
+        for sid in sorted(shared & set(records)):  # the same order on every rank
+            self._replicated[sid] = self._broadcast(sid, comm)
+
+    # -- RowView's surface -----------------------------------------------------------------
+    @property
+    def row(self) -> int:
+        return self.manifest.row
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return RowView(self.store, self.saved[0]).metadata
+
+    @property
+    def lead_time(self) -> Any:
+        return RowView(self.store, self.saved[0]).lead_time
+
+    def has_state(self, state_id: str) -> bool:
+        if self._own is not None and state_id not in self._replicated:
+            return self._own.has_state(state_id)
+        return state_id in self.manifest.states
+
+    def read_state(self, state_id: str) -> Any:
+        if state_id in self._replicated:
+            return self._replicated[state_id]
+        if self._own is not None:
+            return self._own.read_state(state_id)
+        return self._redistribute(state_id)
+
+    # -- internals -------------------------------------------------------------------------
+    def _reader(self, rank: int) -> EntryReader:
+        if rank not in self._readers:
+            self._readers[rank] = EntryReader(self.store, self.saved[rank])
+        return self._readers[rank]
+
+    def _uniform(self, state_id: str) -> bool:
+        """Saved alike by every one of several ranks (equal recorded digests), and not
+        member-keyed (those are split by member, never copied to every rank)."""
+        held = [m.states.get(state_id) for m in self.saved]
+        digests = {None if r is None else r.digest for r in held}
+        if self.saved_world < 2 or len(digests) != 1 or None in digests:
+            return False
+        try:
+            per_rank = self._fields(state_id)
+        except WorldSizeMismatchError:  # not a mapping of fields: cannot be member-keyed
+            return True
+        names = {name for _, fields in per_rank for name in fields}
+        keyed = all(_member_keyed(node) for _, fields in per_rank for node in fields.values())
+        return names != BOUNDARY_FIELDS and not keyed
+
+    def _broadcast(self, state_id: str, comm: Communicator) -> Any:
+        value: Any = None
+        error: str | None = None
+        if comm.rank == 0:
+            try:
+                q = next(q for q, m in enumerate(self.saved) if state_id in m.states)
+                tree = self.saved[q].states[state_id].tree
+                value = codec.decode(tree, self._reader(q).leaf(state_id))
+            except CheckpointError as exc:
+                error = str(exc)
+        error = comm.broadcast(error)
+        if error is not None:
+            raise CorruptCheckpointError(f"cannot restore replicated state {state_id!r}: {error}")
+        return broadcast_state(comm, value)
+
+    def _mismatch(self, state_id: str, why: str) -> WorldSizeMismatchError:
+        return WorldSizeMismatchError(
+            f"state {state_id!r} of row {self.row} of {self.store.path} was saved by "
+            f"{self.saved_world} ranks and this job has {self.world_size}: {why}"
+        )
+
+    def _wanted(self) -> set[int]:
+        assert self.mapping is not None
+        mine = set(self.mapping.members_of(self.rank, self.world_size))
+        done_key = self.mapping.done_key
+        done = self.metadata.get(done_key, []) if done_key is not None else []
+        return mine - {int(m) for m in done}
+
+    def _fields(self, state_id: str) -> list[tuple[int, dict[str, Json]]]:
+        """(saved rank, field name -> encoded node) of every saved rank holding the state."""
+        out = []
+        for q, m in enumerate(self.saved):
+            record = m.states.get(state_id)
+            if record is None:
+                continue
+            tree = record.tree
+            if "dict" not in tree or not all(isinstance(k, str) for k, _ in tree["dict"]):
+                raise self._mismatch(state_id, "it is not a mapping of fields")
+            out.append((q, {str(k): node for k, node in tree["dict"]}))
+        return out
+
+    def _redistribute(self, state_id: str) -> dict[str, Any]:
+        if self.mapping is None:
+            raise self._mismatch(
+                state_id,
+                "rank-private state cannot be redistributed; pass a mapping policy "
+                "(Checkpoint(..., mapping=distckpt.MemberMapping(nensemble))) if it is keyed "
+                "by ensemble member",
+            )
+        per_rank = self._fields(state_id)
+        names = {name for _, fields in per_rank for name in fields}
+        if names == BOUNDARY_FIELDS:
+            return self._boundary(state_id, per_rank)
+        if all(_member_keyed(node) for _, fields in per_rank for node in fields.values()):
+            return self._keyed(state_id, per_rank, names)
+        raise self._mismatch(
+            state_id,
+            "it is rank-private and not keyed by ensemble member (every field a dict keyed by "
+            "member id, or a rollout boundary), so it cannot be redistributed",
+        )
+
+    def _keyed(
+        self, state_id: str, per_rank: list[tuple[int, dict[str, Json]]], names: set[str]
+    ) -> dict[str, Any]:
+        wanted = self._wanted()
+        out: dict[str, dict[int, Any]] = {name: {} for name in sorted(names)}
+        origin: dict[tuple[str, int], int] = {}
+        for q, fields in per_rank:
+            leaf = self._reader(q).leaf(state_id)
+            for name, node in fields.items():
+                for key, value in node["dict"]:
+                    if key not in wanted:
+                        continue
+                    if (name, key) in origin:
+                        raise CheckpointError(
+                            f"state {state_id!r} of row {self.row}: member {key} of field "
+                            f"{name!r} is held by saved ranks {origin[name, key]} and {q}"
+                        )
+                    origin[name, key] = q
+                    out[name][key] = codec.decode(value, leaf)
+        log.debug("state %r: members %s from ranks %s", state_id, sorted(wanted), origin)
+        return dict(out)
+
+    def _boundary(
+        self, state_id: str, per_rank: list[tuple[int, dict[str, Json]]]
+    ) -> dict[str, Any]:
+        assert self.mapping is not None
+        wanted = self._wanted()
+        order = [m for m in self.mapping.members_of(self.rank, self.world_size) if m in wanted]
+        rows: dict[int, torch.Tensor] = {}
+        steps: dict[int, int] = {}
+        coords: dict[str, Any] | None = None
+        for q, fields in per_rank:
+            leaf = self._reader(q).leaf(state_id)
+            members = [int(m) for m in codec.decode(fields["members"], leaf)]
+            step = int(codec.decode(fields["step"], leaf))
+            here = [m for m in members if m in wanted]
+            if not here or step < 0 or fields["x"].get("v", 0) is None:
+                continue
+            x = codec.decode(fields["x"], leaf)  # the whole batch of rank q: one tensor
+            for m in here:
+                if m in rows:
+                    raise CheckpointError(
+                        f"state {state_id!r} of row {self.row}: member {m} is in the rollout "
+                        f"boundaries of two saved ranks"
+                    )
+                rows[m] = x[members.index(m)]
+                steps[m] = step
+            if coords is None:
+                coords = codec.decode(fields["coords"], leaf)
+        if not rows:
+            return {"step": -1, "x": None, "coords": {}, "members": []}
+        if len(set(steps.values())) != 1:
+            raise self._mismatch(
+                state_id,
+                f"its rollout boundaries are at different steps for members {steps}",
+            )
+        ordered = [m for m in order if m in rows]
+        assert coords is not None
+        saved_ids = np.asarray(coords.get("ensemble", np.array([], dtype=np.int64)))
+        coords["ensemble"] = np.array(ordered, dtype=saved_ids.dtype)
+        return {
+            "step": next(iter(steps.values())),
+            "x": torch.stack([rows[m] for m in ordered]),
+            "coords": coords,
+            "members": ordered,
+        }
+
+
+def _member_keyed(node: Json) -> bool:
+    """A field encoded as a dict whose keys are all integers (member ids)."""
+    items = node.get("dict") if isinstance(node, dict) else None
+    return items is not None and all(
+        isinstance(k, int) and not isinstance(k, bool) for k, _ in items
+    )
+
+
+def open_view(
+    store: Store, comm: Communicator, mapping: MemberMapping | None
+) -> tuple[int, MappedView | None] | None:
+    """Collective: the newest committed row and, when it needs one, a mapped view of it.
+
+    The view is None for a row of this job's size without replicated states to broadcast:
+    the session then reads this rank's own part as always.
+    """
+    elected = elect_any(store, comm)
+    if elected is None:
+        return None
+    row, world = elected
+    if world == comm.world_size and (mapping is None or not mapping.replicated):
+        return row, None
+    return row, MappedView(store, row, comm, mapping)
+
+
+__all__ = ["MappedView", "MemberMapping", "elect_any", "round_robin"]
