@@ -11,9 +11,11 @@ import os
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 import torch
 from fakes import FullDiskFS
+from multiproc import WORKERS, run_torchrun
 
 import distckpt
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
@@ -72,6 +74,101 @@ def test_saved_row_holds_the_state_as_it_was_when_save_returned(tmp_path):
         assert saver.wait() == 0
     assert_loads(tmp_path / "s", 0, want)
     assert distckpt.metadata(tmp_path / "s") == {"step": 1}
+
+
+def kinds() -> dict:
+    """One of each value kind a single process can hold (CUDA ones when a GPU is present)."""
+    gen = torch.Generator().manual_seed(7)
+    state = {
+        "plain": torch.randn(BIG, generator=gen),
+        "packed": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
+        "nested": {"list": [torch.randn(7, generator=gen), (torch.arange(4),)]},
+        "numpy": np.arange(6, dtype=np.float64),
+        "sharded": distckpt.Sharded(torch.arange(8, dtype=torch.int64), (8,), (0,)),
+    }
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+        state["cuda"] = torch.randn(BIG, generator=gen).to(dev)
+        state["cuda_sharded"] = distckpt.Sharded(torch.ones(4, device=dev), (4,), (0,))
+    return state
+
+
+def values(value):
+    """Plain CPU copies of every tensor in a state (the values at save time)."""
+    if isinstance(value, distckpt.Sharded):
+        return value.local.cpu().clone()
+    if isinstance(value, torch.Tensor):
+        return value.cpu().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: values(v) for k, v in value.items()}
+    return [values(v) for v in value]
+
+
+def mutate(value) -> None:
+    if isinstance(value, distckpt.Sharded):
+        value.local.add_(1)
+    elif isinstance(value, torch.Tensor | np.ndarray):
+        value += 1
+    elif isinstance(value, dict):
+        for v in value.values():
+            mutate(v)
+    else:
+        for v in value:
+            mutate(v)
+
+
+def zeros(value):
+    if isinstance(value, distckpt.Sharded):
+        return distckpt.Sharded(torch.zeros_like(value.local), value.global_shape, value.offsets)
+    if isinstance(value, torch.Tensor):
+        return torch.zeros_like(value)
+    if isinstance(value, np.ndarray):
+        return np.zeros_like(value)
+    if isinstance(value, dict):
+        return {k: zeros(v) for k, v in value.items()}
+    return type(value)(zeros(v) for v in value)
+
+
+@pytest.mark.parametrize("kind", ["plain", "packed", "nested", "numpy", "sharded", "cuda"])
+def test_every_value_kind_is_copied_before_save_returns(tmp_path, kind):
+    state = kinds()
+    if kind not in state:
+        pytest.skip("needs a CUDA device")
+    state = {k: v for k, v in state.items() if k == kind or (kind == "cuda" and "cuda" in k)}
+    want = values(state)
+    with distckpt.AsyncSaver(tmp_path / "s") as saver:
+        saver.save(state)
+        mutate(state)  # in place, right after save() returned
+        row = saver.wait()
+    fresh = zeros(state)
+    distckpt.load(fresh, tmp_path / "s", row=row)
+    assert_same(values(fresh), want)
+
+
+def assert_same(got, want) -> None:
+    if isinstance(want, torch.Tensor):
+        assert torch.equal(got, want)
+    elif isinstance(want, np.ndarray):
+        assert np.array_equal(got, want)
+    elif isinstance(want, dict):
+        for k in want:
+            assert_same(got[k], want[k])
+    else:
+        for g, w in zip(got, want, strict=True):
+            assert_same(g, w)
+
+
+@pytest.mark.multiproc
+def test_every_value_kind_is_staged_at_two_ranks_with_a_dtensor(tmp_path):
+    """AsyncSaver and Checkpoint(async_write=True) under torchrun: DTensor Shard(0) local
+    shards, Sharded pieces, numpy, nested, packed and plain tensors changed in place right
+    after the save returned are stored as they were."""
+    result = run_torchrun(2, WORKERS / "staging_worker.py", [str(tmp_path)], timeout=300)
+    result.check()
+    for how in ("saver", "session"):
+        assert result.ranks(f"STAGED OK how={how}") == [0, 1], result.describe()
 
 
 def test_rows_are_committed_in_order_and_staging_buffers_are_reused(tmp_path):

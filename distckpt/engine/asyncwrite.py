@@ -60,8 +60,9 @@ class StagingBuffers:
 
 
 class Stager:
-    """``plan_rank``'s stager: copies each tensor into the slot's buffers, so the caller may
-    change its state as soon as ``write()`` returns."""
+    """``plan_rank``'s stager: the one copy step of every tensor a row holds (plain, packed,
+    nested, numpy, DTensor local shards, ``Sharded`` pieces, CUDA) into the slot's buffers,
+    so the caller may change its state as soon as ``write()`` returns."""
 
     def __init__(self, buffers: StagingBuffers) -> None:
         self.buffers = buffers

@@ -91,8 +91,10 @@ def plan_rank(
     pack_threshold: int = DEFAULT_PACK_THRESHOLD,
     stager: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> RankPlan:
-    """``stager(tensor, where)`` replaces :func:`stage` (an asynchronous save copies each
-    tensor into its own reusable buffers)."""
+    """``stager(tensor, where)`` replaces :func:`stage` for every tensor the row will hold
+    (leaves and global pieces alike): an asynchronous save copies each into its own
+    reusable buffers, so none is read from live memory after planning returns."""
+    to_host = stager if stager is not None else lambda t, where: stage(t, where=where)
     leaves: list[codec.Leaf] = []
     found: list[tuple[codec.Path, Any]] = []
     trees: dict[str, Any] = {}
@@ -104,7 +106,7 @@ def plan_rank(
     for path, value in found:
         name = codec.path_str(path)
         held = piece(value, where=name)
-        local = None if held.local is None else stage(held.local, where=name)
+        local = None if held.local is None else to_host(held.local, name)
         shards.append(
             PlannedShard(name, replace(held, local=local), spec_for(held.dtype, where=name))
         )
@@ -114,7 +116,7 @@ def plan_rank(
     for index, leaf in enumerate(leaves):
         name = codec.path_str(leaf.path)
         spec = spec_for(leaf.tensor.dtype, where=name)
-        tensor = stage(leaf.tensor, where=name) if stager is None else stager(leaf.tensor, name)
+        tensor = to_host(leaf.tensor, name)
         nbytes = tensor.numel() * spec.itemsize
         if nbytes < pack_threshold:
             planned.append(PlannedTensor(name, tensor, spec, f"{rank_dir}/{PACKED_ARRAY}", offset))
