@@ -275,6 +275,54 @@ def test_a_second_job_writing_the_store_is_refused(store):
     distckpt.storage.lease.release(store.path)
 
 
+SECOND_JOB = textwrap.dedent(
+    """
+    import sys, torch, distckpt
+    path, how = sys.argv[1], sys.argv[2]
+    try:
+        if how == "checkpoint":
+            with distckpt.Checkpoint("c", path=path, async_write=True):
+                print("ENTERED")  # never: refused before the block runs
+        else:
+            distckpt.AsyncSaver(path)
+            print("CONSTRUCTED")
+    except distckpt.LeaseHeldError as exc:
+        print(exc)
+        print("HOLDER PID", exc.holder.pid)
+        sys.exit(7)
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "saver"])
+def test_a_second_job_is_refused_when_it_opens_the_store_for_writing(store, how):
+    """Refused at ``Checkpoint.__enter__`` / ``AsyncSaver(...)``, not at its first commit
+    after it trained: the error names the holder and nothing was written."""
+    with distckpt.AsyncSaver(store.path) as saver:  # this job holds the lease from here on
+        assert lease_status(store).holder.pid == os.getpid()
+        other = subprocess.run(
+            [sys.executable, "-c", SECOND_JOB, store.path, how],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert other.returncode == 7, other.stdout + other.stderr
+        assert f"pid {os.getpid()}" in other.stdout
+        assert f"HOLDER PID {os.getpid()}" in other.stdout
+        assert "ENTERED" not in other.stdout and "CONSTRUCTED" not in other.stdout
+        assert store.rows() == []  # nothing written by either job yet
+        saver.save({"x": torch.arange(3)})
+    assert distckpt.latest(store.path) == 0
+    distckpt.storage.lease.release(store.path)
+
+
+def test_the_lease_is_taken_when_a_checkpoint_block_opens(store):
+    with distckpt.Checkpoint("c", path=store.path) as session:
+        assert lease_status(store).holder.pid == os.getpid()  # before any write
+        assert session.row is None
+    assert not lease_status(store).held  # released when the block ends
+
+
 def test_threads_racing_to_acquire_only_one_wins(store):
     n = 16
     barrier = threading.Barrier(n)

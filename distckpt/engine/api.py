@@ -73,7 +73,8 @@ def save(
         metadata=metadata,
         versions=state_versions(version, state_dict, "save"),
     )
-    manifest = engine.save_row(st, c, content, row=row, checksums=checksums)
+    guard = engine.writer_lease(st, c)  # taken at this process's first save, then renewed
+    manifest = engine.save_row(st, c, content, row=row, checksums=checksums, guard=guard)
     if keep is not None:
         engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
     return manifest.row

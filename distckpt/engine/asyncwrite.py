@@ -279,7 +279,8 @@ class AsyncSaver:
     ``wait()`` (collective) returns the newest committed row and raises, on every rank, if a
     row failed; so do the next ``save()`` and ``close()``. Use as a context manager, or call
     ``close()`` before the process exits (at exit, queued rows are still finished).
-    Creating one is collective (it creates a communicator for the writer thread).
+    Creating one is collective (it takes the store's writer lease, ``LeaseHeldError`` if
+    another job holds it, and creates a communicator for the writer thread).
     """
 
     def __init__(
@@ -294,6 +295,8 @@ class AsyncSaver:
     ) -> None:
         self.store = store if isinstance(store, Store) else Store(store)
         self.comm = resolve(comm)
+        # The writer lease, taken now: a second job is refused before it trains or stages.
+        self.lease = engine.writer_lease(self.store, self.comm)
         self.keep = keep
         self.checksums = checksums
         self.pack_threshold = pack_threshold
@@ -314,7 +317,7 @@ class AsyncSaver:
         """Collective: stage ``state_dict`` and queue it as a new row."""
         if not isinstance(state_dict, dict):
             raise CheckpointError(f"state_dict must be a dict, not {type(state_dict).__qualname__}")
-        store, keep, checksums = self.store, self.keep, self.checksums
+        store, keep, checksums, guard = self.store, self.keep, self.checksums, self.lease
         rank, threshold = self.comm.rank, self.pack_threshold
 
         def prepare(buffers: StagingBuffers) -> Job:
@@ -325,7 +328,7 @@ class AsyncSaver:
 
             def job(wcomm: Communicator) -> RankManifest:
                 manifest = engine.save_row(
-                    store, wcomm, content, row=row, checksums=checksums, plan=plan
+                    store, wcomm, content, row=row, checksums=checksums, plan=plan, guard=guard
                 )
                 if keep is not None:
                     doomed = rows_to_delete(store, keep) if wcomm.is_coordinator else []

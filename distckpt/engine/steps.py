@@ -118,6 +118,31 @@ def agree_or_raise(
     raise cls(f"{context}: {detail}") from exc
 
 
+def writer_lease(store: Store, comm: Communicator, name: str = "") -> lease.Lease | None:
+    """Collective: create the store and take this process's writer lease on it (the
+    coordinator's; other ranks get None), before any state is staged or written.
+
+    The caller holds the returned lease and passes it to :func:`save_row`. A second job is
+    refused here on every rank: ``LeaseHeldError`` naming the holder (on the coordinator,
+    the lease's own error, with its ``holder``).
+    """
+    held: lease.Lease | None = None
+    failure: BaseException | None = None
+    if comm.is_coordinator:
+        try:
+            store.create(name)
+            held = lease.hold(store)
+        except Exception as exc:
+            failure = exc
+    try:
+        agree_or_raise(comm, failure, CheckpointWriteError, f"cannot write to {store.path}")
+    except CheckpointError:
+        if isinstance(failure, CheckpointError):
+            raise failure from None
+        raise
+    return held
+
+
 def save_row(
     store: Store,
     comm: Communicator,
@@ -128,11 +153,14 @@ def save_row(
     pack_threshold: int = DEFAULT_PACK_THRESHOLD,
     checksums: bool = True,
     plan: RankPlan | None = None,
+    guard: lease.Lease | None = None,
 ) -> RankManifest:
     """Collective: write this rank's part of a new row and commit it. Returns its manifest.
 
     ``plan`` is a plan already made (and staged) from ``content.states``, by an
     asynchronous writer; ``checksums=False`` records no crc32c for the row's tensors.
+    ``guard`` is the coordinator's writer lease (:func:`writer_lease`), renewed here; a
+    caller without one (an offline tool) has this process's lease taken here.
 
     Four agreed steps, so no rank is left waiting when another fails: plan (nothing touches
     the disk if any rank's state cannot be stored), open the row, write data then manifest,
@@ -163,8 +191,12 @@ def save_row(
     if comm.is_coordinator:
         try:
             store.create(name)
-            # One writing job per store: a second one is refused here, on every rank.
-            lease.hold(store)
+            # One writing job per store: the lease must still be ours (LeaseLostError if a
+            # takeover happened since it was taken), refused on every rank otherwise.
+            if guard is None:
+                lease.hold(store)
+            else:
+                guard.refresh()
             existing = store.rows()
             newest = existing[-1] if existing else -1
             chosen = newest + 1 if row is None else row

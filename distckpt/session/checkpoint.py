@@ -146,6 +146,7 @@ class Checkpoint:
         self.max_in_flight = max_in_flight
         self.checksums = checksums
         self._writer: BackgroundWriter | None = None
+        self.lease: lease.Lease | None = None  # held (coordinator) while a block is open
         self._sessions: list[CheckpointSession] = []
         self._pending: list[tuple[CheckpointState[Any], bool]] = []
         _CURRENT_CHECKPOINT.set(self)
@@ -245,6 +246,10 @@ class Checkpoint:
             log.error("asynchronous write to %s failed: %s", self.path, failure)
 
     def __enter__(self) -> CheckpointSession:
+        if not self._sessions:
+            # The writer lease, before anything is restored or written: a second job writing
+            # this store is refused here (LeaseHeldError naming the holder).
+            self.lease = engine.writer_lease(self.store, self.comm, self.name)
         session = self.active or self.elect()
         self._sessions.append(session)
         return session.__enter__()
@@ -261,6 +266,7 @@ class Checkpoint:
             self.wait(coordinated=exc_type is None)  # before the lease goes
             if self.comm.is_coordinator:
                 lease.release(self.store)  # the job is done writing here
+            self.lease = None
 
     def __repr__(self) -> str:
         lines = [
@@ -445,6 +451,7 @@ class CheckpointSession:
             name=cat.name,
             pack_threshold=cat.pack_threshold,
             checksums=cat.checksums,
+            guard=cat.lease,
         )
         doomed = rows_to_delete(cat.store, cat.history_size) if comm.is_coordinator else []
         engine.prune(cat.store, comm, doomed)
@@ -476,6 +483,8 @@ class CheckpointSession:
                 content, states={}, metadata=copy.deepcopy(content.metadata)
             )
 
+            guard = cat.lease
+
             def job(wcomm: Any) -> RankManifest:
                 manifest = engine.save_row(
                     cat.store,
@@ -484,6 +493,7 @@ class CheckpointSession:
                     name=cat.name,
                     checksums=cat.checksums,
                     plan=plan,
+                    guard=guard,
                 )
                 doomed = rows_to_delete(cat.store, cat.history_size) if wcomm.is_coordinator else []
                 engine.prune(cat.store, wcomm, doomed)

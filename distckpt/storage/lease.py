@@ -604,6 +604,17 @@ class Lease:
                 self._publish(self.store, lock, info)
                 self.info = info
 
+    def refresh(self, renew_after_s: float | None = None) -> None:
+        """Renew unless the last heartbeat is younger than ``renew_after_s`` (default: a
+        tenth of the timeout; nobody may take a lease over whose heartbeat is that fresh).
+        What a writer calls at each commit: a renewal costs a few small synchronous writes.
+        ``LeaseLostError`` if the lease is no longer this one."""
+        fresh = self.info.timeout_s / 10 if renew_after_s is None else renew_after_s
+        if self._released or self._heartbeat_error is not None:
+            self.renew()  # raises why this lease cannot guard a commit
+        if self._clock() - self.info.heartbeat >= fresh:
+            self.renew()
+
     def release(self) -> None:
         """Give the lease up (only if it is still ours; a no-op when already released)."""
         self.stop_heartbeat()
@@ -701,9 +712,7 @@ def hold(
     with _HELD_MUTEX:
         lease = _HELD.get(key)
         if lease is not None and lease.held:
-            fresh = timeout_s / 10 if renew_after_s is None else renew_after_s
-            if lease._clock() - lease.info.heartbeat >= fresh or lease._heartbeat_error:
-                lease.renew()
+            lease.refresh(timeout_s / 10 if renew_after_s is None else renew_after_s)
             return lease
         lease = Lease.acquire(st, timeout_s=timeout_s, wait_s=wait_s, job_id=job_id)
         _HELD[key] = lease
