@@ -15,6 +15,7 @@ import torch
 from distckpt.dist.comm import resolve
 from distckpt.dist.election import elect, elect_offline, row_status
 from distckpt.dist.retention import rows_to_delete
+from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.redistribute import StateMapping, open_part_agreed, read_states
 from distckpt.engine.restore import read_for_load
@@ -77,6 +78,7 @@ def save(
     manifest = engine.save_row(st, c, content, row=row, checksums=checksums, guard=guard)
     if keep is not None:
         engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
+    hooks.announce(hooks.Boundary(c, manifest.row))
     return manifest.row
 
 

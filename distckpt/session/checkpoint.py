@@ -22,6 +22,7 @@ import torch
 from distckpt.dist.comm import Communicator, resolve
 from distckpt.dist.election import row_status
 from distckpt.dist.retention import rows_to_delete
+from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.asyncwrite import BackgroundWriter, Stager, StagingBuffers
 from distckpt.errors import CommunicatorError
@@ -410,7 +411,14 @@ class CheckpointSession:
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, lead_time: Any = None, **metadata: Any) -> CheckpointEntry | None:
-        """Record a boundary; commits a row every ``flush_interval`` writes (collective)."""
+        """Record a boundary; commits a row every ``flush_interval`` writes (collective).
+
+        Subscribers of :mod:`distckpt.engine.hooks` (preemption) run once it returns."""
+        entry = self._write(lead_time, **metadata)
+        hooks.announce(hooks.Boundary(self.catalog.comm, getattr(entry, "row", None), self))
+        return entry
+
+    def _write(self, lead_time: Any, **metadata: Any) -> CheckpointEntry | None:
         self._write_count += 1
         self._writes_since_start += 1
         if lead_time is not None:
