@@ -165,3 +165,49 @@ def test_a_store_handle_sees_a_manifest_that_changed_on_disk(tmp_path):
     assert elect_offline(st) is None
     with pytest.raises(InvalidManifest, match="missing"):
         st.read_manifest(0, 0)
+
+
+def _write_one_rank(tmp_path, checksums: bool):
+    from distckpt.engine.steps import RowContent
+    from distckpt.io.commit import prepare_row, write_rank
+    from distckpt.plan.save import plan_rank
+
+    store = Store(tmp_path / "store")
+    store.create("")
+    prepare_row(store, 0)
+    states = {"model": {"w": torch.arange(1 << 19, dtype=torch.float32)}, "opt": [torch.ones(3)]}
+    plan = plan_rank(states, rank=0)
+    content = RowContent(states=states, schemas={}, metadata={"step": 3}, versions={"opt": 2})
+    return store, plan, content, write_rank(store, plan, 0, 0, checksums=checksums)
+
+
+@pytest.mark.parametrize("checksums", [True, False])
+def test_one_builder_makes_the_complete_manifest_from_the_plan_and_the_write(tmp_path, checksums):
+    from distckpt.engine.steps import build_manifest
+    from distckpt.io.commit import publish_rank
+    from distckpt.io.digests import state_digests
+
+    store, plan, content, written = _write_one_rank(tmp_path, checksums)
+    manifest = build_manifest(plan, written, content, world_size=1, name="n")
+    assert manifest.arrays == written.arrays and (manifest.row, manifest.rank) == (0, 0)
+    assert [a.crc32c is not None for a in manifest.arrays] == [checksums] * len(plan.tensors)
+    # Digests from the write's checksums equal digests computed from the bytes themselves.
+    assert {s: r.digest for s, r in manifest.states.items()} == state_digests(plan)
+    assert manifest.states["opt"].version == 2 and manifest.states["model"].version == 0
+    publish_rank(store, written, manifest)
+    assert store.read_manifest(0, 0) == manifest
+    assert distckpt.metadata(store.path) == {"step": 3}
+
+
+def test_publishing_a_manifest_that_does_not_list_the_written_data_is_refused(tmp_path):
+    import dataclasses
+
+    from distckpt.engine.steps import build_manifest
+    from distckpt.io.commit import publish_rank
+
+    store, plan, content, written = _write_one_rank(tmp_path, True)
+    manifest = build_manifest(plan, written, content, world_size=1)
+    stale = dataclasses.replace(manifest, arrays=manifest.arrays[:1])
+    with pytest.raises(distckpt.CheckpointWriteError, match="row 0, rank 0"):
+        publish_rank(store, written, stale)
+    assert store.manifest_ranks(0) == []

@@ -6,7 +6,6 @@ raise together instead of one raising while the others wait forever.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +25,17 @@ from distckpt.errors import (
 )
 from distckpt.faults import fault_point
 from distckpt.format import tree as codec
+from distckpt.format.layout import GLOBAL_MANIFEST_VERSION
 from distckpt.format.manifest import InvalidManifest, RankManifest, StateRecord
 from distckpt.io import globalio
-from distckpt.io.commit import commit_rank, delete_row, prepare_row, retract_rank
+from distckpt.io.commit import (
+    RankWrite,
+    delete_row,
+    prepare_row,
+    publish_rank,
+    retract_rank,
+    write_rank,
+)
 from distckpt.io.digests import state_digests
 from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
 from distckpt.io.rowio import RankReader
@@ -62,24 +69,51 @@ class StateSchema:
     fields: dict[str, str]
 
 
-def _record(tree: Any, schema: StateSchema | None, version: int = 0) -> StateRecord:
+def _record(
+    tree: Any, schema: StateSchema | None, version: int = 0, digest: str | None = None
+) -> StateRecord:
     if schema is None:
-        return StateRecord(tree, version=version)
-    return StateRecord(tree, schema.digest, schema.version, dict(schema.fields))
+        return StateRecord(tree, version=version, digest=digest)
+    return StateRecord(tree, schema.digest, schema.version, dict(schema.fields), digest)
 
 
-def _with_digests(plan: RankPlan) -> Callable[[RankManifest], RankManifest]:
-    """Record each state's digest (states equal on every rank may be restored at another
-    world size, see ``redistribute``), from the checksums the write just computed."""
+def build_manifest(
+    plan: RankPlan,
+    written: RankWrite,
+    content: RowContent,
+    *,
+    world_size: int,
+    name: str = "",
+    created: str | None = None,
+) -> RankManifest:
+    """The one builder of a rank's complete manifest, from its plan and what writing the
+    plan produced (array and global entries, with checksums).
 
-    def annotate(manifest: RankManifest) -> RankManifest:
-        digests = state_digests(plan, [a.crc32c for a in manifest.arrays])
-        states = {
-            sid: dataclasses.replace(r, digest=digests[sid]) for sid, r in manifest.states.items()
-        }
-        return dataclasses.replace(manifest, states=states)
-
-    return annotate
+    Each state's record carries its schema, user version and digest; the digest (states
+    equal on every rank may be restored at another world size, see ``redistribute``) comes
+    from the checksums the write computed, so no tensor is read twice.
+    """
+    digests = state_digests(plan, [a.crc32c for a in written.arrays])
+    states = {
+        sid: _record(tree, content.schemas.get(sid), content.versions.get(sid, 0), digests[sid])
+        for sid, tree in plan.states.items()
+    }
+    lead = None if content.lead_time is None else {"lead_time": content.lead_time}
+    return RankManifest(
+        row=written.row,
+        rank=written.rank,
+        world_size=world_size,
+        write_count=content.write_count,
+        created=utcnow() if created is None else created,
+        name=name,
+        level=content.level,
+        lead_time=None if lead is None else codec.encode_metadata(lead),
+        arrays=written.arrays,
+        states=states,
+        metadata=codec.encode_metadata(content.metadata),
+        globals=written.globals,
+        **({"format": GLOBAL_MANIFEST_VERSION} if written.globals else {}),
+    )
 
 
 def agree(comm: Communicator, error: str | None) -> list[tuple[int, str]]:
@@ -171,13 +205,10 @@ def save_row(
     try:
         if plan is None:
             plan = plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
-        lead = None if content.lead_time is None else {"lead_time": content.lead_time}
-        encoded_lead = None if lead is None else codec.encode_metadata(lead)
-        encoded_meta = codec.encode_metadata(content.metadata)
-        states = {
-            sid: _record(tree, content.schemas.get(sid), content.versions.get(sid, 0))
-            for sid, tree in plan.states.items()
-        }
+        # Refuse metadata that cannot be stored before anything touches the disk.
+        codec.encode_metadata(content.metadata)
+        if content.lead_time is not None:
+            codec.encode_metadata({"lead_time": content.lead_time})
     except Exception as exc:
         failure = exc
     agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
@@ -222,21 +253,10 @@ def save_row(
 
     manifest: RankManifest | None = None
     try:
-        draft = RankManifest(
-            row=chosen,
-            rank=comm.rank,
-            world_size=comm.world_size,
-            write_count=content.write_count,
-            created=utcnow(),
-            name=name,
-            level=content.level,
-            lead_time=encoded_lead,
-            states=states,
-            metadata=encoded_meta,
-        )
-        manifest = commit_rank(
-            store, plan, draft, layouts, checksums=checksums, annotate=_with_digests(plan)
-        )
+        written = write_rank(store, plan, chosen, comm.rank, layouts, checksums=checksums)
+        built = build_manifest(plan, written, content, world_size=comm.world_size, name=name)
+        publish_rank(store, written, built)
+        manifest = built
     except Exception as exc:
         failure = exc
         log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)

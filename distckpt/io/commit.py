@@ -8,13 +8,13 @@ either a committed row or garbage that the election ignores and GC removes.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from collections.abc import Callable
+from dataclasses import dataclass
 
+from distckpt.errors import CheckpointWriteError
 from distckpt.faults import fault_point
-from distckpt.format.layout import GLOBAL_MANIFEST_VERSION, ZARR_JSON, group_document
-from distckpt.format.manifest import RankManifest
+from distckpt.format.layout import ZARR_JSON, group_document
+from distckpt.format.manifest import ArrayEntry, GlobalEntry, RankManifest
 from distckpt.format.shards import GlobalLayout
 from distckpt.io.globalio import write_rank_globals
 from distckpt.io.rowio import write_rank_arrays, write_rank_group
@@ -36,24 +36,33 @@ def prepare_row(store: Store, row: int) -> None:
     fs.fsync_dir(store.rows_dir)
 
 
-def commit_rank(
+@dataclass(frozen=True)
+class RankWrite:
+    """What writing one rank's data produced, for its manifest: the entries of its own
+    arrays (with their checksums) and of the global chunks it wrote."""
+
+    row: int
+    rank: int
+    arrays: tuple[ArrayEntry, ...]
+    globals: tuple[GlobalEntry, ...]
+
+
+def write_rank(
     store: Store,
     plan: RankPlan,
-    manifest: RankManifest,
+    row: int,
+    rank: int,
     layouts: dict[str, GlobalLayout] | None = None,
     *,
     checksums: bool = True,
-    annotate: Callable[[RankManifest], RankManifest] | None = None,
-) -> RankManifest:
-    """Write this rank's data durably, then publish its manifest: the rank's commit point.
+) -> RankWrite:
+    """Write this rank's data durably (files and directories fsynced): the first half of
+    the rank's commit; :func:`publish_rank` is the second.
 
     ``layouts`` (agreed by every rank) says which chunks of the global arrays this rank
-    writes; they are durable before the manifest like the rank's own arrays. ``checksums``
-    applies to the rank's own arrays; global chunks are always checksummed. ``annotate``
-    completes the manifest from what the write produced (its entries, with checksums) before
-    it is published.
+    writes. ``checksums`` applies to the rank's own arrays; global chunks are always
+    checksummed.
     """
-    row, rank = manifest.row, manifest.rank
     fault_point("before_data", rank=rank, row=row)
     rank_dir = store.rank_dir(row, rank)
     write_rank_group(store.fs, rank_dir, rank)
@@ -62,14 +71,24 @@ def commit_rank(
     store.fs.fsync_dir(rank_dir)
     store.fs.fsync_dir(store.row_dir(row))
     fault_point("after_data", rank=rank, row=row)
-    final = dataclasses.replace(manifest, arrays=tuple(entries), globals=tuple(shards))
-    if shards:
-        final = dataclasses.replace(final, format=GLOBAL_MANIFEST_VERSION)
-    if annotate is not None:
-        final = annotate(final)
-    store.fs.atomic_write(store.manifest_path(row, rank), final.to_json())
-    fault_point("after_manifest", rank=rank, row=row)
-    return final
+    return RankWrite(row, rank, tuple(entries), tuple(shards))
+
+
+def publish_rank(store: Store, written: RankWrite, manifest: RankManifest) -> None:
+    """Publish this rank's complete manifest atomically: the rank's commit point.
+
+    Takes the :class:`RankWrite` its data produced, so nothing is published before the data
+    it refers to is durable; the manifest must be the one built from that write.
+    """
+    if (manifest.row, manifest.rank) != (written.row, written.rank) or (
+        manifest.arrays != written.arrays or manifest.globals != written.globals
+    ):
+        raise CheckpointWriteError(
+            f"row {written.row}, rank {written.rank} of {store.path}: the manifest to publish "
+            f"(row {manifest.row}, rank {manifest.rank}) does not list the data just written"
+        )
+    store.fs.atomic_write(store.manifest_path(manifest.row, manifest.rank), manifest.to_json())
+    fault_point("after_manifest", rank=manifest.rank, row=manifest.row)
 
 
 def retract_rank(store: Store, row: int, rank: int) -> None:
