@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -211,3 +212,53 @@ def test_publishing_a_manifest_that_does_not_list_the_written_data_is_refused(tm
     with pytest.raises(distckpt.CheckpointWriteError, match="row 0, rank 0"):
         publish_rank(store, written, stale)
     assert store.manifest_ranks(0) == []
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryKth:
+    """A policy written outside the library: every row whose id is a multiple of k."""
+
+    k: int
+
+    @property
+    def horizon(self) -> int | None:
+        return None
+
+    def preserve(self, committed):
+        return {r for r in committed if r % self.k == 0}
+
+
+def test_retention_policies_compose_and_never_drop_the_newest_row(tmp_path):
+    from distckpt.dist.retention import AnyOf, KeepLatest
+
+    path = tmp_path / "s"
+    policy = AnyOf((KeepLatest(2), EveryKth(3)))
+    for i in range(8):
+        distckpt.save({"i": i}, path, keep=policy)
+    assert Store(path).rows() == [0, 3, 6, 7]
+    assert rows_to_delete(Store(path), EveryKth(5)) == [3, 6]  # row 7, the newest, stays
+    assert rows_to_delete(Store(path), KeepLatest(2)) == [0, 3]
+    assert rows_to_delete(Store(path), 2) == [0, 3]  # keep=N means KeepLatest(N)
+
+
+def test_every_writer_announces_its_commits_to_subscribers(tmp_path):
+    from distckpt.engine import hooks
+
+    seen: list[tuple[str, int]] = []
+    unsubscribe = hooks.subscribe_commits(
+        lambda e: seen.append((os.path.basename(e.store.path), e.row))
+    )
+    try:
+        distckpt.save({"a": 1}, tmp_path / "api")
+        with distckpt.AsyncSaver(tmp_path / "saver", keep=1) as saver:
+            saver.save({"a": 1})
+            saver.save({"a": 2})
+            assert saver.wait() == 1 and saver.committed == [0, 1]
+        for async_write in (False, True):
+            name = f"c{int(async_write)}"
+            with distckpt.Checkpoint(name, path=tmp_path / name, async_write=async_write) as s:
+                s.write()
+    finally:
+        unsubscribe()
+    assert seen == [("api", 0), ("saver", 0), ("saver", 1), ("c0", 0), ("c1", 0)]
+    assert Store(tmp_path / "saver").rows() == [1]  # retention ran before the event

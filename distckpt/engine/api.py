@@ -14,7 +14,7 @@ import torch
 
 from distckpt.dist.comm import resolve
 from distckpt.dist.election import elect, elect_offline, row_status
-from distckpt.dist.retention import rows_to_delete
+from distckpt.dist.retention import RetentionPolicy, as_policy
 from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.redistribute import StateMapping, open_part_agreed, read_states
@@ -48,7 +48,7 @@ def save(
     *,
     row: int | None = None,
     comm: Any = None,
-    keep: int | None = None,
+    keep: int | RetentionPolicy | None = None,
     version: Versions | None = None,
     checksums: bool = True,
     **metadata: Any,
@@ -56,7 +56,8 @@ def save(
     """Collective: commit every rank's ``state_dict`` as one new row; returns the row id.
 
     Each rank's values are its own (ranks may hold different tensors under one key).
-    ``keep`` retains only the newest N committed rows afterwards. ``version`` is the user
+    ``keep`` retains only the newest N committed rows afterwards (or those a
+    :class:`~distckpt.dist.retention.RetentionPolicy` preserves). ``version`` is the user
     schema version of every state (top-level key), or a mapping state -> version; a later
     ``load(..., version=M)`` migrates older states to M. ``metadata`` must be JSON-like
     (scalars, lists, dicts, datetimes) and comes back from :func:`metadata`.
@@ -75,9 +76,9 @@ def save(
         versions=state_versions(version, state_dict, "save"),
     )
     guard = engine.writer_lease(st, c)  # taken at this process's first save, then renewed
-    manifest = engine.save_row(st, c, content, row=row, checksums=checksums, guard=guard)
-    if keep is not None:
-        engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
+    manifest = engine.commit_row(
+        st, c, content, row=row, checksums=checksums, guard=guard, retention=as_policy(keep)
+    )
     hooks.announce(hooks.Boundary(c, manifest.row))
     return manifest.row
 

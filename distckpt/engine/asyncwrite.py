@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from distckpt.dist.comm import Communicator, resolve
-from distckpt.dist.retention import rows_to_delete
+from distckpt.dist.retention import RetentionPolicy, as_policy
+from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.errors import CheckpointError, CheckpointWriteError
 from distckpt.format.manifest import RankManifest
@@ -289,7 +290,7 @@ class AsyncSaver:
         *,
         comm: Any = None,
         max_in_flight: int = 1,
-        keep: int | None = None,
+        keep: int | RetentionPolicy | None = None,
         checksums: bool = True,
         pack_threshold: int = DEFAULT_PACK_THRESHOLD,
     ) -> None:
@@ -297,11 +298,14 @@ class AsyncSaver:
         self.comm = resolve(comm)
         # The writer lease, taken now: a second job is refused before it trains or stages.
         self.lease = engine.writer_lease(self.store, self.comm)
-        self.keep = keep
+        self.keep = as_policy(keep)
         self.checksums = checksums
         self.pack_threshold = pack_threshold
         self.writer = BackgroundWriter(self.comm, max_in_flight=max_in_flight)
-        self.committed: list[int] = []  # rows known committed, in order (reported so far)
+        self.committed: list[int] = []  # rows committed by this saver, in order
+        # Bookkeeping subscribes to commit events: the writer thread's commits, on its own
+        # communicator, are this saver's (and no other's).
+        self._unsubscribe = hooks.subscribe_commits(self._on_commit)
 
     @property
     def staging_nbytes(self) -> int:
@@ -327,29 +331,36 @@ class AsyncSaver:
             content = engine.RowContent(states={}, schemas={}, metadata=copy.deepcopy(metadata))
 
             def job(wcomm: Communicator) -> RankManifest:
-                manifest = engine.save_row(
-                    store, wcomm, content, row=row, checksums=checksums, plan=plan, guard=guard
+                return engine.commit_row(
+                    store,
+                    wcomm,
+                    content,
+                    row=row,
+                    checksums=checksums,
+                    plan=plan,
+                    guard=guard,
+                    retention=keep,
                 )
-                if keep is not None:
-                    doomed = rows_to_delete(store, keep) if wcomm.is_coordinator else []
-                    engine.prune(store, wcomm, doomed)
-                return manifest
 
             return job
 
-        self._note(self.writer.submit(prepare))
+        self.writer.submit(prepare)
 
-    def _note(self, results: list[Any]) -> None:
-        self.committed += [manifest.row for manifest in results]
+    def _on_commit(self, event: hooks.Committed) -> None:
+        if event.comm is self.writer.writer_comm:
+            self.committed.append(event.row)  # one writer thread: appends are ordered
 
     def wait(self) -> int | None:
         """Collective: wait for every queued row; the newest committed row id."""
-        self._note(self.writer.drain())
+        self.writer.drain()
         return self.committed[-1] if self.committed else None
 
     def close(self) -> int | None:
         """Collective: :meth:`wait`, then stop the writer thread."""
-        self._note(self.writer.close())
+        try:
+            self.writer.close()
+        finally:
+            self._unsubscribe()
         return self.committed[-1] if self.committed else None
 
     def __enter__(self) -> AsyncSaver:
@@ -357,4 +368,7 @@ class AsyncSaver:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         # Unwinding an exception on this rank only: finish locally, do not coordinate.
-        self.writer.close(coordinated=exc_type is None)
+        try:
+            self.writer.close(coordinated=exc_type is None)
+        finally:
+            self._unsubscribe()

@@ -1,8 +1,10 @@
-"""Boundaries: the points where a save or a session write has returned, for plug-ins.
+"""Boundaries and commits: the points plug-ins subscribe to instead of wrapping functions.
 
 Cross-cutting features (preemption, bookkeeping) subscribe here instead of wrapping public
 functions: ``distckpt.save`` and ``CheckpointSession.write`` announce a :class:`Boundary`
 once they return, and each subscriber runs on the thread that saved, in subscription order.
+Every row committed (by ``save``, an ``AsyncSaver``, a ``Checkpoint`` session, synchronous
+or not) announces a :class:`Committed` event, on the thread that committed it.
 """
 
 from __future__ import annotations
@@ -52,5 +54,44 @@ def announce(event: Boundary) -> None:
     """Run every subscriber on ``event`` (a subscriber may exit the process)."""
     with _lock:
         current = list(_subscribers)
+    for fn in current:
+        fn(event)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Every rank committed ``row`` of ``store`` (and retention ran), on ``comm``.
+
+    Announced on every rank, on the thread that committed: the caller's for synchronous
+    saves, the writer thread for asynchronous ones (``comm`` is then the writer's own).
+    """
+
+    store: Any
+    row: int
+    comm: Communicator
+
+
+CommitSubscriber = Callable[[Committed], None]
+
+_commit_subscribers: list[CommitSubscriber] = []
+
+
+def subscribe_commits(fn: CommitSubscriber) -> Callable[[], None]:
+    """Call ``fn`` after every row this process commits; returns the unsubscribe function."""
+    with _lock:
+        _commit_subscribers.append(fn)
+
+    def unsubscribe() -> None:
+        with _lock:
+            if fn in _commit_subscribers:
+                _commit_subscribers.remove(fn)
+
+    return unsubscribe
+
+
+def announce_commit(event: Committed) -> None:
+    """Run every commit subscriber on ``event``, in subscription order."""
+    with _lock:
+        current = list(_commit_subscribers)
     for fn in current:
         fn(event)

@@ -15,6 +15,8 @@ import torch
 from distckpt import errors
 from distckpt.dist.comm import Communicator
 from distckpt.dist.election import committed_rows_offline, elect, row_status
+from distckpt.dist.retention import RetentionPolicy, rows_to_delete
+from distckpt.engine import hooks
 from distckpt.errors import (
     CheckpointError,
     CheckpointSerializationError,
@@ -270,6 +272,42 @@ def save_row(
         raise
     assert manifest is not None
     fault_point("after_commit", rank=comm.rank, row=chosen)
+    return manifest
+
+
+def commit_row(
+    store: Store,
+    comm: Communicator,
+    content: RowContent,
+    *,
+    retention: RetentionPolicy | None,
+    guard: lease.Lease | None,
+    row: int | None = None,
+    name: str = "",
+    pack_threshold: int = DEFAULT_PACK_THRESHOLD,
+    checksums: bool = True,
+    plan: RankPlan | None = None,
+) -> RankManifest:
+    """Collective: the one "commit, then retention" of every writer (``save``,
+    ``AsyncSaver``, ``Checkpoint`` sessions, synchronous or not).
+
+    Commits the row (:func:`save_row`), deletes the rows ``retention`` does not preserve
+    (None: deletes nothing), then announces :class:`hooks.Committed` to subscribers.
+    """
+    manifest = save_row(
+        store,
+        comm,
+        content,
+        row=row,
+        name=name,
+        pack_threshold=pack_threshold,
+        checksums=checksums,
+        plan=plan,
+        guard=guard,
+    )
+    if retention is not None:
+        prune(store, comm, rows_to_delete(store, retention) if comm.is_coordinator else [])
+    hooks.announce_commit(hooks.Committed(store, manifest.row, comm))
     return manifest
 
 

@@ -21,7 +21,7 @@ import torch
 
 from distckpt.dist.comm import Communicator, resolve
 from distckpt.dist.election import row_status
-from distckpt.dist.retention import rows_to_delete
+from distckpt.dist.retention import KeepAll, KeepLatest, RetentionPolicy
 from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.asyncwrite import BackgroundWriter, Stager, StagingBuffers
@@ -221,6 +221,11 @@ class Checkpoint:
     def _park(self, proxy: CheckpointState[Any]) -> None:
         proxy._attach(self, None, False)
         self._pending.append((proxy, True))
+
+    @property
+    def retention(self) -> RetentionPolicy:
+        """What each commit keeps: the newest ``history_size`` rows (None: every row)."""
+        return KeepAll() if self.history_size is None else KeepLatest(self.history_size)
 
     def _background(self) -> BackgroundWriter:
         """The writer thread (collective when created: flushes are collective)."""
@@ -452,7 +457,7 @@ class CheckpointSession:
             self._flush_async()
             return None
         content = self._content()
-        manifest = engine.save_row(
+        manifest = engine.commit_row(
             cat.store,
             comm,
             content,
@@ -460,9 +465,8 @@ class CheckpointSession:
             pack_threshold=cat.pack_threshold,
             checksums=cat.checksums,
             guard=cat.lease,
+            retention=cat.retention,
         )
-        doomed = rows_to_delete(cat.store, cat.history_size) if comm.is_coordinator else []
-        engine.prune(cat.store, comm, doomed)
         view = engine.RowView(cat.store, manifest)
         self._entry = CheckpointEntry.from_view(view)
         self._pending_metadata = {}
@@ -494,7 +498,7 @@ class CheckpointSession:
             guard = cat.lease
 
             def job(wcomm: Any) -> RankManifest:
-                manifest = engine.save_row(
+                manifest = engine.commit_row(
                     cat.store,
                     wcomm,
                     content,
@@ -502,9 +506,8 @@ class CheckpointSession:
                     checksums=cat.checksums,
                     plan=plan,
                     guard=guard,
+                    retention=cat.retention,
                 )
-                doomed = rows_to_delete(cat.store, cat.history_size) if wcomm.is_coordinator else []
-                engine.prune(cat.store, wcomm, doomed)
                 self._entry = CheckpointEntry.from_view(engine.RowView(cat.store, manifest))
                 return manifest
 
