@@ -404,6 +404,26 @@ def test_checkpoint_and_exit_commits_pending_writes_records_and_exits(
     assert len(no_atexit) == 1
 
 
+def test_an_async_session_stop_records_the_row_it_committed(
+    tmp_path: Path, no_atexit: list[Any]
+) -> None:
+    """With async_write the flush returns before the commit: the record still names the
+    row committed at the stop (reported by the commit event), not the previous one."""
+    marker = tmp_path / "requeue.json"
+    handler = PreemptionHandler(comm=SingleProcessComm(), requeue_file=marker)
+    ckpt = Checkpoint(
+        "p", path=tmp_path / "ckpt", flush_interval=None, async_write=True, comm=SingleProcessComm()
+    )
+    with ckpt as session, pytest.raises(SystemExit):
+        session.write(lead_time=0)
+        session.flush()  # row 0
+        session.write(lead_time=1)
+        handler.request_stop()
+        handler.at_boundary(session)  # row 1
+    assert distckpt.latest(tmp_path / "ckpt") == 1
+    assert json.loads(marker.read_text())["row"] == 1
+
+
 def test_checkpoint_and_exit_targets(tmp_path: Path, no_atexit: list[Any]) -> None:
     comm = FakeComm(0, 2)
     handler = PreemptionHandler(comm=comm, requeue_file=tmp_path / "m")

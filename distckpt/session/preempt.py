@@ -305,11 +305,25 @@ class PreemptionHandler:
             self.checkpoint_and_exit(target)
 
     def _commit(self, target: Any) -> int | None:
+        """Commit ``target``; the row for the requeue record is the last one the commit
+        events reported while it ran (else what the target returned)."""
         if target is None:
             return None
+        committed: list[int] = []
+        unsubscribe = hooks.subscribe_commits(lambda event: committed.append(event.row))
+        try:
+            row = self._run_target(target)
+        finally:
+            unsubscribe()
+        return committed[-1] if committed else row
+
+    def _run_target(self, target: Any) -> int | None:
         flush = getattr(target, "flush", None)
         if callable(flush):
             result = flush()
+            catalog = getattr(target, "catalog", None)
+            if catalog is not None and getattr(catalog, "async_write", False):
+                catalog.wait()  # collective: the row is committed before it is recorded
             row = getattr(result, "row", None)
             return row if row is not None else getattr(target, "row", None)
         if callable(target):
