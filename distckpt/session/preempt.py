@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator, resolve
 from distckpt.logs import current_rank, get_logger
 
@@ -258,6 +259,7 @@ class PreemptionHandler:
         self._boundaries += 1
         if self._boundaries % self.every:
             return False
+        # A plain collective, not a step: nothing on the way to it can raise.
         flags = self.comm.allgather(int(self._flag))
         hits = {rank: _describe(int(f)) for rank, f in enumerate(flags) if f}
         if not hits:
@@ -286,9 +288,12 @@ class PreemptionHandler:
         """
         row = self._commit(target)
         comm = self.comm
-        if comm.is_coordinator and self.requeue_file:
-            self._write_requeue_file(row, comm.world_size)
-        comm.barrier()
+
+        def record() -> None:
+            if comm.is_coordinator and self.requeue_file:
+                self._write_requeue_file(row, comm.world_size)
+
+        step.run(comm, step.PREEMPT_RECORD, record, context="cannot record the requeue")
         self._exiting = True
         atexit.register(_quiet_teardown, self.signals if self._installed else ())
         self.log.warning(
