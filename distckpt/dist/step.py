@@ -49,7 +49,6 @@ MEMBERS_REPLICATED = "members.replicated"  # the coordinator decodes a replicate
 ASYNC_SUBMIT = "async.submit"  # earlier rows finished and this row was staged
 ASYNC_DRAIN = "async.drain"  # every queued row finished
 SESSION_PENDING = "session.pending"  # whether any rank has writes to commit
-PREEMPT_RECORD = "preempt.record"  # the coordinator records the requeue before all exit
 
 STEPS: dict[str, str] = {
     name: name.partition(".")[0]
@@ -81,10 +80,9 @@ STEPS: dict[str, str] = {
         ASYNC_SUBMIT,
         ASYNC_DRAIN,
         SESSION_PENDING,
-        PREEMPT_RECORD,
     )
 }
-"""Every step name -> its group (save, elect, load, members, async, session, preempt)."""
+"""Every step name -> its group (save, elect, load, members, async, session)."""
 
 # The steps ``distckpt.save(..., keep=N)`` runs, in order, and those ``distckpt.load`` runs
 # on a row written at this world size (election included).

@@ -44,7 +44,6 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
-from distckpt.dist import step
 from distckpt.dist.comm import Communicator, resolve
 from distckpt.logs import current_rank, get_logger
 
@@ -288,12 +287,10 @@ class PreemptionHandler:
         """
         row = self._commit(target)
         comm = self.comm
-
-        def record() -> None:
-            if comm.is_coordinator and self.requeue_file:
-                self._write_requeue_file(row, comm.world_size)
-
-        step.run(comm, step.PREEMPT_RECORD, record, context="cannot record the requeue")
+        if comm.is_coordinator and self.requeue_file:
+            self._write_requeue_file(row, comm.world_size)
+        # A plain barrier, not a step: the record's write logs its own errors, never raises.
+        comm.barrier()
         self._exiting = True
         atexit.register(_quiet_teardown, self.signals if self._installed else ())
         self.log.warning(
