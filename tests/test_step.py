@@ -7,6 +7,7 @@ what the others reported; ``SequentialComm`` plays ranks one after another.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 from fakes import SequentialComm
+from multiproc import LAUNCHERS, WORKERS, launch
 
 import distckpt
 from distckpt import faults
@@ -28,6 +30,7 @@ from distckpt.errors import (
 )
 
 HANG_GUARD_S = 30.0  # a broken barrier fails the test instead of hanging it
+FAULT_KINDS = ("PermissionError", "ENOSPC", "EIO", "MemoryError", "KeyError")  # the worker's
 
 
 class ThreadComm(Communicator):
@@ -245,3 +248,25 @@ def test_one_rank_unable_to_read_fails_load_on_every_rank(tmp_path: Any) -> None
         assert isinstance(e, CollectiveStepError), got
         assert list(e.failures) == [1] and e.failures[1].type == "PermissionError"
         assert e.step in step.LOAD_STEPS
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_real_ranks_raise_together_when_rank_1_fails_at_any_step(
+    tmp_path: Any, launcher: str
+) -> None:
+    """Every step of save and load, five ordinary errors on rank 1: one launch per world."""
+    result = launch(launcher, 2, WORKERS / "step_fault_worker.py", [str(tmp_path)], timeout=400)
+    assert result.returncode == 0, result.output
+    expected = {(s, kind) for s in (*step.SAVE_STEPS, *step.LOAD_STEPS) for kind in FAULT_KINDS}
+    for rank in range(2):
+        report = json.loads((tmp_path / f"report_{rank}.json").read_text())
+        assert report["world_size"] == 2
+        cases = report["cases"]
+        assert {(c["step"], c["error"]) for c in cases} == expected
+        for c in cases:
+            where = f"rank {rank}, fault {c['error']} at {c['step']}: {c}"
+            assert c["collective"] and c["failed_step"] == c["step"], where
+            assert c["failures"] == {"1": c["expected_type"]}, where
+            assert f"step {c['step']} failed; rank 1: {c['expected_type']}: " in c["message"]
+            assert c["seconds"] < 30, where  # gloo's 20 s group timeout would end a wait
