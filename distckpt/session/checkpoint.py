@@ -19,9 +19,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator, resolve
 from distckpt.dist.election import row_status
-from distckpt.dist.retention import rows_to_delete
 from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.asyncwrite import BackgroundWriter, Stager, StagingBuffers
@@ -439,7 +439,7 @@ class CheckpointSession:
             self._pending_metadata.update(metadata)
             self._dirty = True
         comm = self.catalog.comm
-        if not any(comm.allgather(self._dirty)):
+        if not any(step.gather(comm, step.SESSION_PENDING, lambda: self._dirty)):
             return None
         cat = self.catalog
         if cat.async_write:
@@ -454,8 +454,7 @@ class CheckpointSession:
             pack_threshold=cat.pack_threshold,
             checksums=cat.checksums,
         )
-        doomed = rows_to_delete(cat.store, cat.history_size) if comm.is_coordinator else []
-        engine.prune(cat.store, comm, doomed)
+        engine.prune(cat.store, comm, cat.history_size)
         view = engine.RowView(cat.store, manifest)
         self._entry = CheckpointEntry.from_view(view)
         self._pending_metadata = {}
@@ -493,8 +492,7 @@ class CheckpointSession:
                     checksums=cat.checksums,
                     plan=plan,
                 )
-                doomed = rows_to_delete(cat.store, cat.history_size) if wcomm.is_coordinator else []
-                engine.prune(cat.store, wcomm, doomed)
+                engine.prune(cat.store, wcomm, cat.history_size)
                 self._entry = CheckpointEntry.from_view(engine.RowView(cat.store, manifest))
                 return manifest
 
