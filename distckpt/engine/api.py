@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import resolve
 from distckpt.dist.election import elect, elect_offline, row_status
 from distckpt.dist.retention import RetentionPolicy, as_policy
@@ -125,21 +126,17 @@ def load(
 
     def check(saved: dict[str, Any]) -> None:
         kept.clear()
-        problem: str | None = None
-        try:
-            _check_fits(state_dict, saved, (), strict, kept)
-        except CheckpointStateSchemaError as exc:
-            problem = str(exc)
-        failures = engine.agree(c, problem)
-        if failures:
-            raise CheckpointStateSchemaError(
-                f"row {chosen} of {st.path} does not fit the live state: "
-                + engine.describe(failures)
-            )
+        step.run(
+            c,
+            step.LOAD_FIT,
+            lambda: _check_fits(state_dict, saved, (), strict, kept),
+            context=f"row {chosen} of {st.path} does not fit the live state",
+            fallback=CheckpointStateSchemaError,
+        )
 
     # The direct path reads this rank's own part with every tensor paired to its live
     # target; redistribution, migration and global arrays decode states first.
-    has_globals = any(c.allgather(bool(view.manifest.globals)))
+    has_globals = any(step.gather(c, step.LOAD_LAYOUT, lambda: bool(view.manifest.globals)))
     if view.saved_world_size == c.world_size and version is None and not has_globals:
         saved = read_for_load(view, c, state_dict, in_place=in_place, check=check)
     else:
@@ -187,14 +184,12 @@ def migrate_row_states(
 ) -> tuple[dict[str, Any], tuple[AppliedMigration, ...]]:
     """Collective: migrate this rank's saved states to ``targets``; all ranks raise together
     (a newer saved version as SchemaVersionError, a missing step as MigrationError)."""
-    failure: Exception | None = None
-    applied: tuple[AppliedMigration, ...] = ()
-    try:
-        saved, applied = migrate_states(saved, view.manifest.states, targets, registry)
-    except Exception as exc:
-        failure = exc
-    engine.agree_or_raise(
-        comm, failure, MigrationError, f"row {view.row} of {view.store.path} cannot be read"
+    saved, applied = step.run(
+        comm,
+        step.LOAD_MIGRATE,
+        lambda: migrate_states(saved, view.manifest.states, targets, registry),
+        context=f"row {view.row} of {view.store.path} cannot be read",
+        fallback=MigrationError,
     )
     for record in applied:
         log.info(

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.engine import steps as engine
-from distckpt.errors import CheckpointError, CorruptCheckpointError
+from distckpt.errors import CorruptCheckpointError
 from distckpt.format import tree as codec
 from distckpt.format.dtypes import torch_dtype
 from distckpt.io.rowio import fits_directly
@@ -62,12 +63,6 @@ def _pair(live: Any, saved: Any, index_of: dict[int, int], out: dict[int, torch.
             _pair(lv, sv, index_of, out)
 
 
-def _agree(comm: Communicator, view: engine.RowView, problem: str | None) -> None:
-    failures = engine.agree(comm, problem)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {view.row}: {engine.describe(failures)}")
-
-
 def read_for_load(
     view: engine.RowView,
     comm: Communicator,
@@ -88,15 +83,14 @@ def read_for_load(
     checksum fails, every rank raises and such live tensors may hold the row's bytes (or
     part of them): reload from another row.
     """
-    problem: str | None = None
-    stand_ins: dict[str, Any] = {}
-    index_of: dict[int, int] = {}
-    used: set[int] = set()
-    try:
-        stand_ins, index_of, used = _stand_ins(view)
-    except CheckpointError as exc:
-        problem = str(exc)
-    _agree(comm, view, problem)
+    where = f"cannot restore row {view.row}"
+    stand_ins, index_of, used = step.run(
+        comm,
+        step.LOAD_STAND_INS,
+        lambda: _stand_ins(view),
+        context=where,
+        fallback=CorruptCheckpointError,
+    )
     check(stand_ins)
     targets: dict[int, torch.Tensor] = {}
     _pair(live, stand_ins, index_of, targets)
@@ -107,21 +101,21 @@ def read_for_load(
     fresh = [i for i in needed if i not in in_live]
     got: dict[int, torch.Tensor] = {}
     reader = view.reader
-    try:
+
+    def verify() -> None:
         if not in_place:
             # Verify the bytes destined for live tensors first (streamed, nothing kept),
             # and read the others into fresh tensors; only then fill live memory.
             reader.verify_many([arrays[i] for i in direct])
         got.update(zip(fresh, reader.read_many([(arrays[i], None) for i in fresh]), strict=True))
-    except CheckpointError as exc:
-        problem = str(exc)
-    _agree(comm, view, problem)
-    try:
+
+    step.run(comm, step.LOAD_VERIFY, verify, context=where, fallback=CorruptCheckpointError)
+
+    def fill() -> None:
         jobs = [(arrays[i], targets[i]) for i in direct]
         got.update(zip(direct, reader.read_many(jobs, verified=not in_place), strict=True))
-    except CheckpointError as exc:
-        problem = str(exc)
-    _agree(comm, view, problem)
+
+    step.run(comm, step.LOAD_FILL, fill, context=where, fallback=CorruptCheckpointError)
 
     def leaf(index: int, as_numpy: bool) -> Any:
         tensor = got[index]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from distckpt import errors
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.dist.election import committed_rows_offline, elect, row_status
 from distckpt.dist.retention import RetentionPolicy, rows_to_delete
@@ -22,6 +22,7 @@ from distckpt.errors import (
     CheckpointSerializationError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    LeaseHeldError,
     NoCommittedRowError,
     WorldSizeMismatchError,
 )
@@ -118,42 +119,6 @@ def build_manifest(
     )
 
 
-def agree(comm: Communicator, error: str | None) -> list[tuple[int, str]]:
-    """Exchange per-rank errors; every rank gets the same list of (rank, message)."""
-    reports = comm.allgather(error)
-    return [(rank, msg) for rank, msg in enumerate(reports) if msg is not None]
-
-
-def describe(failures: list[tuple[int, str]]) -> str:
-    return "; ".join(f"rank {rank}: {msg}" for rank, msg in failures)
-
-
-def _report(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
-def agree_or_raise(
-    comm: Communicator, exc: BaseException | None, default: type[CheckpointError], context: str
-) -> None:
-    """Collective: if any rank failed, every rank raises the same typed error.
-
-    The error's class is that of the first failing rank when it is one of ours (so a
-    serialization problem stays a CheckpointSerializationError), else ``default``.
-    """
-    reports = comm.allgather(None if exc is None else _report(exc))
-    failures = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-    if not failures:
-        return
-    first = failures[0][1]
-    cls = getattr(errors, first["type"], None)
-    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-        cls = default
-    detail = "; ".join(f"rank {rank}: {r['message']}" for rank, r in failures)
-    if comm.world_size == 1:
-        detail = first["message"]
-    raise cls(f"{context}: {detail}") from exc
-
-
 def writer_lease(store: Store, comm: Communicator, name: str = "") -> lease.Lease | None:
     """Collective: create the store and take this process's writer lease on it (the
     coordinator's; other ranks get None), before any state is staged or written.
@@ -162,21 +127,26 @@ def writer_lease(store: Store, comm: Communicator, name: str = "") -> lease.Leas
     refused here on every rank: ``LeaseHeldError`` naming the holder (on the coordinator,
     the lease's own error, with its ``holder``).
     """
-    held: lease.Lease | None = None
-    failure: BaseException | None = None
-    if comm.is_coordinator:
-        try:
-            store.create(name)
-            held = lease.hold(store)
-        except Exception as exc:
-            failure = exc
+    held: list[lease.Lease] = []
+
+    def take() -> None:
+        store.create(name)
+        held.append(lease.hold(store))
+
     try:
-        agree_or_raise(comm, failure, CheckpointWriteError, f"cannot write to {store.path}")
-    except CheckpointError:
-        if isinstance(failure, CheckpointError):
-            raise failure from None
+        step.decide(
+            comm,
+            step.SAVE_LEASE,
+            take,
+            context=f"cannot write to {store.path}",
+            fallback=CheckpointWriteError,
+        )
+    except CheckpointError as exc:
+        own = exc.__cause__
+        if isinstance(own, LeaseHeldError):
+            raise own from None  # the holder, as a field
         raise
-    return held
+    return held[0] if held else None
 
 
 def save_row(
@@ -203,74 +173,89 @@ def save_row(
     and agree on success. If any rank failed, every rank raises; ranks that had published
     retract their manifests, so the row never looks committed.
     """
-    failure: BaseException | None = None
-    try:
-        if plan is None:
-            plan = plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
+
+    def prepare() -> RankPlan:
+        made = (
+            plan
+            if plan is not None
+            else plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
+        )
         # Refuse metadata that cannot be stored before anything touches the disk.
         codec.encode_metadata(content.metadata)
         if content.lead_time is not None:
             codec.encode_metadata({"lead_time": content.lead_time})
-    except Exception as exc:
-        failure = exc
-    agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
-    assert plan is not None
+        return made
+
+    plan = step.run(
+        comm,
+        step.SAVE_PLAN,
+        prepare,
+        context="cannot save",
+        fallback=CheckpointSerializationError,
+    )
     # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
-    # and refuses the same overlaps or gaps, so no agreement step is needed.
-    reports = comm.allgather(shard_report(plan))
+    # and refuses the same overlaps or gaps, so no agreement step is needed after this one.
+    made = plan
+    reports = step.gather(comm, step.SAVE_SHARDS, lambda: shard_report(made))
     layouts = globalio.layouts(reports) if any(reports) else {}
 
-    setup: dict[str, Any] = {}
-    if comm.is_coordinator:
-        try:
-            store.create(name)
-            # One writing job per store: the lease must still be ours (LeaseLostError if a
-            # takeover happened since it was taken), refused on every rank otherwise.
-            if guard is None:
-                lease.hold(store)
-            else:
-                guard.refresh()
-            existing = store.rows()
-            newest = existing[-1] if existing else -1
-            chosen = newest + 1 if row is None else row
-            if chosen <= newest:
-                raise CheckpointWriteError(
-                    f"row {chosen} is not newer than row {newest} in {store.path}; rows are "
-                    "never rewritten in place"
-                )
-            prepare_row(store, chosen)
-            setup = {"row": chosen}
-        except Exception as exc:
-            failure = exc
-            setup = {"row": -1}
-    chosen = int(comm.broadcast(setup)["row"])
-    if not comm.is_coordinator and chosen >= 0:
-        # Node-local storage: this rank's directory tree may not be the coordinator's.
-        try:
+    def open_row() -> int:
+        store.create(name)
+        # One writing job per store: the lease must still be ours (LeaseLostError if a
+        # takeover happened since it was taken), refused on every rank otherwise.
+        if guard is None:
+            lease.hold(store)
+        else:
+            guard.refresh()
+        existing = store.rows()
+        newest = existing[-1] if existing else -1
+        chosen = newest + 1 if row is None else row
+        if chosen <= newest:
+            raise CheckpointWriteError(
+                f"row {chosen} is not newer than row {newest} in {store.path}; rows are "
+                "never rewritten in place"
+            )
+        prepare_row(store, chosen)
+        return chosen
+
+    where = f"cannot start a row in {store.path}"
+    chosen = int(
+        step.decide(comm, step.SAVE_OPEN, open_row, context=where, fallback=CheckpointWriteError)
+    )
+
+    def open_local() -> None:
+        if not comm.is_coordinator:
+            # Node-local storage: this rank's directory tree may not be the coordinator's.
             store.create(name)
             store.fs.makedirs(store.manifests_dir(chosen))
-        except Exception as exc:
-            failure = exc
-    agree_or_raise(comm, failure, CheckpointWriteError, f"cannot start a row in {store.path}")
 
-    manifest: RankManifest | None = None
+    step.run(comm, step.SAVE_OPEN_LOCAL, open_local, context=where, fallback=CheckpointWriteError)
+
+    published: list[RankManifest] = []
+
+    def write() -> None:
+        try:
+            written = write_rank(store, made, chosen, comm.rank, layouts, checksums=checksums)
+            built = build_manifest(made, written, content, world_size=comm.world_size, name=name)
+            publish_rank(store, written, built)
+            published.append(built)
+        except Exception as exc:
+            log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
+            raise
+
     try:
-        written = write_rank(store, plan, chosen, comm.rank, layouts, checksums=checksums)
-        built = build_manifest(plan, written, content, world_size=comm.world_size, name=name)
-        publish_rank(store, written, built)
-        manifest = built
-    except Exception as exc:
-        failure = exc
-        log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
-    try:
-        agree_or_raise(
-            comm, failure, CheckpointWriteError, f"row {chosen} of {store.path} was not committed"
+        step.run(
+            comm,
+            step.SAVE_COMMIT,
+            write,
+            context=f"row {chosen} of {store.path} was not committed",
+            fallback=CheckpointWriteError,
         )
     except CheckpointError:
-        if manifest is not None:
+        if published:
             retract_rank(store, chosen, comm.rank)
         raise
-    assert manifest is not None
+    manifest = published[0]
     fault_point("after_commit", rank=comm.rank, row=chosen)
     return manifest
 
@@ -306,7 +291,7 @@ def commit_row(
         guard=guard,
     )
     if retention is not None:
-        prune(store, comm, rows_to_delete(store, retention) if comm.is_coordinator else [])
+        prune(store, comm, retention)
     hooks.announce_commit(hooks.Committed(store, manifest.row, comm))
     return manifest
 
@@ -325,14 +310,15 @@ def choose_row(
         if elected is None:
             raise _nothing_to_restore(store, comm.world_size)
         return elected
-    problem: dict[str, Any] | None = None
-    try:
-        manifest = store.read_manifest(row, comm.rank)
-        if manifest.world_size != comm.world_size:
-            problem = {"size": manifest.world_size}
-    except InvalidManifest as exc:
-        problem = {"invalid": str(exc)}
-    reports = comm.allgather(problem)
+
+    def check() -> dict[str, Any] | None:
+        try:
+            manifest = store.read_manifest(row, comm.rank)
+        except InvalidManifest as exc:
+            return {"invalid": str(exc)}
+        return {"size": manifest.world_size} if manifest.world_size != comm.world_size else None
+
+    reports = step.gather(comm, step.LOAD_CHECK_ROW, check, context=f"cannot check row {row}")
     if all(r is None for r in reports):
         return row
     if any_world_size:
@@ -343,25 +329,31 @@ def choose_row(
             f"row {row} of {store.path} was written by {sorted(sizes)[0]} ranks; this job has "
             f"{comm.world_size}"
         )
-    invalid = [(rank, r["invalid"]) for rank, r in enumerate(reports) if r is not None]
-    raise NoCommittedRowError(f"row {row} is not committed: {describe(invalid)}")
+    invalid = "; ".join(
+        f"rank {rank}: {r['invalid']}" for rank, r in enumerate(reports) if r is not None
+    )
+    raise NoCommittedRowError(f"row {row} is not committed: {invalid}")
 
 
 def _check_any_size(store: Store, comm: Communicator, row: int) -> int:
     """Collective: the coordinator reads every manifest of ``row``; all ranks agree."""
-    verdict: dict[str, Any] = {}
-    if comm.is_coordinator:
-        try:
-            status = row_status(store, row)
-            verdict = {"ok": status.committed}
-            if not status.committed:
-                missing = ", ".join(str(r) for r in status.missing_ranks) or "none"
-                verdict["why"] = f"missing ranks: {missing}; " + "; ".join(status.problems)
-        except CheckpointError as exc:
-            verdict = {"ok": False, "why": f"{type(exc).__name__}: {exc}"}
-    verdict = comm.broadcast(verdict)
-    if not verdict["ok"]:
-        raise NoCommittedRowError(f"row {row} of {store.path} is not committed: {verdict['why']}")
+
+    def verdict() -> str | None:
+        status = row_status(store, row)
+        if status.committed:
+            return None
+        missing = ", ".join(str(r) for r in status.missing_ranks) or "none"
+        return f"missing ranks: {missing}; " + "; ".join(status.problems)
+
+    why = step.decide(
+        comm,
+        step.LOAD_CHECK_ANY_SIZE,
+        verdict,
+        context=f"row {row} of {store.path} is not committed",
+        fallback=NoCommittedRowError,
+    )
+    if why is not None:
+        raise NoCommittedRowError(f"row {row} of {store.path} is not committed: {why}")
     return row
 
 
@@ -503,24 +495,33 @@ def read_all(
 ) -> dict[str, Any]:
     """Collective: decode every state of this rank (or those in ``only`` that the row has);
     all ranks raise if any rank failed."""
-    out: dict[str, Any] = {}
-    error: str | None = None
-    try:
-        for state_id in view.manifest.states:
-            if only is None or state_id in only:
-                out[state_id] = view.read_state(state_id)
-    except CheckpointError as exc:
-        error = str(exc)
-    failures = agree(comm, error)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {view.row}: {describe(failures)}")
-    return out
+
+    def read() -> dict[str, Any]:
+        return {
+            state_id: view.read_state(state_id)
+            for state_id in view.manifest.states
+            if only is None or state_id in only
+        }
+
+    return step.run(
+        comm,
+        step.LOAD_READ,
+        read,
+        context=f"cannot restore row {view.row}",
+        fallback=CorruptCheckpointError,
+    )
 
 
-def prune(store: Store, comm: Communicator, doomed: list[int]) -> None:
-    """Coordinator deletes ``doomed`` rows (manifests first); others return at once."""
-    if not comm.is_coordinator:
-        return
-    for row in doomed:
-        log.info("deleting row %d of %s", row, store.path)
-        delete_row(store, row)
+def prune(store: Store, comm: Communicator, keep: int | RetentionPolicy | None) -> None:
+    """Collective: the coordinator deletes the rows retention gives up (those the policy
+    ``keep`` does not preserve, an int meaning the newest N; see ``rows_to_delete``),
+    manifests first; every rank raises if that failed (the new row stays committed)."""
+
+    def delete() -> None:
+        if not comm.is_coordinator:
+            return
+        for row in rows_to_delete(store, keep):
+            log.info("deleting row %d of %s", row, store.path)
+            delete_row(store, row)
+
+    step.run(comm, step.SAVE_RETAIN, delete, context=f"cannot delete old rows of {store.path}")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator, resolve
 from distckpt.dist.election import row_status
 from distckpt.dist.retention import KeepAll, KeepLatest, RetentionPolicy
@@ -450,7 +451,7 @@ class CheckpointSession:
             self._pending_metadata.update(metadata)
             self._dirty = True
         comm = self.catalog.comm
-        if not any(comm.allgather(self._dirty)):
+        if not any(step.gather(comm, step.SESSION_PENDING, lambda: self._dirty)):
             return None
         cat = self.catalog
         if cat.async_write:

@@ -259,6 +259,7 @@ class PreemptionHandler:
         self._boundaries += 1
         if self._boundaries % self.every:
             return False
+        # A plain collective, not a step: nothing on the way to it can raise.
         flags = self.comm.allgather(int(self._flag))
         hits = {rank: _describe(int(f)) for rank, f in enumerate(flags) if f}
         if not hits:
@@ -289,6 +290,7 @@ class PreemptionHandler:
         comm = self.comm
         if comm.is_coordinator and self.requeue_file:
             self._write_requeue_file(row, comm.world_size)
+        # A plain barrier, not a step: the record's write logs its own errors, never raises.
         comm.barrier()
         self._exiting = True
         atexit.register(_quiet_teardown, self.signals if self._installed else ())
