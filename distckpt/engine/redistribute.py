@@ -165,7 +165,7 @@ def read_states(
                 "their values would be dropped"
             )
     out: dict[str, Any] = {}
-    error: str | None = None
+    failure: CheckpointError | None = None
     try:
         home = view
         for sid in kinds:
@@ -180,10 +180,8 @@ def read_states(
                 parts = {r: engine.open_rank(store, row, r) for r in sources[sid]}
                 out[sid] = mapping.combine(sid, parts)
     except Exception as exc:  # a policy's own failure must not leave other ranks waiting
-        error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-    failures = engine.agree(comm, error)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {row}: {engine.describe(failures)}")
+        failure = engine.restore_failure(exc)
+    engine.agree_or_raise(comm, failure, CorruptCheckpointError, f"cannot restore row {row}")
     return out
 
 

@@ -62,10 +62,9 @@ def _pair(live: Any, saved: Any, index_of: dict[int, int], out: dict[int, torch.
             _pair(lv, sv, index_of, out)
 
 
-def _agree(comm: Communicator, view: engine.RowView, problem: str | None) -> None:
-    failures = engine.agree(comm, problem)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {view.row}: {engine.describe(failures)}")
+def _agree(comm: Communicator, view: engine.RowView, failure: CheckpointError | None) -> None:
+    """Collective: every rank raises if any failed (a damaged chunk's fields kept)."""
+    engine.agree_or_raise(comm, failure, CorruptCheckpointError, f"cannot restore row {view.row}")
 
 
 def read_for_load(
@@ -88,14 +87,14 @@ def read_for_load(
     checksum fails, every rank raises and such live tensors may hold the row's bytes (or
     part of them): reload from another row.
     """
-    problem: str | None = None
+    problem: CheckpointError | None = None
     stand_ins: dict[str, Any] = {}
     index_of: dict[int, int] = {}
     used: set[int] = set()
     try:
         stand_ins, index_of, used = _stand_ins(view)
     except CheckpointError as exc:
-        problem = str(exc)
+        problem = engine.restore_failure(exc)
     _agree(comm, view, problem)
     check(stand_ins)
     targets: dict[int, torch.Tensor] = {}
@@ -114,13 +113,13 @@ def read_for_load(
             reader.verify_many([arrays[i] for i in direct])
         got.update(zip(fresh, reader.read_many([(arrays[i], None) for i in fresh]), strict=True))
     except CheckpointError as exc:
-        problem = str(exc)
+        problem = engine.restore_failure(exc)
     _agree(comm, view, problem)
     try:
         jobs = [(arrays[i], targets[i]) for i in direct]
         got.update(zip(direct, reader.read_many(jobs, verified=not in_place), strict=True))
     except CheckpointError as exc:
-        problem = str(exc)
+        problem = engine.restore_failure(exc)
     _agree(comm, view, problem)
 
     def leaf(index: int, as_numpy: bool) -> Any:

@@ -21,6 +21,7 @@ from distckpt.errors import (
     CheckpointSerializationError,
     CheckpointWriteError,
     CorruptCheckpointError,
+    CorruptChunkError,
     NoCommittedRowError,
     WorldSizeMismatchError,
 )
@@ -92,8 +93,21 @@ def describe(failures: list[tuple[int, str]]) -> str:
     return "; ".join(f"rank {rank}: {msg}" for rank, msg in failures)
 
 
-def _report(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
+def _report(exc: BaseException) -> dict[str, Any]:
+    report: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, CorruptChunkError):
+        report["fields"] = exc.fields()  # so every rank's error names the damaged chunk
+    return report
+
+
+def restore_failure(exc: BaseException) -> CorruptCheckpointError:
+    """``exc`` as the error a failed restore raises on every rank (kept, with its fields,
+    when it is one already)."""
+    if isinstance(exc, CorruptCheckpointError):
+        return exc
+    if isinstance(exc, CheckpointError):
+        return CorruptCheckpointError(str(exc))
+    return CorruptCheckpointError(f"{type(exc).__name__}: {exc}")
 
 
 def agree_or_raise(
@@ -102,7 +116,8 @@ def agree_or_raise(
     """Collective: if any rank failed, every rank raises the same typed error.
 
     The error's class is that of the first failing rank when it is one of ours (so a
-    serialization problem stays a CheckpointSerializationError), else ``default``.
+    serialization problem stays a CheckpointSerializationError), else ``default``; a
+    ``CorruptChunkError`` keeps its fields (row, rank, array, chunk, problem).
     """
     reports = comm.allgather(None if exc is None else _report(exc))
     failures = [(rank, r) for rank, r in enumerate(reports) if r is not None]
@@ -115,6 +130,8 @@ def agree_or_raise(
     detail = "; ".join(f"rank {rank}: {r['message']}" for rank, r in failures)
     if comm.world_size == 1:
         detail = first["message"]
+    if "fields" in first:
+        raise CorruptChunkError.from_fields(f"{context}: {detail}", first["fields"]) from exc
     raise cls(f"{context}: {detail}") from exc
 
 
@@ -414,16 +431,14 @@ def read_all(
     """Collective: decode every state of this rank (or those in ``only`` that the row has);
     all ranks raise if any rank failed."""
     out: dict[str, Any] = {}
-    error: str | None = None
+    failure: CheckpointError | None = None
     try:
         for state_id in view.manifest.states:
             if only is None or state_id in only:
                 out[state_id] = view.read_state(state_id)
     except CheckpointError as exc:
-        error = str(exc)
-    failures = agree(comm, error)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {view.row}: {describe(failures)}")
+        failure = restore_failure(exc)
+    agree_or_raise(comm, failure, CorruptCheckpointError, f"cannot restore row {view.row}")
     return out
 
 
