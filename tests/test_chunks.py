@@ -314,3 +314,24 @@ def test_load_and_verify_report_the_same_damaged_chunk(tmp_path, name):
         err.path,
     )
     assert problem["problem"] == err.detail
+
+
+def test_a_damaged_global_chunk_is_named_by_load_and_verify(tmp_path):
+    distckpt.save({"w": distckpt.Sharded(torch.ones(4, 2), (4, 2), (0, 0))}, tmp_path, row=ROW)
+    (g,) = Store(tmp_path).read_manifest(ROW, 0).globals
+    ((index, _),) = g.chunks
+    path = Path(Store(tmp_path).row_dir(ROW), g.array, "c." + ".".join(map(str, index)))
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(CorruptChunkError) as info:
+        distckpt.load({"w": torch.zeros(4, 2)}, tmp_path)
+    err = info.value
+    assert (err.row, err.rank, err.array, err.chunk) == (ROW, 0, g.array, tuple(index))
+    assert (err.problem, err.tensor, err.path) == (CorruptChunkError.SIZE, "w", str(path))
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path), "--json"])
+    (problem,) = json.loads(result.stdout)["problems"]
+    assert (problem["array"], problem["chunk"], problem["kind"], problem["path"]) == (
+        "w",
+        list(index),
+        "size",
+        str(path),
+    )

@@ -321,6 +321,7 @@ class RowView:
             row=manifest.row,
             rank=manifest.rank,
             entries=manifest.arrays,
+            store=store.path,
         )
 
     @property

@@ -289,14 +289,14 @@ def chunk_ref(
 
 
 def check_written_chunks(
-    fs: FileSystem, row_dir: str, entry: GlobalEntry, *, row: int, rank: int
+    fs: FileSystem, row_dir: str, entry: GlobalEntry, *, store: str, row: int, rank: int
 ) -> list[CorruptChunkError]:
     """Re-read the chunks one rank wrote (``entry.chunks``), streamed; an error per bad chunk."""
     problems = []
     nbytes = written_nbytes(entry) // max(1, len(entry.chunks))
     scratch = memoryview(bytearray(min(nbytes, 8 << 20)))
     for index, crc in entry.chunks:
-        ref = chunk_ref(chunks.store_of(row_dir), row_dir, row, rank, entry, index)
+        ref = chunk_ref(store, row_dir, row, rank, entry, index)
         try:
             chunks.verify_chunk(fs, ref, nbytes, crc, scratch)
         except CorruptChunkError as exc:

@@ -211,7 +211,7 @@ def read_rank(
             on_bytes(entry.nbytes)
     for g in manifest.globals:  # the chunks of global arrays this rank wrote
         count += 1
-        for bad in check_written_chunks(store.fs, row_dir, g, row=row, rank=rank):
+        for bad in check_written_chunks(store.fs, row_dir, g, store=store.path, row=row, rank=rank):
             problems.append(Problem.of_chunk(bad, prefix=f"chunk {bad.chunk}: "))
         if on_bytes is not None:
             on_bytes(written_nbytes(g))
