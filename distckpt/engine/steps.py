@@ -292,6 +292,7 @@ class RowView:
             row=manifest.row,
             rank=manifest.rank,
             entries=manifest.arrays,
+            store=store.path,
         )
 
     @property
