@@ -60,6 +60,93 @@ class CorruptCheckpointError(CheckpointError):
     """Stored bytes fail their checksum, are truncated or missing."""
 
 
+class CorruptChunkError(CorruptCheckpointError):
+    """A chunk file, or one tensor's byte range in it, fails its check.
+
+    The fields say where and what, so callers (``distckpt verify``, a restart script) never
+    parse the message: ``store`` path, ``row``, saved ``rank`` (None: not known), ``array``
+    (its directory relative to the row), ``chunk`` (the chunk's grid index), ``problem``
+    (one of :attr:`PROBLEMS`), ``detail`` (the human sentence), ``tensor`` (the one tensor at
+    fault, None when the damage is the whole chunk's), ``tensors`` (tensors found damaged in
+    a chunk holding several) and ``path`` (the file).
+    """
+
+    CHECKSUM = "checksum"  # the bytes do not match their recorded checksum
+    TRAILER = "trailer"  # the chunk's checksum trailer disagrees with the manifest
+    TRUNCATED = "truncated"  # the file ended while being read
+    MISSING = "missing"  # the file does not exist
+    SIZE = "size"  # the file, or the manifest's record of it, has the wrong size
+    UNREADABLE = "unreadable"  # reading the file failed (an OSError other than missing)
+    UNLISTED = "unlisted"  # no manifest records a checksum for the chunk
+    PROBLEMS = frozenset({CHECKSUM, TRAILER, TRUNCATED, MISSING, SIZE, UNREADABLE, UNLISTED})
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        store: str,
+        row: int,
+        rank: int | None,
+        array: str,
+        chunk: tuple[int, ...],
+        problem: str,
+        detail: str = "",
+        tensor: str | None = None,
+        tensors: tuple[str, ...] = (),
+        path: str = "",
+    ) -> None:
+        if problem not in self.PROBLEMS:
+            raise ValueError(f"unknown chunk problem {problem!r}")
+        super().__init__(message)
+        self.store = store
+        self.row = row
+        self.rank = rank
+        self.array = array
+        self.chunk = tuple(chunk)
+        self.problem = problem
+        self.detail = detail or message
+        self.tensor = tensor
+        self.tensors = tuple(tensors)
+        self.path = path
+
+    def fields(self) -> dict[str, object]:
+        """The fields as JSON values: sent between ranks and rebuilt by ``cls(msg, **f)``."""
+        return {
+            "store": self.store,
+            "row": self.row,
+            "rank": self.rank,
+            "array": self.array,
+            "chunk": list(self.chunk),
+            "problem": self.problem,
+            "detail": self.detail,
+            "tensor": self.tensor,
+            "tensors": list(self.tensors),
+            "path": self.path,
+        }
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (self.from_fields, (str(self), self.fields()))
+
+    @classmethod
+    def from_fields(cls, message: str, fields: dict[str, object]) -> CorruptChunkError:
+        """The error :meth:`fields` describes, with another message (e.g. prefixed by the
+        step that failed)."""
+        f = dict(fields)
+        return cls(
+            message,
+            store=str(f["store"]),
+            row=int(f["row"]),  # type: ignore[call-overload]
+            rank=None if f["rank"] is None else int(f["rank"]),  # type: ignore[call-overload]
+            array=str(f["array"]),
+            chunk=tuple(int(i) for i in f["chunk"]),  # type: ignore[attr-defined]
+            problem=str(f["problem"]),
+            detail=str(f["detail"]),
+            tensor=None if f["tensor"] is None else str(f["tensor"]),
+            tensors=tuple(str(t) for t in f["tensors"]),  # type: ignore[attr-defined]
+            path=str(f["path"]),
+        )
+
+
 class NoCommittedRowError(CheckpointError):
     """There is no row that every rank committed."""
 
@@ -118,6 +205,7 @@ __all__ = [
     "CollectiveStepError",
     "CommunicatorError",
     "CorruptCheckpointError",
+    "CorruptChunkError",
     "ExportFormatError",
     "ImportFormatError",
     "LeaseHeldError",

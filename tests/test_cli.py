@@ -391,7 +391,8 @@ def test_verify_intact_rows(multi):
 
 
 def test_verify_reports_a_flipped_byte_in_an_own_array(multi):
-    _flip(_chunk(multi, 2, 1, "big"))
+    chunk = _chunk(multi, 2, 1, "big")
+    _flip(chunk)
     result = run("verify", multi)
     assert result.exit_code == EXIT_CORRUPT
     assert "row 2, rank 1, array 'big': checksum mismatch (data corrupted)" in result.stdout
@@ -400,7 +401,15 @@ def test_verify_reports_a_flipped_byte_in_an_own_array(multi):
     doc = json.loads(run("verify", multi, "--json").stdout)
     assert doc["ok"] is False
     assert doc["problems"] == [
-        {"row": 2, "rank": 1, "array": "big", "problem": "checksum mismatch (data corrupted)"}
+        {
+            "row": 2,
+            "rank": 1,
+            "array": "big",
+            "problem": "checksum mismatch (data corrupted)",
+            "chunk": [0],
+            "kind": "checksum",
+            "path": str(chunk),
+        }
     ]
 
 

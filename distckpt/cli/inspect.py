@@ -33,8 +33,7 @@ from distckpt.cli.common import (
 )
 from distckpt.cli.interchange import show_foreign
 from distckpt.dist.election import RowStatus, elect_offline, row_status
-from distckpt.format.layout import PACKED_ARRAY
-from distckpt.format.manifest import RankManifest
+from distckpt.format.manifest import RankManifest, is_packed
 from distckpt.io.globalio import written_nbytes
 from distckpt.io.verify import Verification
 from distckpt.storage.lease import lease_status
@@ -177,7 +176,7 @@ def _choose_row(st: Store, attrs: dict[str, Any], row: int | None) -> int:
 
 
 def _storage(entry_array: str, offset: int) -> tuple[str, str]:
-    if entry_array.endswith("/" + PACKED_ARRAY):
+    if is_packed(entry_array):
         return "packed", f"@{offset}"
     return "own", entry_array
 
@@ -290,7 +289,7 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
     first = _first(status)
     for m in shown:
         out("")
-        packed = sum(a.nbytes for a in m.arrays if a.array.endswith("/" + PACKED_ARRAY))
+        packed = sum(a.nbytes for a in m.arrays if a.packed)
         shards = ""
         if m.globals:
             written = sum(written_nbytes(g) for g in m.globals)

@@ -183,12 +183,16 @@ def _agree(
 
 def _report(exc: BaseException) -> dict[str, Any]:
     cls = type(exc)
-    return {
+    report = {
         "type": cls.__name__,
         "class": f"{cls.__module__}:{cls.__qualname__}",
         "message": str(exc),
         "ours": isinstance(exc, CheckpointError),
     }
+    fields = getattr(exc, "fields", None)
+    if isinstance(exc, CheckpointError) and callable(fields):
+        report["fields"] = fields()  # an error with fields keeps them on every rank
+    return report
 
 
 def _raise_if_failed(
@@ -212,7 +216,8 @@ def _raise_if_failed(
         cls: type | None = type(own)
     else:
         cls = _resolve(found[first]["class"]) if found[first]["ours"] else None
-    raise combined_error(name, failures, cls, context, fallback) from own
+    fields = found[first].get("fields")
+    raise combined_error(name, failures, cls, context, fallback, fields) from own
 
 
 def combined_error(
@@ -221,18 +226,25 @@ def combined_error(
     kept: type | None,
     context: str = "",
     fallback: type[CheckpointError] = CollectiveStepError,
+    fields: dict[str, Any] | None = None,
 ) -> CheckpointError:
     """The error every rank raises for step ``name``: of class ``kept`` when that is a
-    distckpt error class, else a :class:`CollectiveStepError` (that is also ``fallback``)."""
+    distckpt error class, else a :class:`CollectiveStepError` (that is also ``fallback``).
+    ``fields`` (the first failure's, when its class has them) are rebuilt with
+    ``kept.from_fields`` so every rank's error names what the failing rank found."""
     detail = "; ".join(f"rank {rank}: {f.type}: {f.message}" for rank, f in sorted(failures.items()))
     message = f"step {name} failed; {detail}"
     if context:
         message = f"{context}: {message}"
     error: CheckpointError | None = None
     if isinstance(kept, type) and issubclass(kept, CheckpointError):
+        rebuild = getattr(kept, "from_fields", None)
         try:
-            error = kept(message)
-        except TypeError:  # a class whose constructor needs more than a message
+            if fields is not None and callable(rebuild):
+                error = rebuild(message, fields)
+            else:
+                error = kept(message)
+        except (TypeError, KeyError, ValueError):  # needs more than a message, or bad fields
             error = None
     if error is None:
         error = _fallback_class(fallback)(message)

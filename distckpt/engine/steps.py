@@ -386,6 +386,7 @@ class RowView:
             row=manifest.row,
             rank=manifest.rank,
             entries=manifest.arrays,
+            store=store.path,
         )
 
     @property

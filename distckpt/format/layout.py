@@ -1,4 +1,4 @@
-"""The on-disk layout: zarr v3 metadata documents, chunk encoding and path names in a store.
+"""The on-disk layout: zarr v3 metadata documents and path names in a store.
 
 Only this module knows what a zarr.json looks like or where a row's files go, so the rest of
 the code (and a reader of the docs) has one place to look.
@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 from typing import Any
-
-import crc32c
 
 from distckpt.format.dtypes import DtypeSpec
 
@@ -24,7 +22,6 @@ MANIFESTS_DIR = "manifests"
 ZARR_JSON = "zarr.json"
 PACKED_ARRAY = "packed"
 ROW_DIGITS = 12
-CRC_BYTES = 4
 
 
 def row_name(row: int) -> str:
@@ -104,11 +101,3 @@ def single_chunk_key(ndim: int) -> str:
 def chunk_key(index: tuple[int, ...]) -> str:
     """Path of a chunk of a multi-chunk array ("default" key encoding, "." separator)."""
     return "c" if not index else "c." + ".".join(str(i) for i in index)
-
-
-def crc_trailer(crc: int) -> bytes:
-    return crc.to_bytes(CRC_BYTES, "little")
-
-
-def checksum(data: memoryview | bytes, value: int = 0) -> int:
-    return int(crc32c.crc32c(data, value=value))

@@ -12,13 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distckpt.errors import StoreFormatError
-from distckpt.format.layout import FORMAT_VERSION, MANIFEST_VERSION
+from distckpt.format.layout import FORMAT_VERSION, MANIFEST_VERSION, PACKED_ARRAY
 
 Json = Any
 
 
 class InvalidManifest(Exception):
     """A manifest that cannot count as a commit (internal: never escapes the election)."""
+
+
+def is_packed(array: str) -> bool:
+    """Whether ``array`` (a directory relative to the row) is a rank's packed array."""
+    return array.endswith("/" + PACKED_ARRAY)
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,12 @@ class ArrayEntry:
     nbytes: int
     offset: int  # byte offset inside the chunk (0 unless packed)
     crc32c: int | None  # checksum of exactly this tensor's bytes; None: saved without
+
+    @property
+    def packed(self) -> bool:
+        """Whether the tensor is a byte range of its rank's packed chunk (shared with other
+        small tensors) rather than an array of its own."""
+        return is_packed(self.array)
 
     def to_json(self) -> Json:
         return {

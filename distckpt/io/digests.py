@@ -11,7 +11,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from distckpt.format.layout import checksum
+from distckpt.format.chunks import checksum
 from distckpt.io.rowio import byte_view
 from distckpt.plan.save import RankPlan
 

@@ -17,17 +17,11 @@ from typing import Any
 
 import torch
 
-from distckpt.errors import CorruptCheckpointError
+from distckpt.errors import CorruptCheckpointError, CorruptChunkError
+from distckpt.format import chunks
+from distckpt.format.chunks import ChunkRef
 from distckpt.format.dtypes import spec_for, torch_dtype
-from distckpt.format.layout import (
-    CRC_BYTES,
-    GLOBAL_DIR,
-    ZARR_JSON,
-    array_document,
-    checksum,
-    chunk_key,
-    crc_trailer,
-)
+from distckpt.format.layout import GLOBAL_DIR, ZARR_JSON, array_document, chunk_key
 from distckpt.format.manifest import GlobalEntry, InvalidManifest
 from distckpt.format.names import escape_component
 from distckpt.format.shards import (
@@ -124,10 +118,10 @@ def _write_region(
         part = local[chunk_box(index, chunk).slices(box.offsets)]
         if not part.is_contiguous():
             part = part.contiguous()
-        data = byte_view(part)
-        crc = checksum(data)
+        parts, crc = chunks.encode([byte_view(part)])
+        assert crc is not None
         path = os.path.join(array_dir, chunk_key(index))
-        fs.write_file(path, [data, crc_trailer(crc)], durable=False)
+        fs.write_file(path, parts, durable=False)
         out.append((index, crc, path))
     return out
 
@@ -140,6 +134,7 @@ class GlobalReader:
     row: int
     world_size: int
     _crcs: dict[str, dict[tuple[int, ...], int]] | None = field(default=None, repr=False)
+    _writers: dict[tuple[str, tuple[int, ...]], int] = field(default_factory=dict, repr=False)
 
     def crcs(self, array: str) -> dict[tuple[int, ...], int]:
         if self._crcs is None:
@@ -154,6 +149,7 @@ class GlobalReader:
                     ) from exc
                 for g in manifest.globals:
                     table.setdefault(g.array, {}).update(dict(g.chunks))
+                    self._writers.update({(g.array, index): rank for index, _ in g.chunks})
             self._crcs = table
         return self._crcs.get(array, {})
 
@@ -187,31 +183,18 @@ class GlobalReader:
         array_dir: str,
         out: torch.Tensor,
     ) -> None:
-        path = os.path.join(array_dir, chunk_key(index))
-
-        def fail(problem: str) -> CorruptCheckpointError:
-            return CorruptCheckpointError(
-                f"row {self.row}, global array {entry.name!r}, chunk {index} ({path}): {problem}"
-            )
-
+        ref = chunk_ref(
+            self.store.path,
+            self.store.row_dir(self.row),
+            self.row,
+            self._writers.get((entry.array, index)),
+            entry,
+            index,
+        )
         expected = crcs.get(index)
         if expected is None:
-            raise fail("no saved rank's manifest lists this chunk")
-        data = byte_view(out)
-        try:
-            size = self.store.fs.size(path)
-        except FileNotFoundError as exc:
-            raise fail("chunk file is missing") from exc
-        if size != len(data) + CRC_BYTES:
-            raise fail(f"chunk file has {size} bytes, expected {len(data) + CRC_BYTES}")
-        if self.store.fs.read_into(path, data) != len(data):
-            raise fail("chunk file is truncated")
-        if checksum(data) != expected:
-            raise fail("checksum mismatch (data corrupted)")
-        trailer = bytearray(CRC_BYTES)
-        self.store.fs.read_into(path, memoryview(trailer), offset=len(data))
-        if int.from_bytes(trailer, "little") != expected:
-            raise fail("chunk checksum trailer does not match the manifest")
+            raise ref.fail(CorruptChunkError.UNLISTED, "no saved rank's manifest lists this chunk")
+        chunks.read_chunk(self.store.fs, ref, byte_view(out), expected)
 
 
 @dataclass(frozen=True)
@@ -289,22 +272,33 @@ def written_nbytes(entry: GlobalEntry) -> int:
     return len(entry.chunks) * math.prod(entry.chunk_shape) * itemsize
 
 
-def check_written_chunks(fs: FileSystem, row_dir: str, entry: GlobalEntry) -> list[str]:
-    """Re-read the chunks one rank wrote (``entry.chunks``); a problem per bad chunk."""
+def chunk_ref(
+    store: str, row_dir: str, row: int, rank: int | None, entry: GlobalEntry, index: tuple[int, ...]
+) -> ChunkRef:
+    """Chunk ``index`` of a global array (``rank``: the saved rank that wrote it)."""
+    return ChunkRef(
+        store=store,
+        row=row,
+        rank=rank,
+        row_dir=row_dir,
+        array=entry.array,
+        chunk=tuple(index),
+        what=f"global array {entry.name!r}, chunk {tuple(index)}",
+        tensor=entry.name,
+    )
+
+
+def check_written_chunks(
+    fs: FileSystem, row_dir: str, entry: GlobalEntry, *, store: str, row: int, rank: int
+) -> list[CorruptChunkError]:
+    """Re-read the chunks one rank wrote (``entry.chunks``), streamed; an error per bad chunk."""
     problems = []
     nbytes = written_nbytes(entry) // max(1, len(entry.chunks))
+    scratch = memoryview(bytearray(min(nbytes, 8 << 20)))
     for index, crc in entry.chunks:
-        path = os.path.join(row_dir, entry.array, chunk_key(index))
-        buf = bytearray(nbytes + CRC_BYTES)
+        ref = chunk_ref(store, row_dir, row, rank, entry, index)
         try:
-            got = fs.read_into(path, memoryview(buf))
-        except FileNotFoundError:
-            problems.append(f"chunk {index} is missing ({path})")
-            continue
-        if got != len(buf) or fs.size(path) != len(buf):
-            problems.append(f"chunk {index} has {fs.size(path)} bytes, expected {len(buf)}")
-        elif checksum(memoryview(buf)[:nbytes]) != crc:
-            problems.append(f"chunk {index} fails its checksum ({path})")
-        elif int.from_bytes(buf[nbytes:], "little") != crc:
-            problems.append(f"chunk {index}: trailer does not match the manifest ({path})")
+            chunks.verify_chunk(fs, ref, nbytes, crc, scratch)
+        except CorruptChunkError as exc:
+            problems.append(exc)
     return problems

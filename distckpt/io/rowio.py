@@ -14,21 +14,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import numpy as np
 import torch
 
-from distckpt.errors import CorruptCheckpointError
+from distckpt.errors import CorruptChunkError
+from distckpt.format import chunks
+from distckpt.format.chunks import ChunkRef, checksum
 from distckpt.format.dtypes import spec_for, torch_dtype
-from distckpt.format.layout import (
-    CRC_BYTES,
-    PACKED_ARRAY,
-    ZARR_JSON,
-    array_document,
-    checksum,
-    crc_trailer,
-    group_document,
-    single_chunk_key,
-)
+from distckpt.format.layout import ZARR_JSON, array_document, group_document, single_chunk_key
 from distckpt.format.manifest import ArrayEntry
 from distckpt.plan.save import PlannedTensor, RankPlan
 from distckpt.storage.filesystem import FileSystem
@@ -70,9 +62,9 @@ def write_rank_arrays(
     crcs: dict[int, int | None] = {}
 
     def write_own(p: PlannedTensor) -> list[str]:
-        crc = checksum(byte_view(p.tensor)) if checksums else None
+        parts, crc = chunks.encode([byte_view(p.tensor)], checked=checksums)
         crcs[id(p)] = crc
-        return _write_own(fs, row_dir, p, crc)
+        return _write_own(fs, row_dir, p, parts, crc is not None)
 
     def write_pack() -> list[str]:
         views = [byte_view(p.tensor) for p in packed]
@@ -115,19 +107,20 @@ def write_rank_group(fs: FileSystem, rank_dir: str, rank: int) -> None:
     fs.write_file(os.path.join(rank_dir, ZARR_JSON), [doc])
 
 
-def _write_own(fs: FileSystem, row_dir: str, p: PlannedTensor, crc: int | None) -> list[str]:
+def _write_own(
+    fs: FileSystem, row_dir: str, p: PlannedTensor, parts: list[chunks.Buffer], checked: bool
+) -> list[str]:
     """An array of its own: ``zarr.json`` and one chunk file (not yet fsynced)."""
     array_dir = os.path.join(row_dir, p.array)
     attrs = {"distckpt": {"name": p.name, "dtype": p.spec.name}}
     shape = tuple(p.tensor.shape)
     fs.makedirs(array_dir)
     doc = os.path.join(array_dir, ZARR_JSON)
-    fs.write_file(doc, [array_document(shape, p.spec, attrs, crc=crc is not None)], durable=False)
+    fs.write_file(doc, [array_document(shape, p.spec, attrs, crc=checked)], durable=False)
     if not p.tensor.numel():
         return [doc]
     chunk = os.path.join(array_dir, single_chunk_key(len(shape)))
-    trailer = [] if crc is None else [crc_trailer(crc)]
-    fs.write_file(chunk, [byte_view(p.tensor), *trailer], durable=False)
+    fs.write_file(chunk, parts, durable=False)
     return [doc, chunk]
 
 
@@ -162,14 +155,9 @@ def _write_packed(
     fs.write_file(doc, [array_document((total,), spec, attrs, crc=checksums)], durable=False)
     if not total:
         return [doc]
-    trailer: list[bytes] = []
-    if checksums:
-        crc = 0
-        for v in views:
-            crc = checksum(v, crc)
-        trailer = [crc_trailer(crc)]
+    parts, _ = chunks.encode(views, checked=checksums)
     chunk = os.path.join(array_dir, single_chunk_key(1))
-    fs.write_file(chunk, [*views, *trailer], durable=False)
+    fs.write_file(chunk, parts, durable=False)
     return [doc, chunk]
 
 
@@ -194,10 +182,6 @@ def _map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
         return list(pool.map(fn, items))
 
 
-def _is_packed(entry: ArrayEntry) -> bool:
-    return entry.array.endswith("/" + PACKED_ARRAY)
-
-
 def fits_directly(entry: ArrayEntry, live: torch.Tensor) -> bool:
     """Whether ``live`` can receive the entry's bytes straight from the file."""
     return (
@@ -213,23 +197,53 @@ def fits_directly(entry: ArrayEntry, live: torch.Tensor) -> bool:
 
 
 class RankReader:
-    """Reads and verifies the tensors of one rank's manifest, sharing one read of the pack."""
+    """Reads and verifies the tensors of one rank's manifest, sharing one read of the pack.
+
+    Every failure is a :class:`~distckpt.errors.CorruptChunkError` naming the row, rank,
+    array and chunk (``chunks`` checks the bytes)."""
 
     def __init__(
-        self, fs: FileSystem, row_dir: str, *, row: int, rank: int, entries: Sequence[ArrayEntry]
+        self,
+        fs: FileSystem,
+        row_dir: str,
+        *,
+        row: int,
+        rank: int,
+        entries: Sequence[ArrayEntry],
+        store: str | None = None,
     ) -> None:
         self._fs = fs
         self._row_dir = row_dir
+        self._store = store if store is not None else chunks.store_of(row_dir)
         self._row = row
         self._rank = rank
         self._entries = entries
         self._packs: dict[str, torch.Tensor] = {}
         self._pack_lock = threading.Lock()  # reads may run on several threads
 
-    def _fail(self, entry: ArrayEntry, problem: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"row {self._row}, rank {self._rank}, array {entry.name!r} "
-            f"({os.path.join(self._row_dir, entry.array)}): {problem}"
+    def ref(self, entry: ArrayEntry) -> ChunkRef:
+        """The chunk holding ``entry``'s bytes, for reads and errors about this tensor."""
+        return ChunkRef(
+            store=self._store,
+            row=self._row,
+            rank=self._rank,
+            row_dir=self._row_dir,
+            array=entry.array,
+            chunk=(0,) if entry.packed else (0,) * len(entry.shape),
+            what=f"array {entry.name!r}",
+            tensor=entry.name,
+        )
+
+    def _pack_ref(self, array: str) -> ChunkRef:
+        """The packed chunk as a whole."""
+        return ChunkRef(
+            store=self._store,
+            row=self._row,
+            rank=self._rank,
+            row_dir=self._row_dir,
+            array=array,
+            chunk=(0,),
+            what="packed array",
         )
 
     def verify(self, entry: ArrayEntry) -> None:
@@ -237,36 +251,10 @@ class RankReader:
         streamed through a small reused buffer (no allocation of the tensor's size)."""
         if entry.nbytes == 0 or entry.crc32c is None:
             return
-        if entry.array.endswith("/" + PACKED_ARRAY):
-            pack = self._pack(entry)
-            if entry.offset + entry.nbytes > pack.numel():
-                raise self._fail(entry, "byte range lies beyond the packed chunk")
-            piece = pack[entry.offset : entry.offset + entry.nbytes].numpy()
-            if checksum(memoryview(piece)) != entry.crc32c:  # type: ignore[arg-type]
-                raise self._fail(entry, "checksum mismatch (data corrupted)")
+        if entry.packed:
+            chunks.check(self.ref(entry), byte_view(self._slice(entry)), entry.crc32c)
             return
-        chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(len(entry.shape)))
-        try:
-            size = self._fs.size(chunk)
-        except FileNotFoundError as exc:
-            raise self._fail(entry, "chunk file is missing") from exc
-        if size != entry.nbytes + CRC_BYTES:
-            raise self._fail(entry, f"chunk file has {size} bytes, expected {entry.nbytes + 4}")
-        scratch = _scratch()
-        crc, done = 0, 0
-        while done < entry.nbytes:
-            part = scratch[: min(len(scratch), entry.nbytes - done)]
-            got = self._fs.read_into(chunk, part, offset=done)
-            if got != len(part):
-                raise self._fail(entry, "chunk file is truncated")
-            crc = checksum(part, crc)
-            done += got
-        trailer = bytearray(CRC_BYTES)
-        self._fs.read_into(chunk, memoryview(trailer), offset=entry.nbytes)
-        if int.from_bytes(trailer, "little") != entry.crc32c:
-            raise self._fail(entry, "chunk checksum trailer does not match the manifest")
-        if crc != entry.crc32c:
-            raise self._fail(entry, "checksum mismatch (data corrupted)")
+        chunks.verify_chunk(self._fs, self.ref(entry), entry.nbytes, entry.crc32c, _scratch())
 
     def read(
         self, entry: ArrayEntry, into: torch.Tensor | None = None, *, verified: bool = False
@@ -282,22 +270,19 @@ class RankReader:
         out = into if into is not None else torch.empty(entry.shape, dtype=dtype)
         expected = out.numel() * out.element_size()
         if expected != entry.nbytes:
-            raise self._fail(entry, f"manifest says {entry.nbytes} bytes, shape needs {expected}")
+            raise self.ref(entry).fail(
+                CorruptChunkError.SIZE,
+                f"manifest says {entry.nbytes} bytes, shape needs {expected}",
+            )
         if expected == 0:
             return out
         dest = byte_view(out)
-        if entry.array.endswith("/" + PACKED_ARRAY):
-            pack = self._pack(entry)
-            if entry.offset + entry.nbytes > pack.numel():
-                raise self._fail(entry, "byte range lies beyond the packed chunk")
-            out.reshape(-1).view(torch.uint8).copy_(
-                pack[entry.offset : entry.offset + entry.nbytes]
-            )
+        if entry.packed:
+            out.reshape(-1).view(torch.uint8).copy_(self._slice(entry))
+            if not verified:
+                chunks.check(self.ref(entry), dest, entry.crc32c)
         else:
-            chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(len(entry.shape)))
-            self._read_chunk(entry, chunk, dest)
-        if not verified and entry.crc32c is not None and checksum(dest) != entry.crc32c:
-            raise self._fail(entry, "checksum mismatch (data corrupted)")
+            chunks.read_chunk(self._fs, self.ref(entry), dest, entry.crc32c, verify=not verified)
         return out
 
     def read_many(
@@ -306,7 +291,7 @@ class RankReader:
         """:meth:`read` for each (entry, into) pair, on a few threads: one file's ``preadv``
         overlaps another's checksum (packed slices stay on this thread: no hand-off)."""
         out: list[torch.Tensor | None] = [None] * len(jobs)
-        own = [i for i, (e, _) in enumerate(jobs) if not _is_packed(e)]
+        own = [i for i, (e, _) in enumerate(jobs) if not e.packed]
         got = _map(lambda i: self.read(*jobs[i], verified=verified), own)
         for i, tensor in zip(own, got, strict=True):
             out[i] = tensor
@@ -317,89 +302,27 @@ class RankReader:
 
     def verify_many(self, entries: Sequence[ArrayEntry]) -> None:
         """:meth:`verify` for each entry, own arrays on a few threads."""
-        _map(self.verify, [e for e in entries if not _is_packed(e)])
+        _map(self.verify, [e for e in entries if not e.packed])
         for entry in entries:
-            if _is_packed(entry):
+            if entry.packed:
                 self.verify(entry)
 
-    def _read_chunk(self, entry: ArrayEntry, chunk: str, dest: memoryview) -> None:
-        trailer_bytes = 0 if entry.crc32c is None else CRC_BYTES
-        try:
-            size = self._fs.size(chunk)
-        except FileNotFoundError as exc:
-            raise self._fail(entry, "chunk file is missing") from exc
-        if size != len(dest) + trailer_bytes:
-            raise self._fail(
-                entry, f"chunk file has {size} bytes, expected {len(dest) + trailer_bytes}"
+    def _slice(self, entry: ArrayEntry) -> torch.Tensor:
+        """The entry's bytes in the packed chunk (read once, checked whole)."""
+        pack = self._pack(entry)
+        if entry.offset + entry.nbytes > pack.numel():
+            raise self.ref(entry).fail(
+                CorruptChunkError.SIZE, "byte range lies beyond the packed chunk"
             )
-        if entry.crc32c is None:
-            if self._fs.read_into(chunk, dest) != len(dest):
-                raise self._fail(entry, "chunk file is truncated")
-            return
-        # Data and trailer in one preadv.
-        trailer = bytearray(CRC_BYTES)
-        got = self._fs.read_into_parts(chunk, [dest, memoryview(trailer)])
-        if got != len(dest) + CRC_BYTES:
-            raise self._fail(entry, "chunk file is truncated")
-        if int.from_bytes(trailer, "little") != entry.crc32c:
-            raise self._fail(entry, "chunk checksum trailer does not match the manifest")
-
-    def _fail_pack(
-        self, array: str, problem: str, *, all_lost: bool = True
-    ) -> CorruptCheckpointError:
-        """An error for the packed chunk; names every tensor in it when all are lost."""
-        if not all_lost:
-            return CorruptCheckpointError(
-                f"row {self._row}, rank {self._rank}, packed array "
-                f"({os.path.join(self._row_dir, array)}): {problem}"
-            )
-        names = [e.name for e in self._entries if e.array == array]
-        held = ", ".join(repr(n) for n in names[:5]) + (
-            f" +{len(names) - 5} more" if len(names) > 5 else ""
-        )
-        return CorruptCheckpointError(
-            f"row {self._row}, rank {self._rank}, packed array holding {held} "
-            f"({os.path.join(self._row_dir, array)}): {problem}"
-        )
+        return pack[entry.offset : entry.offset + entry.nbytes]
 
     def _pack(self, entry: ArrayEntry) -> torch.Tensor:
         """The packed chunk's data, read once and checked whole against its trailer."""
         with self._pack_lock:
-            return self._pack_locked(entry)
-
-    def _pack_locked(self, entry: ArrayEntry) -> torch.Tensor:
-        pack = self._packs.get(entry.array)
-        if pack is not None:
+            pack = self._packs.get(entry.array)
+            if pack is None:
+                members = [e for e in self._entries if e.array == entry.array]
+                data = chunks.read_packed(self._fs, self._pack_ref(entry.array), members)
+                pack = torch.frombuffer(data, dtype=torch.uint8)
+                self._packs[entry.array] = pack
             return pack
-        members = [e for e in self._entries if e.array == entry.array]
-        checked = any(e.crc32c is not None for e in members)
-        trailer_bytes = CRC_BYTES if checked else 0
-        expected = max(e.offset + e.nbytes for e in members) + trailer_bytes
-        chunk = os.path.join(self._row_dir, entry.array, single_chunk_key(1))
-        try:
-            size = self._fs.size(chunk)
-        except FileNotFoundError as exc:
-            raise self._fail_pack(entry.array, "chunk file is missing") from exc
-        if size != expected:
-            raise self._fail_pack(
-                entry.array, f"chunk has {size} bytes, manifest expects {expected}"
-            )
-        buf = np.empty(size, dtype=np.uint8)
-        got = self._fs.read_into(chunk, memoryview(buf))  # type: ignore[arg-type]
-        if got != size:
-            raise self._fail_pack(entry.array, "chunk file is truncated")
-        data = buf[: size - trailer_bytes]
-        stored = int.from_bytes(buf[-CRC_BYTES:].tobytes(), "little")
-        if checked and checksum(memoryview(data)) != stored:  # type: ignore[arg-type]
-            bad = [
-                e.name
-                for e in members
-                if checksum(memoryview(data[e.offset : e.offset + e.nbytes])) != e.crc32c  # type: ignore[arg-type]
-            ]
-            problem = f"corrupted tensors {bad}" if bad else "checksum trailer damaged"
-            raise self._fail_pack(
-                entry.array, f"chunk fails its checksum: {problem}", all_lost=False
-            )
-        pack = torch.from_numpy(data)
-        self._packs[entry.array] = pack
-        return pack

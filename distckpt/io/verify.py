@@ -3,7 +3,8 @@
 Used by ``distckpt verify``. Reading goes through the library's own reader
 (``rowio.RankReader``: sizes, per-tensor crc32c, chunk trailers, the packed chunk's whole
 checksum), so a row that verifies here is a row ``load`` will accept. Each problem names the
-row, rank and array at fault.
+row, rank and array at fault; a damaged chunk's also its chunk, kind and file, taken from the
+reader's :class:`~distckpt.errors.CorruptChunkError` fields.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from distckpt.dist.election import row_status
-from distckpt.errors import CheckpointError, CorruptCheckpointError
+from distckpt.errors import CheckpointError, CorruptCheckpointError, CorruptChunkError
 from distckpt.format import tree as codec
-from distckpt.format.layout import PACKED_ARRAY, ZARR_JSON, rank_dir_name
+from distckpt.format.layout import ZARR_JSON, rank_dir_name
 from distckpt.format.manifest import InvalidManifest, RankManifest
 from distckpt.io.globalio import check_written_chunks, written_nbytes
 from distckpt.io.rowio import RankReader
@@ -30,12 +31,30 @@ from distckpt.storage.store import Store
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with a row: where (row, rank, array) and what."""
+    """One thing wrong with a row: where (row, rank, array; chunk and file for damaged
+    bytes) and what (``kind``: the ``CorruptChunkError.problem`` of damaged bytes)."""
 
     row: int
     rank: int | None
     array: str | None  # the tensor's name, or an array path for a packed chunk
     problem: str
+    chunk: tuple[int, ...] | None = None
+    kind: str | None = None
+    path: str | None = None
+
+    @staticmethod
+    def of_chunk(exc: CorruptChunkError, *, prefix: str = "") -> Problem:
+        """The problem a reader's error describes: the tensor at fault, or the chunk's
+        array when the whole chunk (holding several tensors) is damaged."""
+        return Problem(
+            exc.row,
+            exc.rank,
+            exc.tensor if exc.tensor is not None else exc.array,
+            prefix + exc.detail,
+            exc.chunk,
+            exc.problem,
+            exc.path,
+        )
 
     def __str__(self) -> str:
         where = f"row {self.row}"
@@ -46,7 +65,15 @@ class Problem:
         return f"{where}: {self.problem}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"row": self.row, "rank": self.rank, "array": self.array, "problem": self.problem}
+        return {
+            "row": self.row,
+            "rank": self.rank,
+            "array": self.array,
+            "problem": self.problem,
+            "chunk": None if self.chunk is None else list(self.chunk),
+            "kind": self.kind,
+            "path": self.path,
+        }
 
 
 @dataclass
@@ -78,12 +105,6 @@ class RowReport:
             "unchecksummed": self.unchecksummed,
             "problems": [p.to_json() for p in self.problems],
         }
-
-
-def _strip(message: str, array_path: str) -> str:
-    """The problem part of a reader error (it repeats row, rank and path before it)."""
-    marker = f"({array_path}): "
-    return message.split(marker, 1)[1] if marker in message else message
 
 
 def check_manifest(store: Store, manifest: RankManifest) -> list[Problem]:
@@ -128,7 +149,7 @@ def check_manifest(store: Store, manifest: RankManifest) -> list[Problem]:
             out.append(
                 Problem(row, rank, entry.name, f"array {entry.array!r} lies outside {prefix}")
             )
-        if entry.array.endswith("/" + PACKED_ARRAY):
+        if entry.packed:
             packs[entry.array] = max(packs.get(entry.array, 0), entry.offset + entry.nbytes)
         else:
             out += _check_array_document(store, row, rank, entry.name, entry.array, entry.shape)
@@ -168,7 +189,9 @@ def read_rank(
     """Read and check every tensor of one rank; returns (problems, tensors read)."""
     row, rank = manifest.row, manifest.rank
     row_dir = store.row_dir(row)
-    reader = RankReader(store.fs, row_dir, row=row, rank=rank, entries=manifest.arrays)
+    reader = RankReader(
+        store.fs, row_dir, row=row, rank=rank, entries=manifest.arrays, store=store.path
+    )
     problems: list[Problem] = []
     failed_packs: set[str] = set()
     count = 0
@@ -177,22 +200,19 @@ def read_rank(
             count += 1
             try:
                 reader.read(entry)
-            except CorruptCheckpointError as exc:
-                message = _strip(str(exc), os.path.join(row_dir, entry.array))
-                if entry.array.endswith("/" + PACKED_ARRAY) and "packed array" in str(exc):
+            except CorruptChunkError as exc:
+                if exc.tensor is None:
                     # The whole chunk is bad: report it once, not once per tensor in it.
                     failed_packs.add(entry.array)
-                    problems.append(Problem(row, rank, entry.array, message))
-                else:
-                    problems.append(Problem(row, rank, entry.name, message))
+                problems.append(Problem.of_chunk(exc))
             except (OSError, CheckpointError) as exc:
                 problems.append(Problem(row, rank, entry.name, f"cannot be read: {exc}"))
         if on_bytes is not None:
             on_bytes(entry.nbytes)
     for g in manifest.globals:  # the chunks of global arrays this rank wrote
         count += 1
-        for message in check_written_chunks(store.fs, row_dir, g):
-            problems.append(Problem(row, rank, g.name, message))
+        for bad in check_written_chunks(store.fs, row_dir, g, store=store.path, row=row, rank=rank):
+            problems.append(Problem.of_chunk(bad, prefix=f"chunk {bad.chunk}: "))
         if on_bytes is not None:
             on_bytes(written_nbytes(g))
     return problems, count

@@ -17,6 +17,7 @@ from distckpt.errors import CheckpointSerializationError
 from distckpt.format import tree as codec
 from distckpt.format.dtypes import DtypeSpec, spec_for
 from distckpt.format.layout import PACKED_ARRAY, rank_dir_name
+from distckpt.format.manifest import is_packed
 from distckpt.format.names import escape_component
 from distckpt.format.shards import Piece, piece
 
@@ -39,7 +40,7 @@ class PlannedTensor:
 
     @property
     def packed(self) -> bool:
-        return self.array.endswith("/" + PACKED_ARRAY)
+        return is_packed(self.array)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ redistributed and raises, naming the state and both world sizes.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,12 +22,17 @@ from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.dist.election import RowStatus, elect, row_status
 from distckpt.engine.steps import RowView, saved_world_size
-from distckpt.errors import CheckpointError, CorruptCheckpointError, WorldSizeMismatchError
+from distckpt.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    CorruptChunkError,
+    WorldSizeMismatchError,
+)
 from distckpt.format import tree as codec
+from distckpt.format.chunks import read_range
 from distckpt.format.dtypes import spec_for, torch_dtype
-from distckpt.format.layout import CRC_BYTES, PACKED_ARRAY, checksum, single_chunk_key
 from distckpt.format.manifest import ArrayEntry, RankManifest
-from distckpt.io.rowio import RankReader
+from distckpt.io.rowio import RankReader, byte_view
 from distckpt.logs import get_logger
 from distckpt.storage.store import Store
 
@@ -99,6 +103,7 @@ class EntryReader:
             row=manifest.row,
             rank=manifest.rank,
             entries=manifest.arrays,
+            store=store.path,
         )
 
     def leaf(self, state_id: str) -> Callable[[int, bool], Any]:
@@ -114,30 +119,17 @@ class EntryReader:
         return get
 
     def read(self, entry: ArrayEntry) -> torch.Tensor:
-        if not entry.array.endswith("/" + PACKED_ARRAY) or entry.nbytes == 0:
+        if not entry.packed or entry.nbytes == 0:
             return self._reader.read(entry)
         out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+        ref = self._reader.ref(entry)
         if out.numel() * out.element_size() != entry.nbytes:
-            raise self._fail(entry, f"manifest says {entry.nbytes} bytes for shape {entry.shape}")
-        chunk = os.path.join(self.row_dir, entry.array, single_chunk_key(1))
-        dest = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-        try:
-            size = self.store.fs.size(chunk)
-        except FileNotFoundError as exc:
-            raise self._fail(entry, "packed chunk file is missing") from exc
-        if entry.offset + entry.nbytes > size - CRC_BYTES:
-            raise self._fail(entry, "byte range lies beyond the packed chunk")
-        if self.store.fs.read_into(chunk, dest, offset=entry.offset) != entry.nbytes:
-            raise self._fail(entry, "packed chunk file is truncated")
-        if checksum(dest) != entry.crc32c:
-            raise self._fail(entry, "checksum mismatch (data corrupted)")
+            raise ref.fail(
+                CorruptChunkError.SIZE,
+                f"manifest says {entry.nbytes} bytes for shape {entry.shape}",
+            )
+        read_range(self.store.fs, ref, entry, byte_view(out))
         return out
-
-    def _fail(self, entry: ArrayEntry, problem: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            f"row {self.manifest.row}, rank {self.manifest.rank}, array {entry.name!r} "
-            f"({os.path.join(self.row_dir, entry.array)}): {problem}"
-        )
 
 
 # -- broadcast of replicated states -------------------------------------------------------------
