@@ -281,11 +281,11 @@ def open_store(path: str, *, missing_code: int = EXIT_STORE) -> tuple[Store, dic
 
     An existing empty directory is an empty store (no rows).
     """
-    if not os.path.exists(path):
-        raise CliError(f"no store at {path} (the path does not exist)", missing_code)
-    if not os.path.isdir(path):
-        raise CliError(f"{path} is not a directory, so not a distckpt store", EXIT_STORE)
     st = Store(path)
+    if not st.fs.exists(path):
+        raise CliError(f"no store at {path} (the path does not exist)", missing_code)
+    if not st.fs.is_dir(path):
+        raise CliError(f"{path} is not a directory, so not a distckpt store", EXIT_STORE)
     attrs = st.root_attributes()
     return st, dict(attrs) if attrs is not None else {}
 
@@ -311,7 +311,7 @@ def _row_created(st: Store, status: RowStatus) -> str | None:
         return str(created) if isinstance(created, str) else None
     except (OSError, ValueError, KeyError, TypeError):
         try:
-            mtime = os.stat(st.row_dir(status.row)).st_mtime
+            mtime = st.fs.mtime(st.row_dir(status.row))
         except OSError:
             return None
         return _dt.datetime.fromtimestamp(mtime, _dt.UTC).isoformat()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -132,7 +131,7 @@ def latest_command(store: str, world_size: int | None, as_json: bool) -> None:
     no committed row, or STORE does not exist yet (a first run). Exits with 4 when STORE
     cannot be read, is not a distckpt store, or was written by a newer distckpt.
     """
-    if not os.path.exists(store):
+    if not Store(store).fs.exists(store):
         if as_json:
             emit_json(_latest_doc(store, None))
         raise CliError(f"no store at {store} yet: nothing to resume", EXIT_NO_ROW)

@@ -28,6 +28,7 @@ from distckpt.interchange import (
 )
 from distckpt.interchange.detect import DCP, DISTCKPT
 from distckpt.interchange.summary import summarize
+from distckpt.storage.store import Store
 
 
 @click.command("import", short_help="Import a torch, Lightning, safetensors or DCP checkpoint.")
@@ -52,7 +53,7 @@ def import_command(source: str, store: str, fmt: str | None, as_json: bool) -> N
     metadata records the source path, its format and why it was detected; values that
     could not be kept (e.g. hyper-parameters that are not JSON) are listed as notes.
     """
-    if os.path.exists(store):
+    if Store(store).fs.exists(store):
         open_store(store)  # refuse a foreign directory before reading the source
     result = import_report(source, store, format=fmt)
     if as_json:

@@ -75,7 +75,7 @@ def migrate_row(
                 f"the output store {out.path} is the source store: rows are never rewritten "
                 "in place (name no output store to add the migrated row to the source)"
             )
-        if os.path.exists(out.path) and out.exists() and out.rows():
+        if out.fs.exists(out.path) and out.exists() and out.rows():
             raise StoreFormatError(
                 f"{out.path} already holds rows; migrate into a new (empty) store"
             )

@@ -23,9 +23,9 @@ import torch
 
 from distckpt.errors import CheckpointSerializationError, ExportFormatError, ImportFormatError
 from distckpt.format import tree as codec
-from distckpt.interchange.publish import atomic_file
 from distckpt.interchange.records import Imported
 from distckpt.io.rowio import byte_view
+from distckpt.storage.filesystem import LocalFileSystem
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 TREE_KEY = "distckpt.tree"  # __metadata__ entry: the row's tree as codec JSON
@@ -256,9 +256,6 @@ def write_safetensors(tree: dict[str, Any], dest: str) -> int:
     meta = {"format": "pt", TREE_KEY: json.dumps(node), LEAVES_KEY: json.dumps(names)}
     header = json.dumps({METADATA_KEY: meta, **entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # tensor data starts 8-byte aligned
-    with atomic_file(dest) as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for data in datas:
-            f.write(data)
+    # Straight from tensor memory; appears whole or not at all.
+    LocalFileSystem().atomic_write(dest, [struct.pack("<Q", len(header)), header, *datas])
     return len(leaves)

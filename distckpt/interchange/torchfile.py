@@ -7,6 +7,7 @@ never unpickled, and the error names the global.
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import pickle
 import re
 from typing import Any, BinaryIO
@@ -16,8 +17,8 @@ import torch
 
 from distckpt.errors import ExportFormatError, ImportFormatError
 from distckpt.format.tree import Path, path_str
-from distckpt.interchange.publish import atomic_file
 from distckpt.interchange.records import Imported
+from distckpt.storage.filesystem import LocalFileSystem
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 _WEIGHTS_ERROR = re.compile(r"WeightsUnpickler error: (.+?)(?:\n\n|$)", re.S)
@@ -105,6 +106,7 @@ def check_torch_safe(tree: Any, path: Path = ()) -> tuple[Any, list[str]]:
 def write_torch(tree: dict[str, Any], dest: str) -> list[str]:
     """Write ``tree`` with torch.save, atomically (temp file, fsync, rename)."""
     safe, notes = check_torch_safe(tree)
-    with atomic_file(dest) as f:
-        torch.save(safe, f)
+    buf = io.BytesIO()  # torch.save needs a file object; the seam publishes bytes
+    torch.save(safe, buf)
+    LocalFileSystem().atomic_write(dest, buf.getbuffer())
     return notes

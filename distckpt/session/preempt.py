@@ -46,7 +46,9 @@ from typing import Any, NoReturn
 
 from distckpt.dist.comm import Communicator, resolve
 from distckpt.engine import hooks
+from distckpt.errors import CheckpointWriteError
 from distckpt.logs import current_rank, get_logger
+from distckpt.storage.filesystem import LocalFileSystem
 
 #: Exit status meaning "a row was committed on purpose; requeue me and I will resume".
 #: 85 is outside the shell's 126-165 range and the codes torchrun, srun and Python use.
@@ -348,19 +350,12 @@ class PreemptionHandler:
             "world_size": world_size,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp = f"{self.requeue_file}.tmp.{os.getpid()}"
         try:
-            with open(tmp, "w") as f:
-                json.dump(record, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.requeue_file)
-        except OSError as exc:
+            LocalFileSystem().atomic_write(self.requeue_file, json.dumps(record).encode())
+        except (OSError, CheckpointWriteError) as exc:
             # The row is committed either way; a driver that misses the record still sees
             # the exit status (or its own forwarded signal).
             self.log.error("could not write the requeue file %s: %s", self.requeue_file, exc)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
     # -- context manager ----------------------------------------------------------------------
     def __enter__(self) -> PreemptionHandler:

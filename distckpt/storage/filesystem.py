@@ -21,22 +21,75 @@ Buffer = bytes | bytearray | memoryview
 
 
 class FileSystem(ABC):
-    """Storage contract used by the store and the commit protocol."""
+    """Storage contract used by the store, the commit protocol, the lease and the tools.
 
+    Paths are plain strings joined with ``os.path.join``. Reading or sizing a missing file
+    raises ``FileNotFoundError``; a failed write raises ``CheckpointWriteError`` naming the
+    file (``no space left`` when the device is full). Removals are idempotent.
+    """
+
+    # -- writing -----------------------------------------------------------------------------
     @abstractmethod
     def write_file(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> int:
-        """Create or replace ``path`` with the concatenation of ``parts``; fsync if durable."""
+        """Create or replace ``path`` with the concatenation of ``parts``; fsync if durable.
+
+        The parent directory must exist. Returns the bytes written."""
+
+    def atomic_write(self, path: str, data: Buffer | Sequence[Buffer]) -> None:
+        """Publish ``data`` at ``path`` all-or-nothing and durably: readers see the old
+        content or the new one, never a part. The package's one atomic-write helper.
+
+        Temp file beside ``path``, fsync, rename over ``path``, fsync of the directory; the
+        temp file is removed when any step fails."""
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.write_file(tmp, parts, durable=True)
+            self.rename(tmp, path)
+        except BaseException:
+            self.remove(tmp)
+            raise
+        self.fsync_dir(directory or ".")
 
     @abstractmethod
-    def atomic_write(self, path: str, data: bytes) -> None:
-        """Publish ``data`` at ``path`` all-or-nothing: temp file, fsync, rename, fsync dir."""
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        """Create ``path`` holding ``data`` (durably) only if no entry of that name exists.
+
+        Of several processes creating the same path at once exactly one succeeds; the others
+        get ``FileExistsError``. ``FileNotFoundError`` when the parent directory is missing.
+        The lease lock relies on this."""
 
     @abstractmethod
-    def read_bytes(self, path: str) -> bytes: ...
+    def rename(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst`` atomically, replacing a file at ``dst``.
+
+        ``FileNotFoundError`` when ``src`` is missing."""
+
+    @abstractmethod
+    def link(self, src: str, dst: str) -> None:
+        """Give the file ``src`` the second name ``dst`` (a hard link, or a copy where the
+        backend has no links); ``FileExistsError`` if ``dst`` exists, never replacing it."""
+
+    @abstractmethod
+    def makedirs(self, path: str) -> None:
+        """Create ``path`` and its missing parents; no error when it exists."""
+
+    # -- reading -----------------------------------------------------------------------------
+    @abstractmethod
+    def read_bytes(self, path: str) -> bytes:
+        """The whole content of the file ``path``."""
 
     @abstractmethod
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
-        """Fill ``out`` from ``path`` starting at byte ``offset``; return bytes read."""
+        """Fill ``out`` from ``path`` starting at byte ``offset``; return bytes read (fewer
+        than ``len(out)`` only at the end of the file)."""
+
+    def read_range(self, path: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of ``path`` from ``offset`` (fewer at the end of the file)."""
+        buf = bytearray(length)
+        n = self.read_into(path, memoryview(buf), offset)
+        return bytes(buf[:n])
 
     def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
         """Fill ``parts`` in order from consecutive bytes of ``path``; return bytes read.
@@ -50,29 +103,52 @@ class FileSystem(ABC):
                 break
         return got
 
+    # -- inspecting --------------------------------------------------------------------------
     @abstractmethod
-    def size(self, path: str) -> int: ...
+    def size(self, path: str) -> int:
+        """Bytes in the file ``path``."""
 
     @abstractmethod
-    def exists(self, path: str) -> bool: ...
+    def mtime(self, path: str) -> float:
+        """Last modification of the file or directory ``path``, seconds since the epoch."""
 
     @abstractmethod
-    def makedirs(self, path: str) -> None: ...
+    def exists(self, path: str) -> bool:
+        """Whether a file or directory ``path`` exists."""
+
+    @abstractmethod
+    def is_dir(self, path: str) -> bool:
+        """Whether ``path`` is a directory (False when missing or a file)."""
 
     @abstractmethod
     def listdir(self, path: str) -> list[str]:
-        """Entry names in ``path``; empty when it does not exist."""
+        """Entry names in ``path`` (files and directories, any order); empty when it does
+        not exist."""
 
+    def identity(self, path: str) -> str:
+        """A key equal for every spelling of the same entry on this storage, and different
+        for entries of other backends or instances (keys per-process tables of stores)."""
+        return f"{type(self).__name__}@{id(self):x}:{os.path.normpath(path)}"
+
+    @abstractmethod
+    def disk_usage(self, path: str) -> int:
+        """Bytes of the files under the directory ``path`` (0 when missing); links are
+        counted as themselves, never followed."""
+
+    # -- removing ----------------------------------------------------------------------------
     @abstractmethod
     def remove(self, path: str) -> None:
         """Delete a file; no error when it is already gone."""
 
     @abstractmethod
     def rmtree(self, path: str) -> None:
-        """Delete a directory tree; no error when it is already gone."""
+        """Delete a directory tree; no error when it is already gone. Never follows a
+        symbolic link out of the tree (a link is removed, not its target)."""
 
+    # -- durability --------------------------------------------------------------------------
     @abstractmethod
-    def fsync_dir(self, path: str) -> None: ...
+    def fsync_dir(self, path: str) -> None:
+        """Make the entries of directory ``path`` (creations, renames, removals) durable."""
 
     @abstractmethod
     def fsync_files(self, paths: Sequence[str]) -> None:
@@ -127,16 +203,23 @@ class LocalFileSystem(FileSystem):
         finally:
             os.close(fd)
 
-    def atomic_write(self, path: str, data: bytes) -> None:
-        directory, name = os.path.split(path)
-        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        # O_EXCL: exclusive on the server also on NFSv3+ and Lustre.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            self.write_file(tmp, [data], durable=True)
-            os.replace(tmp, path)
+            _write_all(fd, [data])
+            os.fsync(fd)
         except BaseException:
-            self.remove(tmp)
+            os.close(fd)
+            self.remove(path)
             raise
-        self.fsync_dir(directory)
+        os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def link(self, src: str, dst: str) -> None:
+        os.link(src, dst)
 
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as f:
@@ -176,8 +259,25 @@ class LocalFileSystem(FileSystem):
     def size(self, path: str) -> int:
         return os.stat(path).st_size
 
+    def mtime(self, path: str) -> float:
+        return os.stat(path).st_mtime
+
     def exists(self, path: str) -> bool:
         return os.path.exists(path)
+
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def identity(self, path: str) -> str:
+        return os.path.realpath(path)  # one file system: every handle names the same files
+
+    def disk_usage(self, path: str) -> int:
+        total = 0
+        for dirpath, _, files in os.walk(path):  # never descends into linked directories
+            for f in files:
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(dirpath, f)).st_size
+        return total
 
     def makedirs(self, path: str) -> None:
         try:
@@ -196,6 +296,10 @@ class LocalFileSystem(FileSystem):
             os.remove(path)
 
     def rmtree(self, path: str) -> None:
+        if os.path.islink(path):
+            os.remove(path)  # the link itself, never what it points to
+            return
+        # shutil's fd-based walk unlinks links inside the tree instead of following them.
         shutil.rmtree(path, ignore_errors=True)
 
     def fsync_dir(self, path: str) -> None:

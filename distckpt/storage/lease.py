@@ -316,20 +316,12 @@ class _LockFile:
         delay = 0.002
         while True:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                self.store.fs.create_exclusive(self.path, body)
             except FileExistsError:
                 pass
             except FileNotFoundError:
                 raise StoreFormatError(f"store {self.store.path} does not exist") from None
             else:
-                try:
-                    os.write(fd, body)
-                    os.fsync(fd)
-                except BaseException:
-                    os.close(fd)
-                    os.remove(self.path)
-                    raise
-                os.close(fd)
                 return self
             other = self._read()
             now = time.monotonic()
@@ -350,8 +342,7 @@ class _LockFile:
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            with open(self.path, "rb") as f:
-                doc = json.loads(f.read() or b"{}")
+            doc = json.loads(self.store.fs.read_bytes(self.path) or b"{}")
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -372,14 +363,14 @@ class _LockFile:
 
     def _break(self, token: str) -> None:
         """Remove a left-over lock, but only the one we judged (by its token)."""
+        fs = self.store.fs
         aside = f"{self.path}.{uuid.uuid4().hex}.broken"
         try:
-            os.rename(self.path, aside)
+            fs.rename(self.path, aside)
         except FileNotFoundError:
             return  # its owner released it meanwhile
         try:
-            with open(aside, "rb") as f:
-                doc = json.loads(f.read() or b"{}")
+            doc = json.loads(fs.read_bytes(aside) or b"{}")
             moved = str(doc.get("token")) if isinstance(doc, dict) else "<unreadable>"
         except (OSError, ValueError):
             moved = "<unreadable>"
@@ -387,11 +378,11 @@ class _LockFile:
             # A fresh lock replaced the stale one between our read and the rename: put it
             # back (link fails if yet another one appeared; its owner's read-back decides).
             with contextlib.suppress(OSError):
-                os.link(aside, self.path)
+                fs.link(aside, self.path)
         else:
             log.warning("broke a left-over lease lock of %s (%s)", self.store.path, doc)
         with contextlib.suppress(OSError):
-            os.remove(aside)
+            fs.remove(aside)
 
     def still_mine(self) -> bool:
         doc = self._read()
@@ -622,7 +613,7 @@ class Lease:
             if self._released:
                 return
             self._released = True
-            if not os.path.isdir(self.store.path):
+            if not self.store.fs.is_dir(self.store.path):
                 return  # the store was deleted: nothing left to release
             lock = _LockFile(self.store, wait_s=self._lock_wait_s, stale_s=self._lock_stale_s)
             with lock:
@@ -688,7 +679,7 @@ _HELD_MUTEX = threading.Lock()
 
 
 def _key(store: Store) -> tuple[int, str]:
-    return (os.getpid(), os.path.realpath(store.path))
+    return (os.getpid(), store.fs.identity(store.path))
 
 
 def hold(

@@ -6,7 +6,6 @@ Paths, the root document and manifest reading live here; what a commit is lives 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import os
@@ -153,9 +152,5 @@ class Store:
         return manifest
 
     def disk_usage(self, row: int) -> int:
-        total = 0
-        for dirpath, _, files in os.walk(self.row_dir(row)):
-            for f in files:
-                with contextlib.suppress(FileNotFoundError):
-                    total += os.lstat(os.path.join(dirpath, f)).st_size
-        return total
+        """Bytes of the files of ``row`` (0 when it has no directory)."""
+        return self.fs.disk_usage(self.row_dir(row))
