@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,7 @@ from distckpt.plan.load import (
     Update,
     fill_values,
     plan_load,
+    saved_alike,
     saved_tree,
 )
 
@@ -150,3 +153,18 @@ def test_a_state_refering_to_a_missing_array_is_corrupt() -> None:
     )
     with pytest.raises(CorruptCheckpointError, match="missing array 0"):
         own(broken)
+
+
+def test_a_state_is_saved_alike_only_when_every_rank_records_one_digest() -> None:
+    def with_digests(digests: list[str | None]) -> list[RankManifest]:
+        out = []
+        for rank, digest in enumerate(digests):
+            m = manifest({"s": 1}, rank=rank)
+            out.append(dataclasses.replace(m, states={"s": StateRecord({"v": 1}, digest=digest)}))
+        return out
+
+    assert saved_alike(with_digests(["a", "a", "a"]), "s")
+    assert not saved_alike(with_digests(["a", "b", "a"]), "s")
+    assert not saved_alike(with_digests(["a", None]), "s")  # saved before digests existed
+    missing = [*with_digests(["a"]), manifest({"t": 1}, rank=1)]
+    assert not saved_alike(missing, "s")

@@ -10,7 +10,7 @@ here is handled by all of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeGuard
 
@@ -143,6 +143,15 @@ def saved_tree(parts: Mapping[str, RankManifest]) -> dict[str, Any]:
             )
         out[sid] = _decode(manifest, sid, record.tree)
     return out
+
+
+def saved_alike(manifests: Sequence[RankManifest], state_id: str) -> bool:
+    """Whether every saved rank holds ``state_id`` with the same value: equal recorded
+    digests (of its tree and tensor bytes). Such a state can be read from any one rank at
+    any world size; the one test both mapping families (rank- and member-keyed) use."""
+    held = [m.states.get(state_id) for m in manifests]
+    digests = {None if r is None else r.digest for r in held}
+    return bool(manifests) and len(digests) == 1 and None not in digests
 
 
 def _decode(manifest: RankManifest, sid: str, node: Any) -> Any:
