@@ -6,9 +6,29 @@ what to fix without a debugger.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """What one rank raised in a collective step (the exception itself stays on that rank)."""
+
+    type: str  # the exception's class name, e.g. "PermissionError"
+    message: str
+    ours: bool  # a CheckpointError (its class is kept when it is the first failure)
+
 
 class CheckpointError(RuntimeError):
-    """Base of every error raised by distckpt (a RuntimeError, as Earth2Studio's is)."""
+    """Base of every error raised by distckpt (a RuntimeError, as Earth2Studio's is).
+
+    Raised by a failed collective step (``distckpt.dist.step``), it also says which step
+    failed and what each failing rank raised; otherwise ``step`` is None.
+    """
+
+    step: str | None = None
+    failures: Mapping[int, RankFailure] = MappingProxyType({})
 
 
 class CheckpointStateCollision(CheckpointError):
@@ -52,6 +72,18 @@ class CommunicatorError(CheckpointError):
     """Ranks cannot be coordinated (no process group where one is needed, a failed peer)."""
 
 
+class CollectiveStepError(CheckpointError):
+    """A collective step failed on some rank with an error that is not distckpt's own
+    (``OSError``, ``MemoryError``, ``KeyError``...); raised on every rank alike."""
+
+    def __init__(
+        self, message: str, step: str | None = None, failures: Mapping[int, RankFailure] = {}
+    ) -> None:
+        super().__init__(message)
+        self.step = step
+        self.failures = MappingProxyType(dict(failures))
+
+
 class CheckpointWriteError(CheckpointError):
     """A rank failed to write its part of a row; the row is not committed."""
 
@@ -83,6 +115,7 @@ __all__ = [
     "CheckpointStateCollision",
     "CheckpointStateSchemaError",
     "CheckpointWriteError",
+    "CollectiveStepError",
     "CommunicatorError",
     "CorruptCheckpointError",
     "ExportFormatError",
@@ -91,6 +124,7 @@ __all__ = [
     "LeaseLostError",
     "MigrationError",
     "NoCommittedRowError",
+    "RankFailure",
     "SchemaVersionError",
     "StoreFormatError",
     "WorldSizeMismatchError",

@@ -5,12 +5,17 @@
 ``after_data`` (data durable, manifest not yet written), ``after_manifest`` (this rank's
 manifest published; others may still be writing) and ``after_commit`` (every rank published
 and the ranks agreed; ``save`` has not returned yet).
+
+Tests also make a named collective step (``distckpt.dist.step``) raise an ordinary error on
+chosen ranks with :func:`raising_at_step`, to prove that no rank is left waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Callable, Iterator
 
 _SPEC = os.environ.get("DISTCKPT_FAULT", "")
 
@@ -44,3 +49,26 @@ def fault_point(point: str, *, rank: int, row: int) -> None:
     if want_row is not None and want_row != row:
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+_STEP_FAULTS: dict[str, tuple[int | None, Callable[[], BaseException]]] = {}
+
+
+@contextlib.contextmanager
+def raising_at_step(
+    step: str, error: Callable[[], BaseException], *, rank: int | None = None
+) -> Iterator[None]:
+    """Test only: while active, step ``step`` raises ``error()`` on ``rank`` (None: every
+    rank) before its own work, as if that work had raised it."""
+    _STEP_FAULTS[step] = (rank, error)
+    try:
+        yield
+    finally:
+        _STEP_FAULTS.pop(step, None)
+
+
+def step_fault(step: str, *, rank: int) -> None:
+    """Raise the error armed for ``step`` on this rank, if any (one dict lookup otherwise)."""
+    armed = _STEP_FAULTS.get(step)
+    if armed is not None and armed[0] in (None, rank):
+        raise armed[1]()

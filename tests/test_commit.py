@@ -45,23 +45,32 @@ def test_unserializable_state_fails_before_anything_is_written(tmp_path):
 
 
 def test_failure_report_from_another_rank_makes_this_rank_raise(tmp_path):
-    class PeerFailed(SequentialComm):
-        """Rank 1 reports a failure at the last agreement: after rank 0 published."""
+    path = tmp_path / "store"
 
-        agreements = 0
+    class PeerFailed(SequentialComm):
+        """Rank 1 reports a failure at the first agreement after rank 0 published."""
 
         def allgather(self, obj):
             result = super().allgather(obj)
-            if obj is None or (isinstance(obj, dict) and "type" in obj):
-                self.agreements += 1
-                if self.agreements == 3:
-                    result[1] = {"type": "OSError", "message": "OSError: peer disk failed"}
+            if obj is None and Store(path).manifest_ranks(1) == [0]:
+                result[1] = {
+                    "failure": {
+                        "type": "OSError",
+                        "class": "builtins:OSError",
+                        "message": "peer disk failed",
+                        "ours": False,
+                    }
+                }
             return result
 
-    path = tmp_path / "store"
     save_as_ranks(path, 2, lambda r: {"x": torch.ones(2) * r})
-    with pytest.raises(distckpt.CheckpointWriteError, match="rank 1: OSError: peer disk failed"):
+    with pytest.raises(
+        distckpt.CheckpointWriteError, match="rank 1: OSError: peer disk failed"
+    ) as e:
         distckpt.save({"x": torch.ones(2)}, path, comm=PeerFailed(0, 2))
+    assert isinstance(e.value, distckpt.CollectiveStepError)
+    assert e.value.step == "save.commit"
+    assert e.value.failures == {1: distckpt.RankFailure("OSError", "peer disk failed", False)}
     store = Store(path)
     assert store.manifest_ranks(1) == []  # rank 0 retracted its own manifest
     assert elect_offline(store) == 0

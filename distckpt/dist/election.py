@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator
-from distckpt.errors import CheckpointError, StoreFormatError
-from distckpt.logs import get_logger
+from distckpt.errors import StoreFormatError
 from distckpt.format.manifest import InvalidManifest, RankManifest
+from distckpt.logs import get_logger
 from distckpt.storage.store import Store
 
 log = get_logger(__name__)
@@ -128,34 +129,30 @@ def elect(store: Store, comm: Communicator, *, any_world_size: bool = False) -> 
     same = _elect_same_size(store, comm)
     if not any_world_size:
         return same
-    found: dict[str, object] = {"row": None}
-    if comm.is_coordinator:
-        try:
-            found = {"row": newest_committed_after(store, same)}
-        except CheckpointError as exc:
-            found = {"error": f"{type(exc).__name__}: {exc}"}
-    found = comm.broadcast(found)
-    if "error" in found:
-        raise StoreFormatError(f"cannot elect a row of {store.path}: rank 0: {found['error']}")
-    newer = found["row"]
-    return same if newer is None else int(str(newer))
+    newer = step.decide(
+        comm,
+        step.ELECT_ANY_SIZE,
+        lambda: newest_committed_after(store, same),
+        context=f"cannot elect a row of {store.path}",
+        fallback=StoreFormatError,
+    )
+    return same if newer is None else int(newer)
 
 
 def _elect_same_size(store: Store, comm: Communicator) -> int | None:
-    report: dict[str, object]
-    try:
+    def report() -> dict[str, int]:
         if store.root_attributes() is None:
-            report = {"rows": {}}
-        else:
-            mine = local_commits(store, comm.rank, comm.world_size)
-            report = {"rows": {str(r): c for r, c in mine.items()}}
-    except CheckpointError as exc:
-        report = {"error": f"{type(exc).__name__}: {exc}"}
-    reports = comm.allgather(report)
-    errors = [f"rank {i}: {r['error']}" for i, r in enumerate(reports) if "error" in r]
-    if errors:
-        raise StoreFormatError(f"cannot elect a row of {store.path}: " + "; ".join(errors))
-    commits = [r["rows"] for r in reports]
+            return {}
+        mine = local_commits(store, comm.rank, comm.world_size)
+        return {str(r): c for r, c in mine.items()}
+
+    commits = step.gather(
+        comm,
+        step.ELECT_SAME_SIZE,
+        report,
+        context=f"cannot elect a row of {store.path}",
+        fallback=StoreFormatError,
+    )
     common = set(commits[0])
     for rows in commits[1:]:
         common &= set(rows)

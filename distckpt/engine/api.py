@@ -10,9 +10,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from distckpt.dist import step
 from distckpt.dist.comm import resolve
 from distckpt.dist.election import elect, elect_offline, row_status
-from distckpt.dist.retention import rows_to_delete
+from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.redistribute import StateMapping, open_part_agreed, read_states
 from distckpt.engine.restore import execute
@@ -72,7 +73,8 @@ def save(
     )
     manifest = engine.save_row(st, c, content, row=row, checksums=checksums)
     if keep is not None:
-        engine.prune(st, c, rows_to_delete(st, keep) if c.is_coordinator else [])
+        engine.prune(st, c, keep)
+    hooks.announce(hooks.Boundary(c, manifest.row))
     return manifest.row
 
 
@@ -115,19 +117,19 @@ def load(
     chosen = engine.choose_row(st, c, row, any_world_size=True)
     view = open_part_agreed(st, c, chosen)
     # At the same world size the plan reads this rank's own part straight from the
-    # manifest; redistribution and migration decode states first, then plan from them.
+    # manifest (global arrays included); redistribution and migration decode states
+    # first, then plan from them. The layout step is kept so that load's collective steps
+    # stay the same on every path of the same world size.
+    step.gather(c, step.LOAD_LAYOUT, lambda: bool(view.manifest.globals))
     saved: dict[str, Any] = {}
     if view.saved_world_size == c.world_size and version is None:
-        problem: str | None = None
-        try:
-            saved = saved_tree(dict.fromkeys(view.manifest.states, view.manifest))
-        except CheckpointError as exc:
-            problem = str(exc)
-        failures = engine.agree(c, problem)
-        if failures:
-            raise CorruptCheckpointError(
-                f"cannot restore row {chosen}: {engine.describe(failures)}"
-            )
+        saved = step.run(
+            c,
+            step.LOAD_STAND_INS,
+            lambda: saved_tree(dict.fromkeys(view.manifest.states, view.manifest)),
+            context=f"cannot restore row {chosen}",
+            fallback=CorruptCheckpointError,
+        )
     else:
         saved = read_states(st, c, chosen, mapping, view=view)
         if version is not None:
@@ -183,14 +185,12 @@ def migrate_row_states(
 ) -> tuple[dict[str, Any], tuple[AppliedMigration, ...]]:
     """Collective: migrate this rank's saved states to ``targets``; all ranks raise together
     (a newer saved version as SchemaVersionError, a missing step as MigrationError)."""
-    failure: Exception | None = None
-    applied: tuple[AppliedMigration, ...] = ()
-    try:
-        saved, applied = migrate_states(saved, view.manifest.states, targets, registry)
-    except Exception as exc:
-        failure = exc
-    engine.agree_or_raise(
-        comm, failure, MigrationError, f"row {view.row} of {view.store.path} cannot be read"
+    saved, applied = step.run(
+        comm,
+        step.LOAD_MIGRATE,
+        lambda: migrate_states(saved, view.manifest.states, targets, registry),
+        context=f"row {view.row} of {view.store.path} cannot be read",
+        fallback=MigrationError,
     )
     for record in applied:
         log.info(
@@ -236,15 +236,10 @@ def _agreed_plan(
     comm: Any, st: Store, row: int, saved: dict[str, Any], live: dict[str, Any], strict: bool
 ) -> LoadPlan:
     """Collective: the plan filling ``live``; every rank raises if any rank's does not fit."""
-    plan = LoadPlan((), ())
-    problem: str | None = None
-    try:
-        plan = plan_load(saved, live, strict=strict)
-    except CheckpointStateSchemaError as exc:
-        problem = str(exc)
-    failures = engine.agree(comm, problem)
-    if failures:
-        raise CheckpointStateSchemaError(
-            f"row {row} of {st.path} does not fit the live state: " + engine.describe(failures)
-        )
-    return plan
+    return step.run(
+        comm,
+        step.LOAD_FIT,
+        lambda: plan_load(saved, live, strict=strict),
+        context=f"row {row} of {st.path} does not fit the live state",
+        fallback=CheckpointStateSchemaError,
+    )

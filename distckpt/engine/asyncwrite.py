@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator, resolve
-from distckpt.dist.retention import rows_to_delete
 from distckpt.engine import steps as engine
 from distckpt.errors import CheckpointError, CheckpointWriteError
 from distckpt.format.manifest import RankManifest
@@ -125,6 +125,16 @@ def _side_stream(device: torch.device) -> Any:
     return _streams[index]
 
 
+def _as_exception(failure: BaseException) -> Exception:
+    """The writer thread's failure as something a collective step reports (the thread also
+    records ``SystemExit`` and the like, which must not skip the agreement)."""
+    if isinstance(failure, Exception):
+        return failure
+    error = CheckpointWriteError(f"the writer thread stopped: {failure!r}")
+    error.__cause__ = failure
+    return error
+
+
 class BackgroundWriter:
     """One writer thread, its own communicator, and ``max_in_flight`` staging slots.
 
@@ -211,14 +221,19 @@ class BackgroundWriter:
         upto = seq - self.max_in_flight + 1
         self._wait(upto)
         results, failure = self._take(upto)
-        job: Job | None = None
-        if failure is None:
-            try:
-                job = prepare(self.slots[seq % self.max_in_flight])
-            except Exception as exc:
-                failure = exc
-        engine.agree_or_raise(self.comm, failure, CheckpointWriteError, "asynchronous save failed")
-        assert job is not None
+
+        def stage() -> Job:
+            if failure is not None:  # an earlier row failed in the writer thread
+                raise _as_exception(failure)
+            return prepare(self.slots[seq % self.max_in_flight])
+
+        job = step.run(
+            self.comm,
+            step.ASYNC_SUBMIT,
+            stage,
+            context="asynchronous save failed",
+            fallback=CheckpointWriteError,
+        )
         self._submitted += 1
         self._queue.put((seq, job))
         self.last_blocked_s = time.perf_counter() - t0
@@ -228,7 +243,18 @@ class BackgroundWriter:
         """Collective: wait for every queued row; raise (every rank) if any failed."""
         self._wait(self._submitted)
         results, failure = self._take(self._submitted)
-        engine.agree_or_raise(self.comm, failure, CheckpointWriteError, "asynchronous save failed")
+
+        def report() -> None:
+            if failure is not None:  # a row failed in the writer thread
+                raise _as_exception(failure)
+
+        step.run(
+            self.comm,
+            step.ASYNC_DRAIN,
+            report,
+            context="asynchronous save failed",
+            fallback=CheckpointWriteError,
+        )
         return results
 
     def wait_local(self) -> list[BaseException]:
@@ -327,8 +353,7 @@ class AsyncSaver:
                     store, wcomm, content, row=row, checksums=checksums, plan=plan
                 )
                 if keep is not None:
-                    doomed = rows_to_delete(store, keep) if wcomm.is_coordinator else []
-                    engine.prune(store, wcomm, doomed)
+                    engine.prune(store, wcomm, keep)
                 return manifest
 
             return job

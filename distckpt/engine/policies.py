@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import resolve
 from distckpt.engine import steps as engine
 from distckpt.engine.api import StoreLike, _store, migrate_row_states
@@ -175,10 +176,10 @@ def load_model(
     applied: tuple[AppliedMigration, ...] = ()
     if target is not None:
         saved, applied = migrate_row_states(view, saved, {state: int(target)}, migrations, c)
-    plan: _Plan | None = None
-    failure: Exception | None = None
-    try:
-        plan = _plan(
+    plan = step.run(
+        c,
+        step.LOAD_MODEL,
+        lambda: _plan(
             model,
             saved,
             tuple(view.manifest.states),
@@ -188,16 +189,10 @@ def load_model(
             applied,
             (optimizer, optimizer_state),
             (scheduler, scheduler_state),
-        )
-    except CheckpointError as exc:
-        failure = exc
-    engine.agree_or_raise(
-        c,
-        failure,
-        CheckpointStateSchemaError,
-        f"row {view.row} of {st.path} does not fit the model",
+        ),
+        context=f"row {view.row} of {st.path} does not fit the model",
+        fallback=CheckpointStateSchemaError,
     )
-    assert plan is not None
     model.load_state_dict(plan.weights, strict=False)
     for param in plan.frozen_params:
         param.requires_grad_(False)

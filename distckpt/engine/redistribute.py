@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.engine import steps as engine
 from distckpt.errors import CheckpointError, CorruptCheckpointError, WorldSizeMismatchError
@@ -80,17 +81,13 @@ def open_part_agreed(store: Store, comm: Communicator, row: int) -> engine.RowVi
     """Collective: this rank's part of a chosen row (part ``rank % N`` of an N-rank row);
     every rank raises together if any rank cannot open its part."""
 
-    view: Any = None
-    problem: str | None = None
-    try:
-        view = engine.open_part(store, row, comm.rank)
-    except CheckpointError as exc:
-        problem = str(exc)
-    failures = engine.agree(comm, problem)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {row}: {engine.describe(failures)}")
-    result: engine.RowView = view
-    return result
+    return step.run(
+        comm,
+        step.LOAD_OPEN,
+        lambda: engine.open_part(store, row, comm.rank),
+        context=f"cannot restore row {row}",
+        fallback=CorruptCheckpointError,
+    )
 
 
 def read_states(
@@ -113,14 +110,13 @@ def read_states(
 
     if view is None:
         view = open_part_agreed(store, comm, row)
-    problem: str | None = None
     saved = view.saved_world_size
     if saved == comm.world_size:
         return engine.read_all(view, comm)
     kinds = _state_kinds(store, comm, row)
-    sources: dict[str, list[int]] = {}
-    problem = None
-    try:
+
+    def place() -> dict[str, list[int]]:
+        sources: dict[str, list[int]] = {}
         for sid in kinds if mapping is not None else ():
             assert mapping is not None
             found = mapping.sources(sid, saved, comm.rank, comm.world_size)
@@ -132,14 +128,17 @@ def read_states(
                     f"mapping names saved ranks {bad} of state {sid!r}; the row has {saved}"
                 )
             sources[sid] = sorted(set(found))
-    except Exception as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-    reports = comm.allgather({"sources": sources, "problem": problem})
-    failures = [(r, p["problem"]) for r, p in enumerate(reports) if p["problem"]]
-    if failures:
-        raise WorldSizeMismatchError(
-            f"row {row} of {store.path}: the mapping policy failed: {engine.describe(failures)}"
-        )
+        return sources
+
+    placed = step.gather(
+        comm,
+        step.LOAD_MAPPING,
+        place,
+        context=f"row {row} of {store.path}: the mapping policy failed",
+        fallback=WorldSizeMismatchError,
+    )
+    sources = placed[comm.rank]
+    reports = [{"sources": p} for p in placed]
     # The policy places a state on every rank or on none; unplaced ones default by kind.
     mapped = sorted({sid for p in reports for sid in p["sources"]})
     partial = [sid for sid in mapped if any(sid not in p["sources"] for p in reports)]
@@ -164,10 +163,10 @@ def read_states(
                 f"of state {sid!r} unread ({saved} ranks saved, {comm.world_size} restore); "
                 "their values would be dropped"
             )
-    out: dict[str, Any] = {}
-    error: str | None = None
-    try:
-        home = view
+    home = view
+
+    def read_mapped() -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for sid in kinds:
             if sid not in sources:  # uniform, checked above
                 if not home.has_state(sid):
@@ -179,33 +178,36 @@ def read_states(
                 assert mapping is not None
                 parts = {r: engine.open_rank(store, row, r) for r in sources[sid]}
                 out[sid] = mapping.combine(sid, parts)
-    except Exception as exc:  # a policy's own failure must not leave other ranks waiting
-        error = str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-    failures = engine.agree(comm, error)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {row}: {engine.describe(failures)}")
-    return out
+        return out
+
+    # A policy's own failure must not leave other ranks waiting: the step catches it.
+    return step.run(
+        comm,
+        step.LOAD_REDISTRIBUTE,
+        read_mapped,
+        context=f"cannot restore row {row}",
+        fallback=CorruptCheckpointError,
+    )
 
 
 def _state_kinds(store: Store, comm: Communicator, row: int) -> dict[str, bool]:
     """Collective: state id -> uniform, over every saved rank's manifest (coordinator reads)."""
     from distckpt.dist.election import row_status
 
-    kinds: dict[str, bool] = {}
-    report: dict[str, Any] = {}
-    if comm.is_coordinator:
-        try:
-            status = row_status(store, row)
-            for sid in sorted({sid for m in status.manifests for sid in m.states}):
-                held = [m.states.get(sid) for m in status.manifests]
-                digests = {None if r is None else r.digest for r in held}
-                # Uniform: every rank holds it with the same recorded digest.
-                kinds[sid] = len(digests) == 1 and None not in digests
-            report = {"kinds": kinds}
-        except CheckpointError as exc:
-            report = {"error": f"{type(exc).__name__}: {exc}"}
-    report = comm.broadcast(report)
-    if "error" in report:
-        raise CorruptCheckpointError(f"cannot list the states of row {row}: {report['error']}")
-    result: dict[str, bool] = report["kinds"]
-    return result
+    def classify() -> dict[str, bool]:
+        kinds: dict[str, bool] = {}
+        status = row_status(store, row)
+        for sid in sorted({sid for m in status.manifests for sid in m.states}):
+            held = [m.states.get(sid) for m in status.manifests]
+            digests = {None if r is None else r.digest for r in held}
+            # Uniform: every rank holds it with the same recorded digest.
+            kinds[sid] = len(digests) == 1 and None not in digests
+        return kinds
+
+    return step.decide(
+        comm,
+        step.LOAD_KINDS,
+        classify,
+        context=f"cannot list the states of row {row}",
+        fallback=CorruptCheckpointError,
+    )

@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.engine import steps as engine
-from distckpt.errors import CheckpointError, CorruptCheckpointError
+from distckpt.errors import CorruptCheckpointError
 from distckpt.format.manifest import ArrayEntry
 from distckpt.format.shards import Sharded
-from distckpt.io.globalio import GlobalReader, GlobalValue, fill
+from distckpt.io.globalio import GlobalReader, GlobalValue
+from distckpt.io.globalio import fill as fill_region
 from distckpt.io.rowio import RankReader, fits_directly
 from distckpt.plan.load import (
     ArrayRead,
@@ -33,12 +35,6 @@ from distckpt.plan.load import (
     plan_load,
     saved_tree,
 )
-
-
-def _agree(comm: Communicator, row: int, problem: str | None) -> None:
-    failures = engine.agree(comm, problem)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {row}: {engine.describe(failures)}")
 
 
 def _as_value(read: ArrayRead, tensor: torch.Tensor) -> Any:
@@ -77,11 +73,12 @@ def execute(
     failed checksum leave a live tensor holding the row's bytes (reload from another row).
     """
     reads = plan.reads
+    where = f"cannot restore row {row}"
     got: dict[int, Any] = {}
     direct: dict[int, list[int]] = {}  # saved rank -> reads going straight into live memory
     fresh: dict[int, list[int]] = {}  # saved rank -> reads into new tensors
-    problem: str | None = None
-    try:
+
+    def verify() -> None:
         for i, item in enumerate(reads):
             src = item.source
             if isinstance(src, ArrayRead):
@@ -101,11 +98,11 @@ def execute(
         for rank, mine in fresh.items():
             tensors = readers[rank].read_many([(_entry(reads[i]), None) for i in mine])
             got.update(zip(mine, tensors, strict=True))
-    except CheckpointError as exc:
-        problem = str(exc)
-    _agree(comm, row, problem)
+
+    step.run(comm, step.LOAD_VERIFY, verify, context=where, fallback=CorruptCheckpointError)
     in_live = {i for mine in direct.values() for i in mine}
-    try:
+
+    def fill() -> None:
         for rank, mine in direct.items():
             jobs = [(_entry(reads[i]), at(live, reads[i].path)) for i in mine]
             readers[rank].read_many(jobs, verified=not in_place)
@@ -115,12 +112,11 @@ def execute(
                     continue
                 target = at(live, item.path)
                 if isinstance(item.source, BoxRead):
-                    fill(target, GlobalValue(item.source.entry, globals_))
+                    fill_region(target, GlobalValue(item.source.entry, globals_))
                 else:
                     target.copy_(got.get(i, item.source))
-    except CheckpointError as exc:
-        problem = str(exc)
-    _agree(comm, row, problem)
+
+    step.run(comm, step.LOAD_FILL, fill, context=where, fallback=CorruptCheckpointError)
     values = {
         i: _as_value(r.source, got[i]) if isinstance(r.source, ArrayRead) else got[i]
         for i, r in enumerate(reads)
@@ -150,14 +146,14 @@ def read_part(
 ) -> dict[str, Any]:
     """Collective: the saved states of ``view`` (those in ``only`` that it has) read into
     new tensors, global arrays whole (see :func:`execute` for ``replicas``)."""
-    plan = LoadPlan((), ())
-    problem: str | None = None
-    try:
-        wanted = [sid for sid in view.manifest.states if only is None or sid in only]
-        plan = plan_load(saved_tree(dict.fromkeys(wanted, view.manifest)), None)
-    except CheckpointError as exc:
-        problem = str(exc)
-    _agree(comm, view.row, problem)
+    wanted = [sid for sid in view.manifest.states if only is None or sid in only]
+    plan = step.run(
+        comm,
+        step.LOAD_READ,
+        lambda: plan_load(saved_tree(dict.fromkeys(wanted, view.manifest)), None),
+        context=f"cannot restore row {view.row}",
+        fallback=CorruptCheckpointError,
+    )
     readers = {view.rank: view.reader}
     return execute(
         plan,

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from distckpt import errors
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.dist.election import committed_rows_offline, elect, row_status
+from distckpt.dist.retention import rows_to_delete
 from distckpt.errors import (
     CheckpointError,
     CheckpointSerializationError,
@@ -82,42 +83,6 @@ def _with_digests(plan: RankPlan) -> Callable[[RankManifest], RankManifest]:
     return annotate
 
 
-def agree(comm: Communicator, error: str | None) -> list[tuple[int, str]]:
-    """Exchange per-rank errors; every rank gets the same list of (rank, message)."""
-    reports = comm.allgather(error)
-    return [(rank, msg) for rank, msg in enumerate(reports) if msg is not None]
-
-
-def describe(failures: list[tuple[int, str]]) -> str:
-    return "; ".join(f"rank {rank}: {msg}" for rank, msg in failures)
-
-
-def _report(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc)}
-
-
-def agree_or_raise(
-    comm: Communicator, exc: BaseException | None, default: type[CheckpointError], context: str
-) -> None:
-    """Collective: if any rank failed, every rank raises the same typed error.
-
-    The error's class is that of the first failing rank when it is one of ours (so a
-    serialization problem stays a CheckpointSerializationError), else ``default``.
-    """
-    reports = comm.allgather(None if exc is None else _report(exc))
-    failures = [(rank, r) for rank, r in enumerate(reports) if r is not None]
-    if not failures:
-        return
-    first = failures[0][1]
-    cls = getattr(errors, first["type"], None)
-    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
-        cls = default
-    detail = "; ".join(f"rank {rank}: {r['message']}" for rank, r in failures)
-    if comm.world_size == 1:
-        detail = first["message"]
-    raise cls(f"{context}: {detail}") from exc
-
-
 def save_row(
     store: Store,
     comm: Communicator,
@@ -139,57 +104,65 @@ def save_row(
     and agree on success. If any rank failed, every rank raises; ranks that had published
     retract their manifests, so the row never looks committed.
     """
-    failure: BaseException | None = None
-    try:
-        if plan is None:
-            plan = plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
+
+    def prepare() -> tuple[RankPlan, dict[str, StateRecord], Any, Any]:
+        made = (
+            plan
+            if plan is not None
+            else plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
+        )
         lead = None if content.lead_time is None else {"lead_time": content.lead_time}
         encoded_lead = None if lead is None else codec.encode_metadata(lead)
-        encoded_meta = codec.encode_metadata(content.metadata)
         states = {
             sid: _record(tree, content.schemas.get(sid), content.versions.get(sid, 0))
-            for sid, tree in plan.states.items()
+            for sid, tree in made.states.items()
         }
-    except Exception as exc:
-        failure = exc
-    agree_or_raise(comm, failure, CheckpointSerializationError, "cannot save")
-    assert plan is not None
+        return made, states, encoded_lead, codec.encode_metadata(content.metadata)
+
+    plan, states, encoded_lead, encoded_meta = step.run(
+        comm,
+        step.SAVE_PLAN,
+        prepare,
+        context="cannot save",
+        fallback=CheckpointSerializationError,
+    )
     # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
-    # and refuses the same overlaps or gaps, so no agreement step is needed.
-    reports = comm.allgather(shard_report(plan))
+    # and refuses the same overlaps or gaps, so no agreement step is needed after this one.
+    made = plan
+    reports = step.gather(comm, step.SAVE_SHARDS, lambda: shard_report(made))
     layouts = globalio.layouts(reports) if any(reports) else {}
 
-    setup: dict[str, Any] = {}
-    if comm.is_coordinator:
-        try:
-            store.create(name)
-            # One writing job per store: a second one is refused here, on every rank.
-            lease.hold(store)
-            existing = store.rows()
-            newest = existing[-1] if existing else -1
-            chosen = newest + 1 if row is None else row
-            if chosen <= newest:
-                raise CheckpointWriteError(
-                    f"row {chosen} is not newer than row {newest} in {store.path}; rows are "
-                    "never rewritten in place"
-                )
-            prepare_row(store, chosen)
-            setup = {"row": chosen}
-        except Exception as exc:
-            failure = exc
-            setup = {"row": -1}
-    chosen = int(comm.broadcast(setup)["row"])
-    if not comm.is_coordinator and chosen >= 0:
-        # Node-local storage: this rank's directory tree may not be the coordinator's.
-        try:
+    def open_row() -> int:
+        store.create(name)
+        # One writing job per store: a second one is refused here, on every rank.
+        lease.hold(store)
+        existing = store.rows()
+        newest = existing[-1] if existing else -1
+        chosen = newest + 1 if row is None else row
+        if chosen <= newest:
+            raise CheckpointWriteError(
+                f"row {chosen} is not newer than row {newest} in {store.path}; rows are "
+                "never rewritten in place"
+            )
+        prepare_row(store, chosen)
+        return chosen
+
+    where = f"cannot start a row in {store.path}"
+    chosen = int(
+        step.decide(comm, step.SAVE_OPEN, open_row, context=where, fallback=CheckpointWriteError)
+    )
+
+    def open_local() -> None:
+        if not comm.is_coordinator:
+            # Node-local storage: this rank's directory tree may not be the coordinator's.
             store.create(name)
             store.fs.makedirs(store.manifests_dir(chosen))
-        except Exception as exc:
-            failure = exc
-    agree_or_raise(comm, failure, CheckpointWriteError, f"cannot start a row in {store.path}")
 
-    manifest: RankManifest | None = None
-    try:
+    step.run(comm, step.SAVE_OPEN_LOCAL, open_local, context=where, fallback=CheckpointWriteError)
+
+    written: list[RankManifest] = []
+
+    def write() -> None:
         draft = RankManifest(
             row=chosen,
             rank=comm.rank,
@@ -202,21 +175,29 @@ def save_row(
             states=states,
             metadata=encoded_meta,
         )
-        manifest = commit_rank(
-            store, plan, draft, layouts, checksums=checksums, annotate=_with_digests(plan)
-        )
-    except Exception as exc:
-        failure = exc
-        log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
+        try:
+            written.append(
+                commit_rank(
+                    store, made, draft, layouts, checksums=checksums, annotate=_with_digests(made)
+                )
+            )
+        except Exception as exc:
+            log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
+            raise
+
     try:
-        agree_or_raise(
-            comm, failure, CheckpointWriteError, f"row {chosen} of {store.path} was not committed"
+        step.run(
+            comm,
+            step.SAVE_COMMIT,
+            write,
+            context=f"row {chosen} of {store.path} was not committed",
+            fallback=CheckpointWriteError,
         )
     except CheckpointError:
-        if manifest is not None:
+        if written:
             retract_rank(store, chosen, comm.rank)
         raise
-    assert manifest is not None
+    manifest = written[0]
     fault_point("after_commit", rank=comm.rank, row=chosen)
     return manifest
 
@@ -235,14 +216,15 @@ def choose_row(
         if elected is None:
             raise _nothing_to_restore(store, comm.world_size)
         return elected
-    problem: dict[str, Any] | None = None
-    try:
-        manifest = store.read_manifest(row, comm.rank)
-        if manifest.world_size != comm.world_size:
-            problem = {"size": manifest.world_size}
-    except InvalidManifest as exc:
-        problem = {"invalid": str(exc)}
-    reports = comm.allgather(problem)
+
+    def check() -> dict[str, Any] | None:
+        try:
+            manifest = store.read_manifest(row, comm.rank)
+        except InvalidManifest as exc:
+            return {"invalid": str(exc)}
+        return {"size": manifest.world_size} if manifest.world_size != comm.world_size else None
+
+    reports = step.gather(comm, step.LOAD_CHECK_ROW, check, context=f"cannot check row {row}")
     if all(r is None for r in reports):
         return row
     if any_world_size:
@@ -253,25 +235,31 @@ def choose_row(
             f"row {row} of {store.path} was written by {sorted(sizes)[0]} ranks; this job has "
             f"{comm.world_size}"
         )
-    invalid = [(rank, r["invalid"]) for rank, r in enumerate(reports) if r is not None]
-    raise NoCommittedRowError(f"row {row} is not committed: {describe(invalid)}")
+    invalid = "; ".join(
+        f"rank {rank}: {r['invalid']}" for rank, r in enumerate(reports) if r is not None
+    )
+    raise NoCommittedRowError(f"row {row} is not committed: {invalid}")
 
 
 def _check_any_size(store: Store, comm: Communicator, row: int) -> int:
     """Collective: the coordinator reads every manifest of ``row``; all ranks agree."""
-    verdict: dict[str, Any] = {}
-    if comm.is_coordinator:
-        try:
-            status = row_status(store, row)
-            verdict = {"ok": status.committed}
-            if not status.committed:
-                missing = ", ".join(str(r) for r in status.missing_ranks) or "none"
-                verdict["why"] = f"missing ranks: {missing}; " + "; ".join(status.problems)
-        except CheckpointError as exc:
-            verdict = {"ok": False, "why": f"{type(exc).__name__}: {exc}"}
-    verdict = comm.broadcast(verdict)
-    if not verdict["ok"]:
-        raise NoCommittedRowError(f"row {row} of {store.path} is not committed: {verdict['why']}")
+
+    def verdict() -> str | None:
+        status = row_status(store, row)
+        if status.committed:
+            return None
+        missing = ", ".join(str(r) for r in status.missing_ranks) or "none"
+        return f"missing ranks: {missing}; " + "; ".join(status.problems)
+
+    why = step.decide(
+        comm,
+        step.LOAD_CHECK_ANY_SIZE,
+        verdict,
+        context=f"row {row} of {store.path} is not committed",
+        fallback=NoCommittedRowError,
+    )
+    if why is not None:
+        raise NoCommittedRowError(f"row {row} of {store.path} is not committed: {why}")
     return row
 
 
@@ -417,24 +405,33 @@ def read_all(
 ) -> dict[str, Any]:
     """Collective: decode every state of this rank (or those in ``only`` that the row has);
     all ranks raise if any rank failed."""
-    out: dict[str, Any] = {}
-    error: str | None = None
-    try:
-        for state_id in view.manifest.states:
-            if only is None or state_id in only:
-                out[state_id] = view.read_state(state_id)
-    except CheckpointError as exc:
-        error = str(exc)
-    failures = agree(comm, error)
-    if failures:
-        raise CorruptCheckpointError(f"cannot restore row {view.row}: {describe(failures)}")
-    return out
+
+    def read() -> dict[str, Any]:
+        return {
+            state_id: view.read_state(state_id)
+            for state_id in view.manifest.states
+            if only is None or state_id in only
+        }
+
+    return step.run(
+        comm,
+        step.LOAD_READ,
+        read,
+        context=f"cannot restore row {view.row}",
+        fallback=CorruptCheckpointError,
+    )
 
 
-def prune(store: Store, comm: Communicator, doomed: list[int]) -> None:
-    """Coordinator deletes ``doomed`` rows (manifests first); others return at once."""
-    if not comm.is_coordinator:
-        return
-    for row in doomed:
-        log.info("deleting row %d of %s", row, store.path)
-        delete_row(store, row)
+def prune(store: Store, comm: Communicator, keep: int | None) -> None:
+    """Collective: the coordinator deletes the rows retention gives up (``keep`` newest
+    committed rows; see ``rows_to_delete``), manifests first; every rank raises if that
+    failed (the new row stays committed either way)."""
+
+    def delete() -> None:
+        if not comm.is_coordinator:
+            return
+        for row in rows_to_delete(store, keep):
+            log.info("deleting row %d of %s", row, store.path)
+            delete_row(store, row)
+
+    step.run(comm, step.SAVE_RETAIN, delete, context=f"cannot delete old rows of {store.path}")

@@ -19,9 +19,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator, resolve
 from distckpt.dist.election import row_status
-from distckpt.dist.retention import rows_to_delete
+from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.asyncwrite import BackgroundWriter, Stager, StagingBuffers
 from distckpt.errors import CommunicatorError
@@ -404,7 +405,14 @@ class CheckpointSession:
 
     # -- writing ---------------------------------------------------------------------------
     def write(self, lead_time: Any = None, **metadata: Any) -> CheckpointEntry | None:
-        """Record a boundary; commits a row every ``flush_interval`` writes (collective)."""
+        """Record a boundary; commits a row every ``flush_interval`` writes (collective).
+
+        Subscribers of :mod:`distckpt.engine.hooks` (preemption) run once it returns."""
+        entry = self._write(lead_time, **metadata)
+        hooks.announce(hooks.Boundary(self.catalog.comm, getattr(entry, "row", None), self))
+        return entry
+
+    def _write(self, lead_time: Any, **metadata: Any) -> CheckpointEntry | None:
         self._write_count += 1
         self._writes_since_start += 1
         if lead_time is not None:
@@ -431,7 +439,7 @@ class CheckpointSession:
             self._pending_metadata.update(metadata)
             self._dirty = True
         comm = self.catalog.comm
-        if not any(comm.allgather(self._dirty)):
+        if not any(step.gather(comm, step.SESSION_PENDING, lambda: self._dirty)):
             return None
         cat = self.catalog
         if cat.async_write:
@@ -446,8 +454,7 @@ class CheckpointSession:
             pack_threshold=cat.pack_threshold,
             checksums=cat.checksums,
         )
-        doomed = rows_to_delete(cat.store, cat.history_size) if comm.is_coordinator else []
-        engine.prune(cat.store, comm, doomed)
+        engine.prune(cat.store, comm, cat.history_size)
         view = engine.RowView(cat.store, manifest)
         self._entry = CheckpointEntry.from_view(view)
         self._pending_metadata = {}
@@ -485,8 +492,7 @@ class CheckpointSession:
                     checksums=cat.checksums,
                     plan=plan,
                 )
-                doomed = rows_to_delete(cat.store, cat.history_size) if wcomm.is_coordinator else []
-                engine.prune(cat.store, wcomm, doomed)
+                engine.prune(cat.store, wcomm, cat.history_size)
                 self._entry = CheckpointEntry.from_view(engine.RowView(cat.store, manifest))
                 return manifest
 

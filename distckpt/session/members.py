@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator
-from distckpt.dist.election import elect, row_status
-from distckpt.engine.steps import RowView, agree_or_raise, saved_world_size
+from distckpt.dist.election import RowStatus, elect, row_status
+from distckpt.engine.steps import RowView, saved_world_size
 from distckpt.errors import CheckpointError, CorruptCheckpointError, WorldSizeMismatchError
 from distckpt.format import tree as codec
 from distckpt.format.dtypes import spec_for, torch_dtype
@@ -145,20 +146,29 @@ def broadcast_state(comm: Communicator, value: Any, root: int = 0) -> Any:
 
     The tree goes as tagged JSON and the tensors as one raw byte payload; no pickle.
     """
-    header: dict[str, Any] | None = None
-    payload = b""
-    if comm.rank == root:
-        leaves: list[codec.Leaf] = []
-        tree = codec.encode(value, leaves)
-        staged = [leaf.tensor.detach().cpu().contiguous() for leaf in leaves]
-        header = {
-            "tree": tree,
-            "leaves": [
-                [spec_for(t.dtype).name, list(t.shape), leaf.numpy]
-                for t, leaf in zip(staged, leaves, strict=True)
-            ],
-        }
-        payload = b"".join(t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in staged)
+    packed = _pack(value) if comm.rank == root else None
+    return send_state(comm, packed, root)
+
+
+def _pack(value: Any) -> tuple[dict[str, Any], bytes]:
+    """A decoded state as a JSON header (tree, leaf dtypes and shapes) and raw bytes."""
+    leaves: list[codec.Leaf] = []
+    tree = codec.encode(value, leaves)
+    staged = [leaf.tensor.detach().cpu().contiguous() for leaf in leaves]
+    header = {
+        "tree": tree,
+        "leaves": [
+            [spec_for(t.dtype).name, list(t.shape), leaf.numpy]
+            for t, leaf in zip(staged, leaves, strict=True)
+        ],
+    }
+    return header, b"".join(t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in staged)
+
+
+def send_state(comm: Communicator, packed: tuple[dict[str, Any], bytes] | None, root: int) -> Any:
+    """Collective: the state ``root`` packed, unpacked on every rank (plain transport: the
+    packing, which may fail, happened before, in an agreed step)."""
+    header, payload = packed if packed is not None else (None, b"")
     header = comm.broadcast(header, root)
     data = comm.broadcast_bytes(payload if comm.rank == root else None, root)
     assert header is not None
@@ -203,16 +213,17 @@ class MappedView:
         self.mapping = mapping
         self.rank = comm.rank
         self.world_size = comm.world_size
-        failure: BaseException | None = None
-        status = None
-        try:  # every rank reads every manifest of the row (a shared store)
+
+        def read_row() -> RowStatus:  # every rank reads every manifest of the row (shared)
             status = row_status(store, row)
             if not status.committed or status.world_size is None:
                 missing = list(status.missing_ranks)
                 raise CheckpointError(f"row {row} is not committed here (missing {missing})")
-        except CheckpointError as exc:
-            failure = exc
-        agree_or_raise(comm, failure, CheckpointError, f"cannot open row {row} of {store.path}")
+            return status
+
+        status = step.run(
+            comm, step.MEMBERS_OPEN, read_row, context=f"cannot open row {row} of {store.path}"
+        )
         assert status is not None and status.world_size is not None
         self.saved: tuple[RankManifest, ...] = status.manifests
         self.saved_world = status.world_size
@@ -279,19 +290,21 @@ class MappedView:
         return names != BOUNDARY_FIELDS and not keyed
 
     def _broadcast(self, state_id: str, comm: Communicator) -> Any:
-        value: Any = None
-        error: str | None = None
-        if comm.rank == 0:
-            try:
-                q = next(q for q, m in enumerate(self.saved) if state_id in m.states)
-                tree = self.saved[q].states[state_id].tree
-                value = codec.decode(tree, self._reader(q).leaf(state_id))
-            except CheckpointError as exc:
-                error = str(exc)
-        error = comm.broadcast(error)
-        if error is not None:
-            raise CorruptCheckpointError(f"cannot restore replicated state {state_id!r}: {error}")
-        return broadcast_state(comm, value)
+        def decode() -> tuple[dict[str, Any], bytes] | None:
+            if comm.rank != 0:
+                return None
+            q = next(q for q, m in enumerate(self.saved) if state_id in m.states)
+            tree = self.saved[q].states[state_id].tree
+            return _pack(codec.decode(tree, self._reader(q).leaf(state_id)))
+
+        packed = step.run(
+            comm,
+            step.MEMBERS_REPLICATED,
+            decode,
+            context=f"cannot restore replicated state {state_id!r}",
+            fallback=CorruptCheckpointError,
+        )
+        return send_state(comm, packed, 0)
 
     def _mismatch(self, state_id: str, why: str) -> WorldSizeMismatchError:
         return WorldSizeMismatchError(

@@ -45,6 +45,7 @@ from types import FrameType, TracebackType
 from typing import Any, NoReturn
 
 from distckpt.dist.comm import Communicator, resolve
+from distckpt.engine import hooks
 from distckpt.logs import current_rank, get_logger
 
 #: Exit status meaning "a row was committed on purpose; requeue me and I will resume".
@@ -258,6 +259,7 @@ class PreemptionHandler:
         self._boundaries += 1
         if self._boundaries % self.every:
             return False
+        # A plain collective, not a step: nothing on the way to it can raise.
         flags = self.comm.allgather(int(self._flag))
         hits = {rank: _describe(int(f)) for rank, f in enumerate(flags) if f}
         if not hits:
@@ -288,6 +290,7 @@ class PreemptionHandler:
         comm = self.comm
         if comm.is_coordinator and self.requeue_file:
             self._write_requeue_file(row, comm.world_size)
+        # A plain barrier, not a step: the record's write logs its own errors, never raises.
         comm.barrier()
         self._exiting = True
         atexit.register(_quiet_teardown, self.signals if self._installed else ())
@@ -411,43 +414,24 @@ def watch_boundaries(handler: PreemptionHandler) -> Iterator[PreemptionHandler]:
     For code that cannot take the handler (an unmodified workflow): after each write the
     handler is asked (collectively) and, once the ranks agree, the session is flushed and the
     process exits with the requeue status. With no explicit ``comm``, the handler agrees over
-    the communicator of the first session (or ``save``) it sees. Patches the class and the
-    module attributes while the context lasts; not for use with threads that write.
+    the communicator of the first session (or ``save``) it sees. Subscribes to the boundary
+    events of :mod:`distckpt.engine.hooks` while the context lasts.
     """
-    import distckpt
-    from distckpt.engine import api
-    from distckpt.session import checkpoint
 
-    original_write = checkpoint.CheckpointSession.write
-    original_save = api.save
-
-    def adopt(comm: Communicator) -> None:
+    def on_boundary(event: hooks.Boundary) -> None:
         if handler._comm is None and handler._comm_arg is None:
-            handler._comm = comm
+            handler._comm = event.comm
+        if event.session is not None:
+            handler.at_boundary(event.session)
+        else:
+            row = event.row
+            handler.at_boundary(lambda: row)
 
-    @functools.wraps(original_write)
-    def write(self: checkpoint.CheckpointSession, lead_time: Any = None, **metadata: Any) -> Any:
-        entry = original_write(self, lead_time, **metadata)
-        adopt(self.catalog.comm)
-        handler.at_boundary(self)
-        return entry
-
-    @functools.wraps(original_save)
-    def save(state_dict: dict[str, Any], store: Any, **kwargs: Any) -> int:
-        row = original_save(state_dict, store, **kwargs)
-        adopt(resolve(kwargs.get("comm")))
-        handler.at_boundary(lambda: row)
-        return row
-
-    checkpoint.CheckpointSession.write = write  # type: ignore[method-assign]
-    api.save = save
-    distckpt.save = save
+    unsubscribe = hooks.subscribe(on_boundary)
     try:
         yield handler
     finally:
-        checkpoint.CheckpointSession.write = original_write  # type: ignore[method-assign]
-        api.save = original_save
-        distckpt.save = original_save
+        unsubscribe()
 
 
 def main(argv: list[str] | None = None) -> int:
