@@ -117,9 +117,9 @@ def test_numpy_values_come_back_as_new_reads_with_their_dtype() -> None:
     plan = plan_load(own(m), None)
     reads = {r.path: r.source for r in plan.reads}
     t = reads[("coords", "t")]
-    assert isinstance(t, ArrayRead) and t.numpy and t.view == "datetime64[s]"
+    assert isinstance(t, ArrayRead) and t.numpy and t.np_dtype == "datetime64[s]"
     v = reads[("coords", "v")]
-    assert isinstance(v, ArrayRead) and v.numpy and v.view is None
+    assert isinstance(v, ArrayRead) and v.numpy and v.np_dtype is None
 
 
 def test_a_global_array_fills_only_the_live_region() -> None:

@@ -41,7 +41,7 @@ def _as_value(read: ArrayRead, tensor: torch.Tensor) -> Any:
     if not read.numpy:
         return tensor
     array = tensor.numpy()
-    return array.view(np.dtype(read.view)) if read.view is not None else array
+    return array.view(np.dtype(read.np_dtype)) if read.np_dtype is not None else array
 
 
 def _new_box(read: BoxRead, globals_: GlobalReader) -> torch.Tensor:

@@ -32,10 +32,10 @@ class ArrayRead:
     rank: int
     entry: ArrayEntry
     numpy: bool = False  # the value comes back as an ndarray
-    view: str | None = None  # numpy dtype the ndarray is viewed as (datetimes)
+    np_dtype: str | None = None  # numpy dtype the ndarray is viewed as (datetimes)
 
-    def as_view(self, dtype: Any) -> ArrayRead:
-        """The same bytes seen as numpy ``dtype`` (the codec's datetime arrays)."""
+    def view(self, dtype: Any) -> ArrayRead:
+        """The same bytes seen as numpy ``dtype`` (the codec views datetime arrays so)."""
         return ArrayRead(self.rank, self.entry, True, str(dtype))
 
     @property
@@ -68,14 +68,6 @@ class GlobalRef:
     """A saved global array as it appears in a saved tree before planning."""
 
     entry: GlobalEntry
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.entry.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch_dtype(self.entry.dtype)
 
 
 class GlobalSource(Protocol):
@@ -126,10 +118,6 @@ class LoadPlan:
     updates: tuple[Update, ...]
     kept: tuple[str, ...] = ()  # live keys the row has no value for (strict=False)
 
-    @property
-    def into_live(self) -> list[int]:
-        return [i for i, r in enumerate(self.reads) if r.dest == "live"]
-
 
 def saved_tree(parts: Mapping[str, RankManifest]) -> dict[str, Any]:
     """The saved states, each from the manifest ``parts`` names for it, with every tensor
@@ -155,14 +143,13 @@ def saved_alike(manifests: Sequence[RankManifest], state_id: str) -> bool:
 
 
 def _decode(manifest: RankManifest, sid: str, node: Any) -> Any:
-    def leaf(index: int, as_numpy: bool) -> ArrayRead | _Viewable:
+    def leaf(index: int, as_numpy: bool) -> ArrayRead:
         if not 0 <= index < len(manifest.arrays):
             raise CorruptCheckpointError(
                 f"row {manifest.row}, rank {manifest.rank}: state {sid!r} refers to missing "
                 f"array {index}"
             )
-        read = ArrayRead(manifest.rank, manifest.arrays[index], as_numpy)
-        return _Viewable(read) if as_numpy else read
+        return ArrayRead(manifest.rank, manifest.arrays[index], as_numpy)
 
     def shard(index: int) -> GlobalRef:
         if not 0 <= index < len(manifest.globals):
@@ -172,29 +159,7 @@ def _decode(manifest: RankManifest, sid: str, node: Any) -> Any:
             )
         return GlobalRef(manifest.globals[index])
 
-    return _unwrap(codec.decode(node, leaf, shard))
-
-
-@dataclass(frozen=True)
-class _Viewable:
-    """A numpy leaf while decoding: the codec may call ``.view(dtype)`` on it."""
-
-    read: ArrayRead
-
-    def view(self, dtype: Any) -> ArrayRead:
-        return self.read.as_view(dtype)
-
-
-def _unwrap(value: Any) -> Any:
-    if isinstance(value, _Viewable):
-        return value.read
-    if isinstance(value, dict):
-        return {k: _unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_unwrap(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_unwrap(v) for v in value)
-    return value
+    return codec.decode(node, leaf, shard)
 
 
 def _is_tensor_source(value: Any) -> bool:
