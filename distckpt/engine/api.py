@@ -10,8 +10,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from distckpt.dist import step
 from distckpt.dist.comm import resolve
 from distckpt.dist.election import elect, elect_offline, row_status
@@ -19,18 +17,17 @@ from distckpt.dist.retention import RetentionPolicy, as_policy
 from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.redistribute import StateMapping, open_part_agreed, read_states
-from distckpt.engine.restore import read_for_load
+from distckpt.engine.restore import execute
 from distckpt.errors import (
     CheckpointError,
     CheckpointStateSchemaError,
+    CorruptCheckpointError,
     MigrationError,
     NoCommittedRowError,
 )
-from distckpt.format.shards import is_global
-from distckpt.format.tree import Path, path_str
-from distckpt.io.globalio import GlobalValue, fill, target_problem
 from distckpt.logs import get_logger
 from distckpt.migrate.migrations import AppliedMigration, MigrationRegistry, migrate_states
+from distckpt.plan.load import LoadPlan, plan_load, saved_tree
 from distckpt.storage.store import Store
 
 log = get_logger(__name__)
@@ -122,31 +119,38 @@ def load(
     c = resolve(comm)
     chosen = engine.choose_row(st, c, row, any_world_size=True)
     view = open_part_agreed(st, c, chosen)
-    kept: list[str] = []
-
-    def check(saved: dict[str, Any]) -> None:
-        kept.clear()
-        step.run(
+    # At the same world size the plan reads this rank's own part straight from the
+    # manifest (global arrays included); redistribution and migration decode states
+    # first, then plan from them. The layout step is kept so that load's collective steps
+    # stay the same on every path of the same world size.
+    step.gather(c, step.LOAD_LAYOUT, lambda: bool(view.manifest.globals))
+    saved: dict[str, Any] = {}
+    if view.saved_world_size == c.world_size and version is None:
+        saved = step.run(
             c,
-            step.LOAD_FIT,
-            lambda: _check_fits(state_dict, saved, (), strict, kept),
-            context=f"row {chosen} of {st.path} does not fit the live state",
-            fallback=CheckpointStateSchemaError,
+            step.LOAD_STAND_INS,
+            lambda: saved_tree(dict.fromkeys(view.manifest.states, view.manifest)),
+            context=f"cannot restore row {chosen}",
+            fallback=CorruptCheckpointError,
         )
-
-    # The direct path reads this rank's own part with every tensor paired to its live
-    # target; redistribution, migration and global arrays decode states first.
-    has_globals = any(step.gather(c, step.LOAD_LAYOUT, lambda: bool(view.manifest.globals)))
-    if view.saved_world_size == c.world_size and version is None and not has_globals:
-        saved = read_for_load(view, c, state_dict, in_place=in_place, check=check)
     else:
         saved = read_states(st, c, chosen, mapping, view=view)
         if version is not None:
             saved, _ = migrate_row_states(
                 view, saved, state_versions(version, saved, "load"), migrations, c
             )
-        check(saved)
-    _merge(state_dict, saved)
+    plan = _agreed_plan(c, st, chosen, saved, state_dict, strict)
+    readers = {view.rank: view.reader}
+    execute(
+        plan,
+        state_dict,
+        c,
+        row=chosen,
+        readers=readers,
+        globals_=view.globals_reader,
+        in_place=in_place,
+    )
+    kept = plan.kept
     if kept:  # nothing is skipped silently
         log.warning(
             "row %d of %s has no value for %d live key(s), which kept their values: %s",
@@ -231,63 +235,14 @@ def committed_part(st: Store, row: int, rank: int) -> engine.RowView:
     return engine.RowView(st, status.manifests[status.valid_ranks.index(rank)])
 
 
-def _check_fits(
-    target: Any, saved: Any, path: Path, strict: bool, kept: list[str] | None = None
-) -> None:
-    """Raise before any write if a saved value cannot go into the live one; with
-    ``strict=False``, collect in ``kept`` the live keys the row does not have."""
-    if isinstance(saved, GlobalValue):
-        problem = target_problem(target, saved)
-        if problem is not None:
-            raise CheckpointStateSchemaError(f"{path_str(path)!r}: {problem}")
-        return
-    if isinstance(target, torch.Tensor):
-        if not isinstance(saved, torch.Tensor):
-            raise CheckpointStateSchemaError(
-                f"{path_str(path)!r}: live value is a tensor, saved value is a "
-                f"{type(saved).__qualname__}"
-            )
-        if target.shape != saved.shape or target.dtype != saved.dtype:
-            raise CheckpointStateSchemaError(
-                f"{path_str(path)!r}: saved tensor is {tuple(saved.shape)} {saved.dtype}, "
-                f"live tensor is {tuple(target.shape)} {target.dtype}"
-            )
-        return
-    if isinstance(target, dict) and isinstance(saved, dict):
-        for key, value in target.items():
-            if key in saved:
-                _check_fits(value, saved[key], (*path, key), strict, kept)
-            elif not strict:
-                if kept is not None:
-                    kept.append(path_str((*path, key)))
-            else:
-                raise CheckpointStateSchemaError(
-                    f"{path_str((*path, key))!r} is not in the checkpoint "
-                    "(load with strict=False to keep the live value)"
-                )
-    elif isinstance(target, list) and isinstance(saved, list) and len(target) == len(saved):
-        for i, (t, s) in enumerate(zip(target, saved, strict=True)):
-            _check_fits(t, s, (*path, i), strict, kept)
-
-
-def _merge(target: dict[Any, Any] | list[Any], saved: Any) -> None:
-    keys = list(saved.keys()) if isinstance(target, dict) else list(range(len(saved)))
-    for key in keys:
-        value = saved[key]
-        live = target.get(key) if isinstance(target, dict) else target[key]
-        if isinstance(value, GlobalValue):
-            if is_global(live) or isinstance(live, torch.Tensor):
-                fill(live, value)  # this rank's region only, from whatever layout was saved
-            else:
-                target[key] = value.full()
-        elif isinstance(live, torch.Tensor):
-            if value is live:  # read in place
-                continue
-            with torch.no_grad():
-                live.copy_(value)
-        elif (isinstance(live, dict) and isinstance(value, dict)) or (
-            isinstance(live, list) and isinstance(value, list) and len(live) == len(value)
-        ):
-            _merge(live, value)
-        else:
-            target[key] = value
+def _agreed_plan(
+    comm: Any, st: Store, row: int, saved: dict[str, Any], live: dict[str, Any], strict: bool
+) -> LoadPlan:
+    """Collective: the plan filling ``live``; every rank raises if any rank's does not fit."""
+    return step.run(
+        comm,
+        step.LOAD_FIT,
+        lambda: plan_load(saved, live, strict=strict),
+        context=f"row {row} of {st.path} does not fit the live state",
+        fallback=CheckpointStateSchemaError,
+    )

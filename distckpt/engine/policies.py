@@ -18,6 +18,7 @@ from distckpt.dist import step
 from distckpt.dist.comm import resolve
 from distckpt.engine import steps as engine
 from distckpt.engine.api import StoreLike, _store, migrate_row_states
+from distckpt.engine.restore import read_part
 from distckpt.errors import CheckpointError, CheckpointStateSchemaError
 from distckpt.logs import get_logger
 from distckpt.migrate.migrations import AppliedMigration, MigrationRegistry
@@ -168,7 +169,7 @@ def load_model(
     st = _store(store)
     c = resolve(comm)
     view = engine.open_row(st, c, row)
-    saved = engine.read_all(view, c, only={state, optimizer_state, scheduler_state})
+    saved = read_part(view, c, only={state, optimizer_state, scheduler_state})
     target = (
         version if version is not None else getattr(type(model), "__checkpoint_version__", None)
     )

@@ -16,6 +16,7 @@ from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.engine import steps as engine
 from distckpt.errors import CheckpointError, CorruptCheckpointError, WorldSizeMismatchError
+from distckpt.plan.load import saved_alike
 from distckpt.storage.store import Store
 
 
@@ -198,10 +199,7 @@ def _state_kinds(store: Store, comm: Communicator, row: int) -> dict[str, bool]:
         kinds: dict[str, bool] = {}
         status = row_status(store, row)
         for sid in sorted({sid for m in status.manifests for sid in m.states}):
-            held = [m.states.get(sid) for m in status.manifests]
-            digests = {None if r is None else r.digest for r in held}
-            # Uniform: every rank holds it with the same recorded digest.
-            kinds[sid] = len(digests) == 1 and None not in digests
+            kinds[sid] = saved_alike(status.manifests, sid)
         return kinds
 
     return step.decide(

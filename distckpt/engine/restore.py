@@ -1,14 +1,15 @@
-"""Reading one rank's part of a row for ``load``: all tensors at once, on a few threads,
-optionally straight into the live tensors' memory.
+"""Executing a load plan (``plan.load``): every tensor read, verified, then put in place.
 
-The trees are first decoded with shape-only stand-ins, so each saved tensor can be paired
-with the live tensor it will fill before any byte is read; then every tensor is read (one
-file's ``preadv`` overlapping another's checksum) and the trees are decoded for real.
+Tensors bound for live memory are read straight into it when it is a CPU contiguous tensor
+of the same dtype and shape (no allocation, no copy); by default their checksums are all
+verified first (a streamed pass through small reused buffers), so a bad row leaves the live
+state untouched. Global arrays are read by region into the live DTensor, ``Sharded`` piece
+or tensor, whatever layout saved them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -18,107 +19,148 @@ from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.engine import steps as engine
 from distckpt.errors import CorruptCheckpointError
-from distckpt.format import tree as codec
-from distckpt.format.dtypes import torch_dtype
-from distckpt.io.rowio import fits_directly
+from distckpt.format.manifest import ArrayEntry
+from distckpt.format.shards import Sharded
+from distckpt.io.globalio import GlobalReader, GlobalValue
+from distckpt.io.globalio import fill as fill_region
+from distckpt.io.rowio import RankReader, fits_directly
+from distckpt.plan.load import (
+    ArrayRead,
+    BoxRead,
+    LoadPlan,
+    ReadItem,
+    assign,
+    at,
+    fill_values,
+    plan_load,
+    saved_tree,
+)
 
 
-def _stand_ins(view: engine.RowView) -> tuple[dict[str, Any], dict[int, int], set[int]]:
-    """The row's states with each tensor replaced by a ``meta`` tensor of its shape and
-    dtype (nothing read), ``id(stand-in) -> leaf index``, and every leaf index used."""
-    arrays = view.manifest.arrays
-    index_of: dict[int, int] = {}
-    used: set[int] = set()
-
-    def leaf(index: int, as_numpy: bool) -> Any:
-        if not 0 <= index < len(arrays):
-            raise CorruptCheckpointError(
-                f"row {view.row}, rank {view.manifest.rank}: a state refers to missing "
-                f"array {index}"
-            )
-        used.add(index)
-        if as_numpy:
-            return np.zeros(0, dtype=np.int64)
-        entry = arrays[index]
-        meta = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype), device="meta")
-        index_of[id(meta)] = index
-        return meta
-
-    trees = {sid: codec.decode(rec.tree, leaf) for sid, rec in view.manifest.states.items()}
-    return trees, index_of, used
+def _as_value(read: ArrayRead, tensor: torch.Tensor) -> Any:
+    if not read.numpy:
+        return tensor
+    array = tensor.numpy()
+    return array.view(np.dtype(read.np_dtype)) if read.np_dtype is not None else array
 
 
-def _pair(live: Any, saved: Any, index_of: dict[int, int], out: dict[int, torch.Tensor]) -> None:
-    """Record which live tensor each saved tensor will be copied into (as ``api._merge``)."""
-    if isinstance(saved, torch.Tensor):
-        if isinstance(live, torch.Tensor) and id(saved) in index_of:
-            out[index_of[id(saved)]] = live
-        return
-    if isinstance(live, dict) and isinstance(saved, dict):
-        for key, value in saved.items():
-            if key in live:
-                _pair(live[key], value, index_of, out)
-    elif isinstance(live, list) and isinstance(saved, list) and len(live) == len(saved):
-        for lv, sv in zip(live, saved, strict=True):
-            _pair(lv, sv, index_of, out)
+def _new_box(read: BoxRead, globals_: GlobalReader) -> torch.Tensor:
+    out = torch.empty(read.box.lengths, dtype=read.dtype)
+    if read.box.numel:
+        globals_.read(read.entry, read.box, out)
+    return out
 
 
-def read_for_load(
-    view: engine.RowView,
+def execute(
+    plan: LoadPlan,
+    live: Any,
     comm: Communicator,
-    live: dict[str, Any],
     *,
-    in_place: bool,
-    check: Callable[[dict[str, Any]], None],
+    row: int,
+    readers: Mapping[int, RankReader],
+    globals_: GlobalReader,
+    in_place: bool = False,
+    replicas: bool = False,
 ) -> dict[str, Any]:
-    """Collective: this rank's saved states, every tensor read and verified.
+    """Collective: carry out ``plan`` on ``live`` (None: build the states anew).
 
-    ``check`` raises (on every rank, it agrees) if the saved structure does not fit ``live``;
-    it runs on the stand-ins, before any byte is read. A saved tensor whose live
-    counterpart is a CPU contiguous tensor of the same dtype and shape is read straight
-    into it (no allocation, no copy), and the returned tree holds that live tensor itself;
-    others come back in fresh tensors. By default every checksum is verified before any
-    live tensor is written (a streamed first pass over the files, through small reused
-    buffers). With ``in_place``, bytes are verified as they land instead (one pass): if a
-    checksum fails, every rank raises and such live tensors may hold the row's bytes (or
-    part of them): reload from another row.
+    ``replicas``: a global array read whole comes back as a ``Sharded`` replica of all of
+    it (saved again, it stays one global array), not as a plain tensor.
+
+    Returns the states built (with ``live=None``; else an empty dict). Two
+    agreed steps: read and verify everything not bound for live memory; then fill live
+    memory. If any rank fails a step, every rank raises; only with ``in_place`` may a
+    failed checksum leave a live tensor holding the row's bytes (reload from another row).
     """
-    where = f"cannot restore row {view.row}"
-    stand_ins, index_of, used = step.run(
-        comm,
-        step.LOAD_STAND_INS,
-        lambda: _stand_ins(view),
-        context=where,
-        fallback=CorruptCheckpointError,
-    )
-    check(stand_ins)
-    targets: dict[int, torch.Tensor] = {}
-    _pair(live, stand_ins, index_of, targets)
-    arrays = view.manifest.arrays
-    needed = sorted(used)
-    direct = [i for i in needed if i in targets and fits_directly(arrays[i], targets[i])]
-    in_live = set(direct)
-    fresh = [i for i in needed if i not in in_live]
-    got: dict[int, torch.Tensor] = {}
-    reader = view.reader
+    reads = plan.reads
+    where = f"cannot restore row {row}"
+    got: dict[int, Any] = {}
+    direct: dict[int, list[int]] = {}  # saved rank -> reads going straight into live memory
+    fresh: dict[int, list[int]] = {}  # saved rank -> reads into new tensors
 
     def verify() -> None:
+        for i, item in enumerate(reads):
+            src = item.source
+            if isinstance(src, ArrayRead):
+                into_live = item.dest == "live" and not src.numpy
+                straight = into_live and fits_directly(src.entry, at(live, item.path))
+                (direct if straight else fresh).setdefault(src.rank, []).append(i)
+            elif item.dest == "new" and isinstance(src, BoxRead):
+                whole = _new_box(src, globals_)
+                shape = src.entry.shape
+                got[i] = Sharded(whole, shape, (0,) * len(shape)) if replicas else whole
+            elif item.dest == "new":
+                got[i] = src
         if not in_place:
-            # Verify the bytes destined for live tensors first (streamed, nothing kept),
-            # and read the others into fresh tensors; only then fill live memory.
-            reader.verify_many([arrays[i] for i in direct])
-        got.update(zip(fresh, reader.read_many([(arrays[i], None) for i in fresh]), strict=True))
+            # Verify the bytes destined for live tensors first (streamed, nothing kept).
+            for rank, mine in direct.items():
+                readers[rank].verify_many([_entry(reads[i]) for i in mine])
+        for rank, mine in fresh.items():
+            tensors = readers[rank].read_many([(_entry(reads[i]), None) for i in mine])
+            got.update(zip(mine, tensors, strict=True))
 
     step.run(comm, step.LOAD_VERIFY, verify, context=where, fallback=CorruptCheckpointError)
+    in_live = {i for mine in direct.values() for i in mine}
 
     def fill() -> None:
-        jobs = [(arrays[i], targets[i]) for i in direct]
-        got.update(zip(direct, reader.read_many(jobs, verified=not in_place), strict=True))
+        for rank, mine in direct.items():
+            jobs = [(_entry(reads[i]), at(live, reads[i].path)) for i in mine]
+            readers[rank].read_many(jobs, verified=not in_place)
+        with torch.no_grad():
+            for i, item in enumerate(reads):
+                if item.dest != "live" or i in in_live:
+                    continue
+                target = at(live, item.path)
+                if isinstance(item.source, BoxRead):
+                    fill_region(target, GlobalValue(item.source.entry, globals_))
+                else:
+                    target.copy_(got.get(i, item.source))
 
     step.run(comm, step.LOAD_FILL, fill, context=where, fallback=CorruptCheckpointError)
+    values = {
+        i: _as_value(r.source, got[i]) if isinstance(r.source, ArrayRead) else got[i]
+        for i, r in enumerate(reads)
+        if i in got
+    }
+    out: dict[str, Any] = {}
+    for update in plan.updates:
+        value = fill_values(update.value, values)
+        if live is None:
+            out[str(update.path[0])] = value
+        else:
+            assign(live, update.path, value)
+    return out
 
-    def leaf(index: int, as_numpy: bool) -> Any:
-        tensor = got[index]
-        return tensor.numpy() if as_numpy else tensor
 
-    return {sid: codec.decode(rec.tree, leaf) for sid, rec in view.manifest.states.items()}
+def _entry(item: ReadItem) -> ArrayEntry:
+    assert isinstance(item.source, ArrayRead)
+    return item.source.entry
+
+
+def read_part(
+    view: engine.RowView,
+    comm: Communicator,
+    only: Collection[str] | None = None,
+    *,
+    replicas: bool = False,
+) -> dict[str, Any]:
+    """Collective: the saved states of ``view`` (those in ``only`` that it has) read into
+    new tensors, global arrays whole (see :func:`execute` for ``replicas``)."""
+    wanted = [sid for sid in view.manifest.states if only is None or sid in only]
+    plan = step.run(
+        comm,
+        step.LOAD_READ,
+        lambda: plan_load(saved_tree(dict.fromkeys(wanted, view.manifest)), None),
+        context=f"cannot restore row {view.row}",
+        fallback=CorruptCheckpointError,
+    )
+    readers = {view.rank: view.reader}
+    return execute(
+        plan,
+        None,
+        comm,
+        row=view.row,
+        readers=readers,
+        globals_=view.globals_reader,
+        replicas=replicas,
+    )

@@ -12,9 +12,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from distckpt.dist.comm import RankInTurnComm
+from distckpt.dist.comm import RankInTurnComm, SingleProcessComm
 from distckpt.dist.election import elect_offline, row_status
 from distckpt.engine import steps as engine
+from distckpt.engine.restore import read_part
 from distckpt.errors import CheckpointError, MigrationError, NoCommittedRowError, StoreFormatError
 from distckpt.io.commit import retract_rank
 from distckpt.migrate.migrations import (
@@ -91,7 +92,7 @@ def migrate_row(
                 f"(it holds {sorted(manifest.states)})"
             )
         wanted = [state] if state is not None else list(manifest.states)
-        saved = {sid: view.read_state(sid) for sid in manifest.states}
+        saved = read_part(view, SingleProcessComm(), replicas=True)
         try:
             migrated, rank_applied = migrate_states(
                 saved, manifest.states, dict.fromkeys(wanted, to_version), registry

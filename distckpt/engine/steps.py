@@ -407,6 +407,10 @@ class RowView:
         return self._reader
 
     @property
+    def globals_reader(self) -> GlobalReader:
+        return self._globals
+
+    @property
     def metadata(self) -> dict[str, Any]:
         return codec.decode_metadata(self.manifest.metadata)
 

@@ -15,6 +15,7 @@ from typing import Any
 from distckpt.dist.comm import SingleProcessComm
 from distckpt.dist.election import elect_offline
 from distckpt.engine.api import StoreLike, committed_part, save
+from distckpt.engine.restore import read_part
 from distckpt.errors import (
     CheckpointSerializationError,
     ExportFormatError,
@@ -154,7 +155,7 @@ def read_row(store: StoreLike, row: int | None = None, rank: int = 0) -> tuple[i
     if chosen is None:
         raise NoCommittedRowError(f"no committed row in {st.path} to export")
     view = committed_part(st, chosen, rank)
-    return chosen, {sid: view.read_state(sid) for sid in view.manifest.states}
+    return chosen, read_part(view, SingleProcessComm())
 
 
 def export_row(

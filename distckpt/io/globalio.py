@@ -233,19 +233,6 @@ def target_region(live: Any) -> tuple[tuple[int, ...], torch.dtype, Box, torch.T
     return shape, live.dtype, Box((0,) * len(shape), shape), live
 
 
-def target_problem(live: Any, saved: GlobalValue) -> str | None:
-    """Why ``saved`` cannot fill ``live`` (checked on every rank before anything is read)."""
-    if not (is_global(live) or isinstance(live, torch.Tensor)):
-        return None  # replaced by the whole tensor
-    shape, dtype, _, _ = target_region(live)
-    if shape != saved.shape or dtype != saved.dtype:
-        return (
-            f"saved global tensor is {saved.shape} {saved.dtype}, live tensor is "
-            f"{shape} {dtype} (global shape)"
-        )
-    return None
-
-
 def fill(live: Any, saved: GlobalValue) -> None:
     """Read this rank's region of ``saved`` into ``live`` (DTensor, Sharded or tensor).
 

@@ -34,6 +34,7 @@ from distckpt.format.dtypes import spec_for, torch_dtype
 from distckpt.format.manifest import ArrayEntry, RankManifest
 from distckpt.io.rowio import RankReader, byte_view
 from distckpt.logs import get_logger
+from distckpt.plan.load import saved_alike
 from distckpt.storage.store import Store
 
 log = get_logger(__name__)
@@ -269,9 +270,7 @@ class MappedView:
     def _uniform(self, state_id: str) -> bool:
         """Saved alike by every one of several ranks (equal recorded digests), and not
         member-keyed (those are split by member, never copied to every rank)."""
-        held = [m.states.get(state_id) for m in self.saved]
-        digests = {None if r is None else r.digest for r in held}
-        if self.saved_world < 2 or len(digests) != 1 or None in digests:
+        if self.saved_world < 2 or not saved_alike(self.saved, state_id):
             return False
         try:
             per_rank = self._fields(state_id)
