@@ -18,9 +18,9 @@ from fakes import FullDiskFS
 from multiproc import WORKERS, run_torchrun
 
 import distckpt
+from distckpt import Store
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 from distckpt.storage.filesystem import Buffer, LocalFileSystem
-from distckpt.storage.store import Store
 
 BIG = DEFAULT_PACK_THRESHOLD // 4 + 10
 

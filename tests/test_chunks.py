@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from fakes import RecordingFS
 
 import distckpt
+from distckpt import Store
 from distckpt.cli import cli
 from distckpt.dist import step
 from distckpt.dist.comm import RankInTurnComm
@@ -24,7 +25,6 @@ from distckpt.format.chunks import TRAILER_BYTES, ChunkRef
 from distckpt.format.manifest import ArrayEntry
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 from distckpt.storage.filesystem import LocalFileSystem
-from distckpt.storage.store import Store
 
 ROW, RANK = 5, 2  # distinct, so a field holding one cannot pass for the other
 DATA = bytes(range(256)) * 40

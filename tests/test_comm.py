@@ -10,7 +10,8 @@ import pytest
 import torch.distributed as dist
 
 import distckpt
-from distckpt.dist.comm import Communicator, MPIComm, SingleProcessComm, TorchDistComm, resolve
+from distckpt import Communicator, MPIComm, SingleProcessComm, TorchDistComm
+from distckpt.dist.comm import resolve
 
 
 @pytest.fixture(params=["single", "torch-gloo", "mpi"])

@@ -10,11 +10,11 @@ import torch
 from fakes import FullDiskFS, RecordingFS, SequentialComm, save_as_ranks
 
 import distckpt
+from distckpt import Store
 from distckpt.dist.election import elect_offline, row_status
 from distckpt.dist.retention import rows_to_delete
 from distckpt.format.manifest import InvalidManifest
 from distckpt.io.commit import delete_row
-from distckpt.storage.store import Store
 
 
 def _big_state(rank: int = 0) -> dict:

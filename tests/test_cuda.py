@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import distckpt
-from distckpt.dist.comm import TorchDistComm
+from distckpt import TorchDistComm
 
 pytestmark = [
     pytest.mark.cuda,

@@ -10,8 +10,8 @@ import torch
 from fakes import SequentialComm, save_as_ranks
 
 import distckpt
+from distckpt import Store
 from distckpt.dist.election import elect, elect_offline, row_status
-from distckpt.storage.store import Store
 
 
 def _state(rank: int) -> dict:

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 import distckpt
+from distckpt import Store
 from distckpt.errors import CheckpointWriteError, LeaseHeldError
 from distckpt.storage.filesystem import FileSystem, LocalFileSystem
 from distckpt.storage.lease import LEASE_FILE, LOCK_FILE, Lease, lease_status
 from distckpt.storage.memory import MemoryFileSystem
-from distckpt.storage.store import Store
 from tests.fakes import FullDiskFS, RecordingFS
 
 

@@ -19,11 +19,11 @@ import zarr
 from multiproc import WORKERS, LaunchResult, run_torchrun
 
 import distckpt
+from distckpt import Store
 from distckpt.errors import CheckpointSerializationError, CorruptCheckpointError
 from distckpt.format.shards import Box, chunk_shape, plan_layouts
 from distckpt.io.globalio import array_path
 from distckpt.io.verify import check_manifest, read_rank
-from distckpt.storage.store import Store
 
 WORKER = WORKERS / "global_worker.py"
 TEST_TIMEOUT = 400

@@ -23,9 +23,10 @@ from click.testing import CliRunner, Result
 from multiproc import WORKERS, run_torchrun
 
 import distckpt
+from distckpt import export_row, import_checkpoint
 from distckpt.cli import EXIT_ERROR, EXIT_NO_ROW, EXIT_STORE, cli
 from distckpt.errors import ExportFormatError, ImportFormatError
-from distckpt.interchange import detect, export_row, import_checkpoint, import_report
+from distckpt.interchange import detect, import_report
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

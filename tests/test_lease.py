@@ -17,20 +17,18 @@ import pytest
 import torch
 
 import distckpt
+from distckpt import LeaseHeldError, LeaseLostError, Store
 from distckpt.errors import CheckpointError, StoreFormatError
 from distckpt.storage import lease as lease_mod
 from distckpt.storage.lease import (
     LEASE_FILE,
     LOCK_FILE,
     Lease,
-    LeaseHeldError,
-    LeaseLostError,
     hold,
     lease_status,
     release,
     release_all,
 )
-from distckpt.storage.store import Store
 
 
 class Clock:

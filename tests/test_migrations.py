@@ -17,11 +17,12 @@ from fakes import SequentialComm
 from torch import nn
 
 import distckpt
+from distckpt import MigrationRegistry
 from distckpt.cli import EXIT_ERROR, EXIT_OK, cli
 from distckpt.dist.election import row_status
 from distckpt.engine.rewrite import migrate_row
 from distckpt.format.layout import FORMAT_VERSION
-from distckpt.migrate.migrations import MigrationRegistry, load_migrations
+from distckpt.migrate.migrations import load_migrations
 from distckpt.storage.filesystem import LocalFileSystem
 
 N_FEATURES = 52  # grid input features; neural-lam's example moves column 49

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from multiproc import WORKERS, LaunchResult, launch, needs_mpiexec
 
 import distckpt
-from distckpt.storage.store import Store
+from distckpt import Store
 
 WORKER = WORKERS / "ckpt_worker.py"
 ROWS = 3  # rows each write job commits: 0, 1, 2

@@ -10,8 +10,7 @@ from multiproc import run_torchrun
 from torch import nn
 
 import distckpt
-from distckpt import LoadPolicy
-from distckpt.migrate.migrations import MigrationRegistry
+from distckpt import LoadPolicy, MigrationRegistry
 
 WORKERS = Path(__file__).parent / "workers"
 

@@ -44,16 +44,18 @@ from multiproc import (
 )
 
 import distckpt
-from distckpt import Checkpoint, CheckpointError, bind_checkpoint_state
-from distckpt.dist.comm import Communicator, SingleProcessComm
-from distckpt.session.preempt import (
+from distckpt import (
     REQUEUE_EXIT_CODE,
+    Checkpoint,
+    CheckpointError,
+    Communicator,
     PreemptionHandler,
-    parse_signal,
+    SingleProcessComm,
+    Store,
+    bind_checkpoint_state,
     preemption,
-    watch_boundaries,
 )
-from distckpt.storage.store import Store
+from distckpt.session.preempt import parse_signal, watch_boundaries
 
 WORKER = WORKERS / "preempt_worker.py"
 ENSEMBLE = REPO_ROOT / "scripts" / "ensemble.py"

@@ -8,8 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from distckpt import Checkpoint, NullCheckpoint
-from distckpt.dist.comm import SingleProcessComm
+from distckpt import Checkpoint, NullCheckpoint, SingleProcessComm
 from distckpt.reference import (
     EnsembleConfig,
     ForecastStore,

@@ -18,18 +18,13 @@ from distckpt import (
     CheckpointError,
     CheckpointSerializationError,
     CheckpointStateSchemaError,
-    bind_checkpoint_state,
-)
-from distckpt.format.tree import Leaf, decode, encode
-from distckpt.session.rng import (
     GeneratorState,
     GlobalRngState,
     RngStateError,
-    capture,
-    capture_global,
-    restore,
-    restore_global,
+    bind_checkpoint_state,
 )
+from distckpt.format.tree import Leaf, decode, encode
+from distckpt.session.rng import capture, capture_global, restore, restore_global
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

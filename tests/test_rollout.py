@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distckpt import Checkpoint
+from distckpt import Checkpoint, ResumableRollout
 from distckpt.reference import Persistence, StochasticModel, initial_condition
-from distckpt.session.rollout import ResumableRollout
 
 
 def _batch(members: list[int]):

@@ -18,12 +18,9 @@ from fakes import SequentialComm, save_as_ranks
 from safetensors.torch import load_file
 
 import distckpt
+from distckpt import MigrationRegistry, RenameKeys, Store, export_row
 from distckpt.cli import EXIT_OK, cli
 from distckpt.engine.rewrite import migrate_row
-from distckpt.interchange.api import export_row
-from distckpt.migrate.migrations import MigrationRegistry
-from distckpt.migrate.surgery import RenameKeys
-from distckpt.storage.store import Store
 
 WEIGHT = torch.arange(12, dtype=torch.float32).reshape(4, 3)
 BIAS = torch.tensor([0.5, -1.0, 2.0, 3.0])

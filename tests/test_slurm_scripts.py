@@ -42,7 +42,7 @@ from test_preempt import (
 from test_preempt import reference_digest as reference_digest  # a fixture, used by name
 
 import distckpt
-from distckpt.dist.comm import SingleProcessComm
+from distckpt import SingleProcessComm
 
 RUN_SH = REPO_ROOT / "scripts" / "slurm" / "run.sh"
 JOB_SBATCH = REPO_ROOT / "scripts" / "slurm" / "job.sbatch"

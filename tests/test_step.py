@@ -18,9 +18,8 @@ from fakes import SequentialComm
 from multiproc import LAUNCHERS, WORKERS, launch
 
 import distckpt
-from distckpt import faults
+from distckpt import Communicator, SingleProcessComm, faults
 from distckpt.dist import step
-from distckpt.dist.comm import Communicator, SingleProcessComm
 from distckpt.errors import (
     CheckpointError,
     CheckpointWriteError,

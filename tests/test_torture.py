@@ -52,7 +52,7 @@ from multiproc import (
 )
 
 import distckpt
-from distckpt.storage.store import Store
+from distckpt import Store
 
 SCRIPT = ENSEMBLE_SCRIPT
 MEMBERS, STEPS, GRID = 8, 6, (8, 16)

@@ -25,10 +25,9 @@ import torch
 import torch.distributed as dist
 
 import distckpt
-from distckpt import Checkpoint, MemberMapping, bind_checkpoint_state
+from distckpt import Checkpoint, MemberMapping, Store, bind_checkpoint_state
 from distckpt.dist.comm import resolve
 from distckpt.storage.filesystem import LocalFileSystem
-from distckpt.storage.store import Store
 
 MEMBERS = 8
 MAPPING = MemberMapping(MEMBERS, replicated=("weights",))

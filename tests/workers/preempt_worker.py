@@ -30,9 +30,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distckpt import Checkpoint, bind_checkpoint_state
+from distckpt import Checkpoint, PreemptionHandler, bind_checkpoint_state
 from distckpt.dist.comm import resolve
-from distckpt.session.preempt import PreemptionHandler
 
 
 @dataclass

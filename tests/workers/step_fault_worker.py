@@ -28,9 +28,8 @@ from typing import Any
 import torch
 
 import distckpt
-from distckpt import faults
+from distckpt import faults, lease
 from distckpt.dist import step
-from distckpt.storage import lease
 
 ERRORS: dict[str, Callable[[], BaseException]] = {
     "PermissionError": lambda: PermissionError(errno.EACCES, "permission denied", "/x"),
