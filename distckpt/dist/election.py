@@ -33,6 +33,8 @@ class RowStatus:
     missing_ranks: tuple[int, ...]
     problems: tuple[str, ...]
     manifests: tuple[RankManifest, ...] = ()
+    #: The problems that are disagreements between valid manifests (also in ``problems``).
+    disagreements: tuple[str, ...] = ()
 
 
 def row_status(store: Store, row: int) -> RowStatus:
@@ -45,10 +47,12 @@ def row_status(store: Store, row: int) -> RowStatus:
             problems.append(str(exc))
     sizes = {m.world_size for m in valid.values()}
     counts = {m.write_count for m in valid.values()}
+    disagreements: list[str] = []
     if len(sizes) > 1:
-        problems.append(f"manifests disagree on world size: {sorted(sizes)}")
+        disagreements.append(f"manifests disagree on world size: {sorted(sizes)}")
     if len(counts) > 1:
-        problems.append(f"manifests disagree on write count: {sorted(counts)}")
+        disagreements.append(f"manifests disagree on write count: {sorted(counts)}")
+    problems += disagreements
     world = max(sizes) if sizes else None
     missing = tuple(r for r in range(world) if r not in valid) if world else ()
     committed = world is not None and not missing and len(sizes) == 1 and len(counts) == 1
@@ -61,6 +65,7 @@ def row_status(store: Store, row: int) -> RowStatus:
         missing_ranks=missing,
         problems=tuple(problems),
         manifests=tuple(valid[r] for r in sorted(valid)),
+        disagreements=tuple(disagreements),
     )
 
 

@@ -253,9 +253,8 @@ class Verification:
                     )
             if status.world_size is None and not status.problems:
                 report.problems.append(Problem(row, None, None, "no rank committed this row"))
-            for problem in status.problems:
-                if problem.startswith("manifests disagree"):
-                    report.problems.append(Problem(row, None, None, problem))
+            for problem in status.disagreements:
+                report.problems.append(Problem(row, None, None, problem))
         self.total_bytes = sum(_written(m) for m in self.tasks)
 
     def run(
