@@ -87,13 +87,15 @@ def mapped_tree(manifests: Sequence[RankManifest], placement: Placement) -> Any:
         if placement.join == "one":
             (value,) = values.values()
             return value
-        return _merge(sid, values)
+        return merge_parts(sid, values)
     if placement.join == "members":
         return _members(manifests, placement)
     return _boundary(manifests, placement)
 
 
-def _merge(state_id: str, values: Mapping[int, Any]) -> dict[Any, Any]:
+def merge_parts(state_id: str, values: Mapping[int, Any]) -> dict[Any, Any]:
+    """Several saved ranks' dicts as one; a key two ranks hold is an error (merging would
+    duplicate or drop it)."""
     merged: dict[Any, Any] = {}
     owner: dict[Any, int] = {}
     for r, value in sorted(values.items()):
@@ -200,5 +202,6 @@ __all__ = [
     "fields_of",
     "finish",
     "mapped_tree",
+    "merge_parts",
     "member_keyed",
 ]
