@@ -3,7 +3,9 @@
 A state every saved rank holds with the same value (equal ``StateRecord.digest``) is read from
 saved rank ``rank % N``. Any other state is rank-private: it needs a mapping policy that
 says which saved ranks' parts each new rank reads and how it combines them; without one
-the restore raises ``WorldSizeMismatchError`` naming the state and both world sizes.
+the restore raises ``WorldSizeMismatchError`` naming the state and both world sizes. A
+policy with ``place`` (the ``plan.mapping`` protocol, as :class:`SourceRanks`) is planned as
+reads of the saved ranks' bytes; one with only ``combine`` decodes its parts itself.
 Global (sharded) arrays are not rank-private: they are filled by region (``globalio``).
 """
 

@@ -3,7 +3,9 @@
 A row written by N ranks holds each rank's private state. When its states are keyed by
 ensemble member id (noise and RNG per member, the rollout boundary of a batch of members), a
 job of M ranks can restore it: each rank works out its members at M and takes each member's
-entries from whichever saved rank held it, reading only those tensors. States replicated on
+entries from whichever saved rank held it, reading only those tensors (their byte ranges):
+:meth:`MemberMapping.place` is the ``plan.mapping`` protocol, and the view executes the load
+plan of the parts it places (``engine.restore``). States replicated on
 every rank (model weights) are read once and broadcast. Anything else cannot be
 redistributed and raises, naming the state and both world sizes.
 """
