@@ -176,10 +176,11 @@ def finish(manifests: Sequence[RankManifest], placement: Placement, value: Any) 
     boundary's wanted rows taken from each part's batch and stacked in ``order``."""
     if placement.join != "boundary" or not placement.parts:
         return value
+    sid = placement.state_id
     rows: dict[int, torch.Tensor] = {}
     for part, x in zip(placement.parts, value["x"], strict=True):
-        fields = fields_of(manifests[part.rank].states[placement.state_id].tree) or {}
-        saved = [int(m) for m in _decode(manifests[part.rank], "", fields["members"])]
+        fields = fields_of(manifests[part.rank].states[sid].tree) or {}
+        saved = [int(m) for m in _decode(manifests[part.rank], sid, fields["members"])]
         for m in part.members or ():
             rows[m] = x[saved.index(m)]
     coords = dict(value["coords"])
