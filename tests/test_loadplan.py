@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from distckpt.errors import CheckpointStateSchemaError, CorruptCheckpointError
+from distckpt import MemberMapping, SourceRanks
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointStateSchemaError,
+    CorruptCheckpointError,
+    WorldSizeMismatchError,
+)
 from distckpt.format import tree as codec
 from distckpt.format.manifest import ArrayEntry, GlobalEntry, RankManifest, StateRecord
 from distckpt.format.shards import Box, Sharded
@@ -22,6 +28,7 @@ from distckpt.plan.load import (
     saved_alike,
     saved_tree,
 )
+from distckpt.plan.mapping import Part, Placement, finish, mapped_tree
 
 
 def manifest(states: dict[str, object], rank: int = 0, globals_: tuple = ()) -> RankManifest:
@@ -168,3 +175,105 @@ def test_a_state_is_saved_alike_only_when_every_rank_records_one_digest() -> Non
     assert not saved_alike(with_digests(["a", None]), "s")  # saved before digests existed
     missing = [*with_digests(["a"]), manifest({"t": 1}, rank=1)]
     assert not saved_alike(missing, "s")
+
+
+# -- the mapping protocol: both families place parts and plan reads of several ranks ------
+def reads_by_rank(saved: dict[str, object]) -> dict[int, set[str]]:
+    """Saved rank -> names of the entries the plan reads from it."""
+    out: dict[int, set[str]] = {}
+    for item in plan_load(saved, None).reads:
+        assert isinstance(item.source, ArrayRead)
+        out.setdefault(item.source.rank, set()).add(item.source.entry.name)
+    return out
+
+
+def test_source_ranks_place_whole_parts_and_merge_their_reads() -> None:
+    rows = [
+        manifest({"counts": {"a": torch.zeros(2)}}, rank=0),
+        manifest({"counts": {"b": torch.zeros(3)}}, rank=1),
+    ]
+    policy = SourceRanks(lambda s, n, r, m: range(n))
+    placement = policy.place("counts", rows, 0, 1)
+    assert placement == Placement("counts", (Part(0), Part(1)), "merge")
+    tree = mapped_tree(rows, placement)
+    assert tree["a"] == ArrayRead(0, rows[0].arrays[0])
+    assert tree["b"] == ArrayRead(1, rows[1].arrays[0])
+    assert reads_by_rank({"counts": tree}) == {0: {"counts/a"}, 1: {"counts/b"}}
+    one = SourceRanks(lambda s, n, r, m: [1]).place("counts", rows, 0, 4)
+    assert one is not None and one.join == "one"
+    assert reads_by_rank({"counts": mapped_tree(rows, one)}) == {1: {"counts/b"}}
+    assert SourceRanks(lambda s, n, r, m: None).place("counts", rows, 0, 1) is None
+
+
+def test_source_ranks_refuse_unknown_ranks_and_duplicated_keys() -> None:
+    rows = [manifest({"s": {"k": torch.zeros(1)}}, rank=r) for r in range(2)]
+    with pytest.raises(CheckpointError, match=r"saved ranks \[5\] of state 's'"):
+        SourceRanks(lambda s, n, r, m: [5]).place("s", rows, 0, 1)
+    both = SourceRanks(lambda s, n, r, m: [0, 1]).place("s", rows, 0, 1)
+    assert both is not None
+    with pytest.raises(CheckpointError, match="'k' is held by saved ranks 0 and 1"):
+        mapped_tree(rows, both)
+
+
+def member_rows(states: list[dict[str, object]], done: list[int] | None = None) -> list:
+    rows = [manifest(s, rank=r) for r, s in enumerate(states)]
+    if done is not None:
+        meta = codec.encode_metadata({"completed_ensembles": done})
+        rows[0] = dataclasses.replace(rows[0], metadata=meta)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("rank", "world", "done", "expected"),
+    [
+        (0, 1, None, {0: {"noise/n/0", "noise/n/2"}, 1: {"noise/n/1", "noise/n/3"}}),
+        (1, 4, None, {1: {"noise/n/1"}}),  # member 1 only, from the rank that held it
+        (0, 3, None, {0: {"noise/n/0"}, 1: {"noise/n/3"}}),
+        (0, 1, [2, 3], {0: {"noise/n/0"}, 1: {"noise/n/1"}}),  # finished members dropped
+    ],
+)
+def test_member_mapping_reads_each_members_entries_from_its_saved_rank(
+    rank: int, world: int, done: list[int] | None, expected: dict[int, set[str]]
+) -> None:
+    rows = member_rows(
+        [
+            {"noise": {"n": {0: torch.zeros(2), 2: torch.zeros(2)}}},
+            {"noise": {"n": {1: torch.zeros(2), 3: torch.zeros(2)}}},
+        ],
+        done,
+    )
+    placement = MemberMapping(4).place("noise", rows, rank, world)
+    assert placement.join == "members"
+    tree = mapped_tree(rows, placement)
+    assert reads_by_rank({"noise": tree}) == expected
+    wanted = set(MemberMapping(4).members_of(rank, world)) - set(done or ())
+    assert set(tree["n"]) == wanted
+
+
+def test_member_mapping_reassembles_a_rollout_boundary_from_several_ranks() -> None:
+    def boundary(members: list[int]) -> dict[str, object]:
+        x = torch.tensor([[float(m)] * 2 for m in members])
+        coords = {"ensemble": np.array(members, dtype=np.int32)}
+        return {"step": 5, "x": x, "coords": coords, "members": members}
+
+    rows = member_rows([{"b": boundary([0, 2])}, {"b": boundary([1, 3])}])
+    placement = MemberMapping(4).place("b", rows, 1, 2)  # members 1 and 3 stay on rank 1
+    assert placement.parts == (Part(1, (1, 3)),) and placement.order == (1, 3)
+    placement = MemberMapping(4).place("b", rows, 0, 1)
+    assert placement.join == "boundary" and placement.order == (0, 1, 2, 3)
+    tree = mapped_tree(rows, placement)
+    assert tree["x"] == [ArrayRead(0, rows[0].arrays[0]), ArrayRead(1, rows[1].arrays[0])]
+    # The reads done, each part's rows of the wanted members are stacked in order.
+    read = dict(tree, x=[torch.tensor([[0.0, 0], [2, 2]]), torch.tensor([[1.0, 1], [3, 3]])])
+    read["coords"] = {"ensemble": np.array([0, 2], dtype=np.int32)}
+    value = finish(rows, placement, read)
+    assert value["x"][:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert value["members"] == [0, 1, 2, 3] and value["step"] == 5
+    assert value["coords"]["ensemble"].tolist() == [0, 1, 2, 3]
+    assert value["coords"]["ensemble"].dtype == np.int32
+
+
+def test_member_mapping_refuses_a_state_not_keyed_by_member() -> None:
+    rows = member_rows([{"counter": {"n": torch.zeros(1)}} for _ in range(2)])
+    with pytest.raises(WorldSizeMismatchError, match=r"'counter'.*2 ranks.*has 3"):
+        MemberMapping(4).place("counter", rows, 0, 3)

@@ -16,7 +16,12 @@ from distckpt.dist.election import elect, elect_offline, row_status
 from distckpt.dist.retention import RetentionPolicy, as_policy
 from distckpt.engine import hooks
 from distckpt.engine import steps as engine
-from distckpt.engine.redistribute import StateMapping, open_part_agreed, read_states
+from distckpt.engine.redistribute import (
+    StateMapping,
+    mapped_states,
+    open_part_agreed,
+    read_states,
+)
 from distckpt.engine.restore import execute
 from distckpt.errors import (
     CheckpointError,
@@ -120,11 +125,13 @@ def load(
     chosen = engine.choose_row(st, c, row, any_world_size=True)
     view = open_part_agreed(st, c, chosen)
     # At the same world size the plan reads this rank's own part straight from the
-    # manifest (global arrays included); redistribution and migration decode states
-    # first, then plan from them. The layout step is kept so that load's collective steps
-    # stay the same on every path of the same world size.
+    # manifest (global arrays included), at another world size from the saved ranks'
+    # parts the mapping names; migration decodes states first, then plans from them.
+    # The layout step is kept so that load's collective steps stay the same on every
+    # path of the same world size.
     step.gather(c, step.LOAD_LAYOUT, lambda: bool(view.manifest.globals))
     saved: dict[str, Any] = {}
+    readers = {view.rank: view.reader}
     if view.saved_world_size == c.world_size and version is None:
         saved = step.run(
             c,
@@ -133,14 +140,14 @@ def load(
             context=f"cannot restore row {chosen}",
             fallback=CorruptCheckpointError,
         )
+    elif version is None:  # another world size: reads of several saved ranks' parts
+        saved, readers = mapped_states(st, c, chosen, mapping, view=view)
     else:
         saved = read_states(st, c, chosen, mapping, view=view)
-        if version is not None:
-            saved, _ = migrate_row_states(
-                view, saved, state_versions(version, saved, "load"), migrations, c
-            )
+        saved, _ = migrate_row_states(
+            view, saved, state_versions(version, saved, "load"), migrations, c
+        )
     plan = _agreed_plan(c, st, chosen, saved, state_dict, strict)
-    readers = {view.rank: view.reader}
     execute(
         plan,
         state_dict,

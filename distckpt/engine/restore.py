@@ -132,6 +132,39 @@ def execute(
     return out
 
 
+def build(
+    plan: LoadPlan, *, readers: Mapping[int, RankReader], globals_: GlobalReader
+) -> dict[str, Any]:
+    """The states of ``plan`` (planned with ``live=None``), every tensor read and verified
+    into a new one. Local, no collective step: one rank restoring what it alone needs (a
+    session binding a state); ``readers`` holds a reader for every saved rank it reads."""
+    got: dict[int, Any] = {}
+    by_rank: dict[int, list[int]] = {}
+    for i, item in enumerate(plan.reads):
+        src = item.source
+        if isinstance(src, ArrayRead):
+            by_rank.setdefault(src.rank, []).append(i)
+        elif isinstance(src, BoxRead):
+            got[i] = _new_box(src, globals_)
+        else:
+            got[i] = src
+    for rank, mine in by_rank.items():
+        tensors = readers[rank].read_many([(_entry(plan.reads[i]), None) for i in mine])
+        got.update(zip(mine, tensors, strict=True))
+    values = {
+        i: _as_value(r.source, got[i]) if isinstance(r.source, ArrayRead) else got[i]
+        for i, r in enumerate(plan.reads)
+    }
+    return {str(u.path[0]): fill_values(u.value, values) for u in plan.updates}
+
+
+def read_state(view: engine.RowView, state_id: str) -> Any:
+    """One saved state of ``view``'s part, restored by executing its plan (local)."""
+    plan = plan_load(saved_tree({state_id: view.manifest}), None)
+    readers = {view.rank: view.reader}
+    return build(plan, readers=readers, globals_=view.globals_reader)[state_id]
+
+
 def _entry(item: ReadItem) -> ArrayEntry:
     assert isinstance(item.source, ArrayRead)
     return item.source.entry

@@ -211,7 +211,11 @@ class RankReader:
         rank: int,
         entries: Sequence[ArrayEntry],
         store: str | None = None,
+        ranged: bool = False,
     ) -> None:
+        # ``ranged``: a packed entry is read by its own byte range and checksum, not with
+        # its whole pack (a rank reading a few entries of another rank's data).
+        self._ranged = ranged
         self._fs = fs
         self._row_dir = row_dir
         self._store = store if store is not None else chunks.store_of(row_dir)
@@ -251,6 +255,9 @@ class RankReader:
         streamed through a small reused buffer (no allocation of the tensor's size)."""
         if entry.nbytes == 0 or entry.crc32c is None:
             return
+        if entry.packed and self._ranged:
+            self.read(entry)
+            return
         if entry.packed:
             chunks.check(self.ref(entry), byte_view(self._slice(entry)), entry.crc32c)
             return
@@ -277,7 +284,9 @@ class RankReader:
         if expected == 0:
             return out
         dest = byte_view(out)
-        if entry.packed:
+        if entry.packed and self._ranged:
+            chunks.read_range(self._fs, self.ref(entry), entry, dest)
+        elif entry.packed:
             out.reshape(-1).view(torch.uint8).copy_(self._slice(entry))
             if not verified:
                 chunks.check(self.ref(entry), dest, entry.crc32c)

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 
-from distckpt.engine.steps import StateSchema
+from distckpt.engine import restore
+from distckpt.engine.steps import RowView, StateSchema
 from distckpt.errors import CheckpointStateCollision, CheckpointStateSchemaError
 from distckpt.format.tree import qualified_name
 from distckpt.migrate.migrations import MigrationRegistry, default_registry, newer_version_error
 
 if TYPE_CHECKING:
-    from distckpt.engine.steps import RowView
     from distckpt.session.checkpoint import Checkpoint, CheckpointSession
     from distckpt.session.members import MappedView
 
@@ -275,7 +275,11 @@ def read_saved_fields(
         raise newer_version_error(state_id, record.version, live.version)
     if record.version == live.version:
         check_schema(state_id, record.fields, record.schema, live)
-    saved = view.read_state(state_id)
+    # Both views restore by executing a load plan (engine.restore).
+    if isinstance(view, RowView):
+        saved = restore.read_state(view, state_id)
+    else:
+        saved = view.read_state(state_id)
     if not isinstance(saved, dict):
         raise CheckpointStateSchemaError(
             f"state {state_id!r} of row {view.row} is not a mapping of fields"

@@ -3,7 +3,9 @@
 A row written by N ranks holds each rank's private state. When its states are keyed by
 ensemble member id (noise and RNG per member, the rollout boundary of a batch of members), a
 job of M ranks can restore it: each rank works out its members at M and takes each member's
-entries from whichever saved rank held it, reading only those tensors. States replicated on
+entries from whichever saved rank held it, reading only those tensors (their byte ranges):
+:meth:`MemberMapping.place` is the ``plan.mapping`` protocol, and the view executes the load
+plan of the parts it places (``engine.restore``). States replicated on
 every rank (model weights) are read once and broadcast. Anything else cannot be
 redistributed and raises, naming the state and both world sizes.
 """
@@ -11,7 +13,7 @@ redistributed and raises, naming the state and both world sizes.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,26 +23,33 @@ import torch
 from distckpt.dist import step
 from distckpt.dist.comm import Communicator
 from distckpt.dist.election import RowStatus, elect, row_status
+from distckpt.engine import restore
 from distckpt.engine.steps import RowView, saved_world_size
 from distckpt.errors import (
     CheckpointError,
     CorruptCheckpointError,
-    CorruptChunkError,
     WorldSizeMismatchError,
 )
 from distckpt.format import tree as codec
-from distckpt.format.chunks import read_range
 from distckpt.format.dtypes import spec_for, torch_dtype
-from distckpt.format.manifest import ArrayEntry, RankManifest
-from distckpt.io.rowio import RankReader, byte_view
+from distckpt.format.manifest import RankManifest
+from distckpt.io.rowio import RankReader
 from distckpt.logs import get_logger
-from distckpt.plan.load import saved_alike
+from distckpt.plan.load import ArrayRead, _decode, plan_load, saved_alike, saved_tree
+from distckpt.plan.mapping import (
+    BOUNDARY_FIELDS,
+    Part,
+    Placement,
+    fields_of,
+    finish,
+    mapped_tree,
+    member_keyed,
+)
 from distckpt.storage.store import Store
 
 log = get_logger(__name__)
 
 Json = Any
-BOUNDARY_FIELDS = frozenset({"step", "x", "coords", "members"})  # a RolloutBoundary's fields
 
 
 def round_robin(nensemble: int, rank: int, world_size: int) -> list[int]:
@@ -78,6 +87,80 @@ class MemberMapping:
         """The members rank ``rank`` of a ``world_size``-rank job holds."""
         return round_robin(self.nensemble, rank, world_size)
 
+    def place(
+        self, state_id: str, manifests: Sequence[RankManifest], rank: int, world_size: int
+    ) -> Placement:
+        """Where rank ``rank`` of ``world_size`` finds its members' entries of ``state_id``
+        (the ``plan.mapping`` protocol); raises ``WorldSizeMismatchError`` for a state that
+        is not member-keyed."""
+        head = manifests[0]
+
+        def mismatch(why: str) -> WorldSizeMismatchError:
+            return WorldSizeMismatchError(
+                f"state {state_id!r} of row {head.row} was saved by {len(manifests)} ranks "
+                f"and this job has {world_size}: {why}"
+            )
+
+        per_rank: list[tuple[int, dict[str, Json]]] = []
+        for q, m in enumerate(manifests):
+            record = m.states.get(state_id)
+            if record is None:
+                continue
+            fields = fields_of(record.tree)
+            if fields is None:
+                raise mismatch("it is not a mapping of fields")
+            per_rank.append((q, fields))
+        done_key = self.done_key
+        done = (
+            codec.decode_metadata(head.metadata).get(done_key, []) if done_key is not None else []
+        )
+        wanted = set(self.members_of(rank, world_size)) - {int(m) for m in done}
+        names = {name for _, fields in per_rank for name in fields}
+        if names == BOUNDARY_FIELDS:
+            return self._boundary(state_id, manifests, per_rank, wanted, rank, world_size)
+        if all(member_keyed(node) for _, fields in per_rank for node in fields.values()):
+            keep = tuple(sorted(wanted))
+            return Placement(state_id, tuple(Part(q, keep) for q, _ in per_rank), "members")
+        raise mismatch(
+            "it is rank-private and not keyed by ensemble member (every field a dict keyed by "
+            "member id, or a rollout boundary), so it cannot be redistributed"
+        )
+
+    def _boundary(
+        self,
+        state_id: str,
+        manifests: Sequence[RankManifest],
+        per_rank: list[tuple[int, dict[str, Json]]],
+        wanted: set[int],
+        rank: int,
+        world_size: int,
+    ) -> Placement:
+        head = manifests[0]
+        parts: list[Part] = []
+        steps: dict[int, int] = {}
+        for q, fields in per_rank:
+            members = [int(m) for m in _decode(manifests[q], state_id, fields["members"])]
+            step_ = int(_decode(manifests[q], state_id, fields["step"]))
+            here = [m for m in members if m in wanted]
+            if not here or step_ < 0 or fields["x"].get("v", 0) is None:
+                continue
+            for m in here:
+                if m in steps:
+                    raise CheckpointError(
+                        f"state {state_id!r} of row {head.row}: member {m} is in the rollout "
+                        f"boundaries of two saved ranks"
+                    )
+                steps[m] = step_
+            parts.append(Part(q, tuple(here)))
+        if len(set(steps.values())) > 1:
+            raise WorldSizeMismatchError(
+                f"state {state_id!r} of row {head.row} was saved by {len(manifests)} ranks "
+                f"and this job has {world_size}: its rollout boundaries are at different "
+                f"steps for members {steps}"
+            )
+        order = tuple(m for m in self.members_of(rank, world_size) if m in steps)
+        return Placement(state_id, tuple(parts), "boundary", order)
+
 
 # -- election across world sizes ----------------------------------------------------------------
 def elect_any(store: Store, comm: Communicator) -> tuple[int, int] | None:
@@ -88,49 +171,6 @@ def elect_any(store: Store, comm: Communicator) -> tuple[int, int] | None:
     if row is None:
         return None
     return row, saved_world_size(store, row)
-
-
-# -- reading single entries of any rank ---------------------------------------------------------
-class EntryReader:
-    """Reads single tensors of one saved rank: a packed one by its byte range only."""
-
-    def __init__(self, store: Store, manifest: RankManifest) -> None:
-        self.store = store
-        self.manifest = manifest
-        self.row_dir = store.row_dir(manifest.row)
-        self._reader = RankReader(
-            store.fs,
-            self.row_dir,
-            row=manifest.row,
-            rank=manifest.rank,
-            entries=manifest.arrays,
-            store=store.path,
-        )
-
-    def leaf(self, state_id: str) -> Callable[[int, bool], Any]:
-        def get(index: int, as_numpy: bool) -> Any:
-            if not 0 <= index < len(self.manifest.arrays):
-                raise CorruptCheckpointError(
-                    f"row {self.manifest.row}, rank {self.manifest.rank}: state {state_id!r} "
-                    f"refers to missing array {index}"
-                )
-            tensor = self.read(self.manifest.arrays[index])
-            return tensor.numpy() if as_numpy else tensor
-
-        return get
-
-    def read(self, entry: ArrayEntry) -> torch.Tensor:
-        if not entry.packed or entry.nbytes == 0:
-            return self._reader.read(entry)
-        out = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
-        ref = self._reader.ref(entry)
-        if out.numel() * out.element_size() != entry.nbytes:
-            raise ref.fail(
-                CorruptChunkError.SIZE,
-                f"manifest says {entry.nbytes} bytes for shape {entry.shape}",
-            )
-        read_range(self.store.fs, ref, entry, byte_view(out))
-        return out
 
 
 # -- broadcast of replicated states -------------------------------------------------------------
@@ -225,7 +265,7 @@ class MappedView:
             for sid, record in m.states.items():
                 records.setdefault(sid, record)
         self.manifest = dataclasses.replace(self.saved[0], states=records)
-        self._readers: dict[int, EntryReader] = {}
+        self._readers: dict[int, RankReader] = {}
         self._own: RowView | None = None
         if self.saved_world == self.world_size:
             self._own = RowView(store, self.saved[self.rank])
@@ -258,26 +298,43 @@ class MappedView:
         if state_id in self._replicated:
             return self._replicated[state_id]
         if self._own is not None:
-            return self._own.read_state(state_id)
+            return restore.read_state(self._own, state_id)
         return self._redistribute(state_id)
 
     # -- internals -------------------------------------------------------------------------
-    def _reader(self, rank: int) -> EntryReader:
+    def _reader(self, rank: int) -> RankReader:
+        """Saved rank ``rank``'s reader: packed entries by their own byte range."""
         if rank not in self._readers:
-            self._readers[rank] = EntryReader(self.store, self.saved[rank])
+            m = self.saved[rank]
+            self._readers[rank] = RankReader(
+                self.store.fs,
+                self.store.row_dir(m.row),
+                row=m.row,
+                rank=m.rank,
+                entries=m.arrays,
+                store=self.store.path,
+                ranged=True,
+            )
         return self._readers[rank]
+
+    def _execute(self, state_id: str, saved: Any) -> Any:
+        """Restore ``saved`` (a saved tree of ``state_id``) by executing its load plan."""
+        plan = plan_load({state_id: saved}, None)
+        ranks = {item.source.rank for item in plan.reads if isinstance(item.source, ArrayRead)}
+        readers = {q: self._reader(q) for q in ranks}
+        globals_ = RowView(self.store, self.saved[0]).globals_reader
+        return restore.build(plan, readers=readers, globals_=globals_)[state_id]
 
     def _uniform(self, state_id: str) -> bool:
         """Saved alike by every one of several ranks (equal recorded digests), and not
         member-keyed (those are split by member, never copied to every rank)."""
         if self.saved_world < 2 or not saved_alike(self.saved, state_id):
             return False
-        try:
-            per_rank = self._fields(state_id)
-        except WorldSizeMismatchError:  # not a mapping of fields: cannot be member-keyed
+        per_rank = [fields_of(m.states[state_id].tree) for m in self.saved]
+        if any(fields is None for fields in per_rank):  # cannot be member-keyed
             return True
-        names = {name for _, fields in per_rank for name in fields}
-        keyed = all(_member_keyed(node) for _, fields in per_rank for node in fields.values())
+        names = {name for fields in per_rank for name in fields or {}}
+        keyed = all(member_keyed(node) for fields in per_rank for node in (fields or {}).values())
         return names != BOUNDARY_FIELDS and not keyed
 
     def _broadcast(self, state_id: str, comm: Communicator) -> Any:
@@ -285,8 +342,7 @@ class MappedView:
             if comm.rank != 0:
                 return None
             q = next(q for q, m in enumerate(self.saved) if state_id in m.states)
-            tree = self.saved[q].states[state_id].tree
-            return _pack(codec.decode(tree, self._reader(q).leaf(state_id)))
+            return _pack(self._execute(state_id, saved_tree({state_id: self.saved[q]})[state_id]))
 
         packed = step.run(
             comm,
@@ -297,126 +353,19 @@ class MappedView:
         )
         return send_state(comm, packed, 0)
 
-    def _mismatch(self, state_id: str, why: str) -> WorldSizeMismatchError:
-        return WorldSizeMismatchError(
-            f"state {state_id!r} of row {self.row} of {self.store.path} was saved by "
-            f"{self.saved_world} ranks and this job has {self.world_size}: {why}"
-        )
-
-    def _wanted(self) -> set[int]:
-        assert self.mapping is not None
-        mine = set(self.mapping.members_of(self.rank, self.world_size))
-        done_key = self.mapping.done_key
-        done = self.metadata.get(done_key, []) if done_key is not None else []
-        return mine - {int(m) for m in done}
-
-    def _fields(self, state_id: str) -> list[tuple[int, dict[str, Json]]]:
-        """(saved rank, field name -> encoded node) of every saved rank holding the state."""
-        out = []
-        for q, m in enumerate(self.saved):
-            record = m.states.get(state_id)
-            if record is None:
-                continue
-            tree = record.tree
-            if "dict" not in tree or not all(isinstance(k, str) for k, _ in tree["dict"]):
-                raise self._mismatch(state_id, "it is not a mapping of fields")
-            out.append((q, {str(k): node for k, node in tree["dict"]}))
-        return out
-
-    def _redistribute(self, state_id: str) -> dict[str, Any]:
+    def _redistribute(self, state_id: str) -> Any:
         if self.mapping is None:
-            raise self._mismatch(
-                state_id,
-                "rank-private state cannot be redistributed; pass a mapping policy "
+            raise WorldSizeMismatchError(
+                f"state {state_id!r} of row {self.row} of {self.store.path} was saved by "
+                f"{self.saved_world} ranks and this job has {self.world_size}: rank-private "
+                "state cannot be redistributed; pass a mapping policy "
                 "(Checkpoint(..., mapping=distckpt.MemberMapping(nensemble))) if it is keyed "
-                "by ensemble member",
+                "by ensemble member"
             )
-        per_rank = self._fields(state_id)
-        names = {name for _, fields in per_rank for name in fields}
-        if names == BOUNDARY_FIELDS:
-            return self._boundary(state_id, per_rank)
-        if all(_member_keyed(node) for _, fields in per_rank for node in fields.values()):
-            return self._keyed(state_id, per_rank, names)
-        raise self._mismatch(
-            state_id,
-            "it is rank-private and not keyed by ensemble member (every field a dict keyed by "
-            "member id, or a rollout boundary), so it cannot be redistributed",
-        )
-
-    def _keyed(
-        self, state_id: str, per_rank: list[tuple[int, dict[str, Json]]], names: set[str]
-    ) -> dict[str, Any]:
-        wanted = self._wanted()
-        out: dict[str, dict[int, Any]] = {name: {} for name in sorted(names)}
-        origin: dict[tuple[str, int], int] = {}
-        for q, fields in per_rank:
-            leaf = self._reader(q).leaf(state_id)
-            for name, node in fields.items():
-                for key, value in node["dict"]:
-                    if key not in wanted:
-                        continue
-                    if (name, key) in origin:
-                        raise CheckpointError(
-                            f"state {state_id!r} of row {self.row}: member {key} of field "
-                            f"{name!r} is held by saved ranks {origin[name, key]} and {q}"
-                        )
-                    origin[name, key] = q
-                    out[name][key] = codec.decode(value, leaf)
-        log.debug("state %r: members %s from ranks %s", state_id, sorted(wanted), origin)
-        return dict(out)
-
-    def _boundary(
-        self, state_id: str, per_rank: list[tuple[int, dict[str, Json]]]
-    ) -> dict[str, Any]:
-        assert self.mapping is not None
-        wanted = self._wanted()
-        order = [m for m in self.mapping.members_of(self.rank, self.world_size) if m in wanted]
-        rows: dict[int, torch.Tensor] = {}
-        steps: dict[int, int] = {}
-        coords: dict[str, Any] | None = None
-        for q, fields in per_rank:
-            leaf = self._reader(q).leaf(state_id)
-            members = [int(m) for m in codec.decode(fields["members"], leaf)]
-            step = int(codec.decode(fields["step"], leaf))
-            here = [m for m in members if m in wanted]
-            if not here or step < 0 or fields["x"].get("v", 0) is None:
-                continue
-            x = codec.decode(fields["x"], leaf)  # the whole batch of rank q: one tensor
-            for m in here:
-                if m in rows:
-                    raise CheckpointError(
-                        f"state {state_id!r} of row {self.row}: member {m} is in the rollout "
-                        f"boundaries of two saved ranks"
-                    )
-                rows[m] = x[members.index(m)]
-                steps[m] = step
-            if coords is None:
-                coords = codec.decode(fields["coords"], leaf)
-        if not rows:
-            return {"step": -1, "x": None, "coords": {}, "members": []}
-        if len(set(steps.values())) != 1:
-            raise self._mismatch(
-                state_id,
-                f"its rollout boundaries are at different steps for members {steps}",
-            )
-        ordered = [m for m in order if m in rows]
-        assert coords is not None
-        saved_ids = np.asarray(coords.get("ensemble", np.array([], dtype=np.int64)))
-        coords["ensemble"] = np.array(ordered, dtype=saved_ids.dtype)
-        return {
-            "step": next(iter(steps.values())),
-            "x": torch.stack([rows[m] for m in ordered]),
-            "coords": coords,
-            "members": ordered,
-        }
-
-
-def _member_keyed(node: Json) -> bool:
-    """A field encoded as a dict whose keys are all integers (member ids)."""
-    items = node.get("dict") if isinstance(node, dict) else None
-    return items is not None and all(
-        isinstance(k, int) and not isinstance(k, bool) for k, _ in items
-    )
+        placement = self.mapping.place(state_id, self.saved, self.rank, self.world_size)
+        value = self._execute(state_id, mapped_tree(self.saved, placement))
+        log.debug("state %r: parts %s", state_id, placement.parts)
+        return finish(self.saved, placement, value)
 
 
 def open_view(
