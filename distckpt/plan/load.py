@@ -129,7 +129,7 @@ def saved_tree(parts: Mapping[str, RankManifest]) -> dict[str, Any]:
             raise CorruptCheckpointError(
                 f"row {manifest.row}, saved rank {manifest.rank}: state {sid!r} is missing"
             )
-        out[sid] = _decode(manifest, sid, record.tree)
+        out[sid] = decode_saved(manifest, sid, record.tree)
     return out
 
 
@@ -142,7 +142,7 @@ def saved_alike(manifests: Sequence[RankManifest], state_id: str) -> bool:
     return bool(manifests) and len(digests) == 1 and None not in digests
 
 
-def _decode(manifest: RankManifest, sid: str, node: Any) -> Any:
+def decode_saved(manifest: RankManifest, sid: str, node: Any) -> Any:
     def leaf(index: int, as_numpy: bool) -> ArrayRead:
         if not 0 <= index < len(manifest.arrays):
             raise CorruptCheckpointError(

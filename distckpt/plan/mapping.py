@@ -20,7 +20,7 @@ import torch
 
 from distckpt.errors import CheckpointError, CorruptCheckpointError
 from distckpt.format.manifest import RankManifest
-from distckpt.plan.load import _decode
+from distckpt.plan.load import decode_saved
 
 Join = Literal["one", "merge", "members", "boundary"]
 """How a new rank combines its parts: one part's value as saved; several parts' dicts
@@ -81,7 +81,7 @@ def mapped_tree(manifests: Sequence[RankManifest], placement: Placement) -> Any:
     sid = placement.state_id
     if placement.join in ("one", "merge"):
         values = {
-            p.rank: _decode(manifests[p.rank], sid, _state(manifests, p.rank, sid))
+            p.rank: decode_saved(manifests[p.rank], sid, _state(manifests, p.rank, sid))
             for p in placement.parts
         }
         if placement.join == "one":
@@ -150,7 +150,7 @@ def _members(manifests: Sequence[RankManifest], placement: Placement) -> dict[st
                         f"{name!r} is held by saved ranks {origin[name, key]} and {part.rank}"
                     )
                 origin[name, key] = part.rank
-                out[name][key] = _decode(manifest, sid, value)
+                out[name][key] = decode_saved(manifest, sid, value)
     return {name: out[name] for name in sorted(out)}
 
 
@@ -164,10 +164,10 @@ def _boundary(manifests: Sequence[RankManifest], placement: Placement) -> dict[s
     for part in placement.parts:
         manifest = manifests[part.rank]
         fields = fields_of(_state(manifests, part.rank, sid)) or {}
-        xs.append(_decode(manifest, sid, fields["x"]))
-        steps.append(_decode(manifest, sid, fields["step"]))
+        xs.append(decode_saved(manifest, sid, fields["x"]))
+        steps.append(decode_saved(manifest, sid, fields["step"]))
         if coords is None:
-            coords = _decode(manifest, sid, fields["coords"])
+            coords = decode_saved(manifest, sid, fields["coords"])
     return {"step": steps[0], "x": xs, "coords": coords, "members": list(placement.order)}
 
 
@@ -180,7 +180,7 @@ def finish(manifests: Sequence[RankManifest], placement: Placement, value: Any) 
     rows: dict[int, torch.Tensor] = {}
     for part, x in zip(placement.parts, value["x"], strict=True):
         fields = fields_of(manifests[part.rank].states[sid].tree) or {}
-        saved = [int(m) for m in _decode(manifests[part.rank], sid, fields["members"])]
+        saved = [int(m) for m in decode_saved(manifests[part.rank], sid, fields["members"])]
         for m in part.members or ():
             rows[m] = x[saved.index(m)]
     coords = dict(value["coords"])

@@ -35,7 +35,7 @@ from distckpt.format.dtypes import spec_for, torch_dtype
 from distckpt.format.manifest import RankManifest
 from distckpt.io.rowio import RankReader
 from distckpt.logs import get_logger
-from distckpt.plan.load import ArrayRead, _decode, plan_load, saved_alike, saved_tree
+from distckpt.plan.load import ArrayRead, decode_saved, plan_load, saved_alike, saved_tree
 from distckpt.plan.mapping import (
     BOUNDARY_FIELDS,
     Part,
@@ -139,8 +139,8 @@ class MemberMapping:
         parts: list[Part] = []
         steps: dict[int, int] = {}
         for q, fields in per_rank:
-            members = [int(m) for m in _decode(manifests[q], state_id, fields["members"])]
-            step_ = int(_decode(manifests[q], state_id, fields["step"]))
+            members = [int(m) for m in decode_saved(manifests[q], state_id, fields["members"])]
+            step_ = int(decode_saved(manifests[q], state_id, fields["step"]))
             here = [m for m in members if m in wanted]
             if not here or step_ < 0 or fields["x"].get("v", 0) is None:
                 continue
