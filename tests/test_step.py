@@ -274,3 +274,17 @@ def test_real_ranks_raise_together_when_rank_1_fails_at_any_step(
             assert c["failures"] == {"1": c["expected_type"]}, where
             assert f"step {c['step']} failed; rank 1: {c['expected_type']}: " in c["message"]
             assert c["seconds"] < 30, where  # gloo's 20 s group timeout would end a wait
+
+
+def test_workflow_steps_register_and_run_like_the_library_s() -> None:
+    name = step.register("workflow.open")
+    assert step.STEPS[name] == "workflow"
+    with pytest.raises(ValueError, match="group.what"):
+        step.register("nodot")
+
+    def boom() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(CollectiveStepError) as info:
+        step.run(SingleProcessComm(), name, boom, context="cannot open the output")
+    assert info.value.step == name and info.value.failures[0].type == "OSError"

@@ -86,6 +86,16 @@ STEPS: dict[str, str] = {
 }
 """Every step name -> its group (save, elect, load, members, async, session)."""
 
+def register(name: str) -> str:
+    """Add a step name for code above the library (a workflow's own collective step, such
+    as the reference ensemble's output store); returns it. Names are ``group.what``."""
+    group, dot, what = name.partition(".")
+    if not (group and dot and what):
+        raise ValueError(f"a step name is 'group.what', not {name!r}")
+    STEPS.setdefault(name, group)
+    return name
+
+
 # The steps ``distckpt.save(..., keep=N)`` runs, in order, and those ``distckpt.load`` runs
 # on a row written at this world size (election included).
 SAVE_STEPS = (SAVE_LEASE, SAVE_PLAN, SAVE_SHARDS, SAVE_OPEN, SAVE_OPEN_LOCAL, SAVE_COMMIT, SAVE_RETAIN)

@@ -16,7 +16,10 @@ import numpy as np
 import torch
 import zarr
 
+from distckpt.dist import step
 from distckpt.dist.comm import Communicator
+
+OPEN_STEP = step.register("output.open")
 
 
 class ForecastStore:
@@ -35,7 +38,10 @@ class ForecastStore:
     ) -> ForecastStore:
         """Collective: the coordinator creates the store if missing; then all open it."""
         store = ForecastStore(path)
-        if comm.is_coordinator and not os.path.exists(os.path.join(store.path, "zarr.json")):
+
+        def make() -> None:
+            if not comm.is_coordinator or os.path.exists(os.path.join(store.path, "zarr.json")):
+                return
             group = zarr.open_group(store.path, mode="a")
             group.create_array(
                 "x",
@@ -45,7 +51,9 @@ class ForecastStore:
                 fill_value=np.nan,
                 dimension_names=("ensemble", "step", "lat", "lon")[: 2 + len(shape)],
             )
-        comm.barrier()
+
+        # The coordinator's failure (a full disk, say) is every rank's: no rank waits on.
+        step.run(comm, OPEN_STEP, make, context=f"cannot create the forecast store {store.path}")
         return store
 
     @property
