@@ -279,7 +279,7 @@ def test_real_ranks_raise_together_when_rank_1_fails_at_any_step(
 def test_workflow_steps_register_and_run_like_the_library_s() -> None:
     name = step.register("workflow.open")
     assert step.STEPS[name] == "workflow"
-    with pytest.raises(ValueError, match="group.what"):
+    with pytest.raises(ValueError, match=r"group\.what"):
         step.register("nodot")
 
     def boom() -> None:

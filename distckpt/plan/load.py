@@ -275,12 +275,37 @@ class _Builder:
             self.reads.append(ReadItem(path, source, "new"))
             return Slot(len(self.reads) - 1)
         if isinstance(value, dict):
-            return {k: self._slots(v, (*path, k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._slots(v, (*path, i)) for i, v in enumerate(value)]
-        if isinstance(value, tuple):
-            return tuple(self._slots(v, (*path, i)) for i, v in enumerate(value))
+            return _like(value, {k: self._slots(v, (*path, k)) for k, v in value.items()})
+        if isinstance(value, list | tuple):
+            return _like(value, [self._slots(v, (*path, i)) for i, v in enumerate(value)])
         return value
+
+
+def _like(original: Any, items: Any) -> Any:
+    """``items`` in a container of ``original``'s type: the very object when nothing in it
+    changed (so ``torch.Size``, named tuples and dict subclasses come back as saved)."""
+    values = list(items.values()) if isinstance(items, dict) else items
+    olds = list(original.values()) if isinstance(original, dict) else list(original)
+    if all(a is b for a, b in zip(values, olds, strict=True)):
+        return original
+    kind = type(original)
+    if isinstance(original, dict):
+        return items if kind is dict else _rebuilt(kind, items, original)
+    if kind in (list, tuple):
+        return kind(items)
+    if hasattr(original, "_fields"):  # a named tuple
+        return kind(*items)
+    return _rebuilt(kind, items, original)
+
+
+def _rebuilt(kind: type, items: Any, original: Any) -> Any:
+    try:
+        made = kind(items)
+    except TypeError:
+        return dict(items) if isinstance(items, dict) else type(items)(items)
+    if hasattr(original, "default_factory"):
+        made.default_factory = original.default_factory
+    return made
 
 
 def _is_plain(saved: Any) -> bool:
@@ -305,11 +330,9 @@ def fill_values(value: Any, tensors: Mapping[int, Any]) -> Any:
     if isinstance(value, Slot):
         return tensors[value.index]
     if isinstance(value, dict):
-        return {k: fill_values(v, tensors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [fill_values(v, tensors) for v in value]
-    if isinstance(value, tuple):
-        return tuple(fill_values(v, tensors) for v in value)
+        return _like(value, {k: fill_values(v, tensors) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return _like(value, [fill_values(v, tensors) for v in value])
     return value
 
 
