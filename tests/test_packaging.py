@@ -158,3 +158,21 @@ def test_the_harness_sees_a_torch_replacement(user_env: tuple[Path, Path], tmp_p
     python, wheels = user_env
     plan = _would_install(python, wheels, "torch==2.13.0", report=tmp_path / "pin.json")
     assert plan == {"torch": "2.13.0"}
+
+
+def test_package_root_loads_public_names_on_first_use():
+    """``import distckpt`` imports no torch; every public name still resolves and is listed."""
+    script = (
+        "import sys, distckpt\n"
+        "before = 'torch' in sys.modules\n"
+        "assert set(distckpt.__all__) <= set(dir(distckpt))\n"
+        "missing = [n for n in distckpt.__all__ if getattr(distckpt, n, None) is None]\n"
+        "print(before, missing, distckpt.save.__module__, distckpt.rng.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "False", "[]", "distckpt.engine.api", "distckpt.session.rng"
+    ]  # fmt: skip
