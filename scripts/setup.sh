@@ -48,7 +48,7 @@ if ! "$PY" -m pip install --quiet --upgrade pip; then
     echo "setup: warning: could not upgrade pip; going on with $("$PY" -m pip --version)" >&2
 fi
 
-if "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" \
+if "$PY" -c "import torch, sys; sys.exit(torch.__version__ != '$TORCH_VERSION')" \
     >/dev/null 2>&1; then
     echo "setup: torch $TORCH_VERSION already installed"
 else
