@@ -1,14 +1,18 @@
 """Imports from and exports to other checkpoint formats (torch.save, Lightning,
 safetensors, torch.distributed.checkpoint); see docs/import.md.
 
-Names load on first use (PEP 562), so format detection (``distckpt show`` on a foreign
-file) imports neither torch nor the readers.
+The readers and writers load on first use (PEP 562), so format detection (``distckpt show``
+on a foreign file) imports neither torch nor them.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+# Imported here, not lazily: the function ``detect`` must shadow the submodule of that name.
+from distckpt.interchange.detect import EXPORT_FORMATS, IMPORT_FORMATS, Detection, detect
+from distckpt.interchange.records import Exported, Imported
 
 if TYPE_CHECKING:
     from distckpt.interchange.api import (
@@ -19,8 +23,6 @@ if TYPE_CHECKING:
         read_row,
         resolve_format,
     )
-    from distckpt.interchange.detect import EXPORT_FORMATS, IMPORT_FORMATS, Detection, detect
-    from distckpt.interchange.records import Exported, Imported
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -46,8 +48,6 @@ _FROM = {
         "read_row",
         "resolve_format",
     ),
-    "distckpt.interchange.detect": ("EXPORT_FORMATS", "IMPORT_FORMATS", "Detection", "detect"),
-    "distckpt.interchange.records": ("Exported", "Imported"),
 }
 _OWNER = {name: module for module, names in _FROM.items() for name in names}
 
