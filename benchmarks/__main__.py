@@ -22,27 +22,63 @@ from .report import derive, format_table, goals, machine_info, plot, write_json
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and every option's default (those that have one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if not action.option_strings or default in (None, False, argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--full",
         action="store_true",
-        help="the issue's real sizes: 1 GiB per rank, election over 1,000 rows x 64 ranks",
+        help="the issue's real sizes: 1024 MiB of state per rank, election over 1,000 rows "
+        "x 64 ranks (default: the quick sizes below)",
     )
     p.add_argument(
-        "--sizes", type=int, nargs="+", help="MiB per rank to save/restore (default 256; full 1024)"
+        "--sizes",
+        type=int,
+        nargs="+",
+        metavar="MIB",
+        help="state each rank saves and restores, in MiB per rank; several values give one "
+        "point each on the plot (default: 256; with --full 1024)",
     )
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="rank counts (default 1 2)")
-    p.add_argument("--repeat", type=int, default=3, help="repeats per measurement (median)")
-    p.add_argument("--tensors", type=int, default=64, help="tensors per rank for save/restore")
-    p.add_argument("--small-count", type=int, default=10_000, help="small tensors per rank")
+    p.add_argument(
+        "--ranks", type=int, nargs="+", default=[1, 2], help="rank counts (processes) to run"
+    )
+    p.add_argument(
+        "--repeat", type=int, default=3, help="repeats per measurement; the median counts"
+    )
+    p.add_argument(
+        "--tensors",
+        type=int,
+        default=64,
+        help="tensors the state of --sizes is split into, per rank",
+    )
+    p.add_argument(
+        "--small-count",
+        type=int,
+        default=10_000,
+        help="small tensors per rank in the small-state cases",
+    )
     p.add_argument("--small-bytes", type=int, default=4096, help="bytes per small tensor")
-    p.add_argument("--election-rows", type=int, help="rows (default 200; full 1000)")
-    p.add_argument("--election-ranks", type=int, default=64, help="ranks per row")
+    p.add_argument(
+        "--election-rows",
+        type=int,
+        help="rows in the election store (default: 200; with --full 1000)",
+    )
+    p.add_argument("--election-ranks", type=int, default=64, help="ranks per election row")
     p.add_argument(
         "--election-tensors", type=int, default=8, help="array entries per election manifest"
     )
@@ -51,11 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         choices=ALL_CASES,
         default=list(ALL_CASES),
-        help="cases to run (default all)",
+        help="cases to run",
     )
-    p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    p.add_argument("--out", default="bench-out", help="output directory")
     p.add_argument(
-        "--workdir", help="where stores are written (default <out>/work; same filesystem matters)"
+        "--workdir",
+        help="where stores are written; keep it on the filesystem to measure (default: <out>/work)",
     )
     p.add_argument("--timeout", type=float, default=3600, help="seconds per torchrun job")
     return p.parse_args(argv)

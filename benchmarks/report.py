@@ -231,9 +231,31 @@ def write_json(
     os.replace(tmp, path)
 
 
+# One colour and marker per tool in every plot of every run, so a tool reads the same
+# everywhere (colours from matplotlib's default cycle, markers distinct without colour).
+TOOL_STYLES: dict[str, tuple[str, str]] = {
+    "distckpt": ("C0", "o"),
+    "distckpt in-place": ("C9", "D"),
+    "distckpt crc off": ("C2", "v"),
+    "raw": ("C7", "s"),
+    "torch.save": ("C1", "^"),
+    "DCP": ("C3", "P"),
+    "earth2studio": ("C4", "X"),
+}
+OTHER_STYLE = ("black", "x")  # a tool this table does not know yet
+# Rank counts: the marker's fill, so colour and marker keep naming the tool.
+RANK_FILLS = {1: "full", 2: "none", 4: "left", 8: "bottom"}
+
+
+def tool_style(tool: str) -> tuple[str, str]:
+    """(colour, marker) of ``tool``: fixed, whatever else a run measured."""
+    return TOOL_STYLES.get(tool, OTHER_STYLE)
+
+
 def plot(path: str, records: list[Record]) -> str | None:
     """Throughput against size per rank, one line per tool and rank count; save and restore
-    side by side. Returns why it was skipped, or None."""
+    side by side, the legend outside the data. Saves that are not durable (no fsync) are
+    dashed and labelled so. Returns why it was skipped, or None."""
     try:
         import matplotlib
 
@@ -243,28 +265,33 @@ def plot(path: str, records: list[Record]) -> str | None:
         return f"matplotlib is not installed ({exc})"
     if not any(r["case"] in ("save", "restore") for r in records):
         return "no save or restore measurements"
-    tools = sorted({r["tool"] for r in records if r["case"] in ("save", "restore")})
-    colors = {t: f"C{i % 10}" for i, t in enumerate(tools)}
-    styles = {1: ("-", "o"), 2: ("--", "s"), 4: (":", "^")}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    handles: dict[str, Any] = {}
     for ax, op in zip(axes, ("save", "restore"), strict=True):
-        lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
+        lines: dict[tuple[str, int, bool], list[tuple[float, float]]] = {}
         for r in records:
             if r["case"] == op and r.get("gbps") is not None:
-                lines.setdefault((r["tool"], r["ranks"]), []).append((r["size_mib"], r["gbps"]))
+                durable = op != "save" or r.get("durable") is not False
+                key = (r["tool"], r["ranks"], durable)
+                lines.setdefault(key, []).append((r["size_mib"], r["gbps"]))
         sizes: set[float] = set()
-        for (tool, ranks), pts in sorted(lines.items()):
+        for (tool, ranks, durable), pts in sorted(lines.items()):
             pts.sort()
             sizes.update(p[0] for p in pts)
-            style, marker = styles.get(ranks, ("-.", "x"))
-            ax.plot(
+            color, marker = tool_style(tool)
+            label = f"{tool}, {ranks} rank{'s' if ranks > 1 else ''}"
+            if not durable:
+                label += " (not durable: no fsync)"
+            (line,) = ax.plot(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
-                style,
+                "--" if not durable else "-",
                 marker=marker,
-                color=colors[tool],
-                label=f"{tool}, {ranks} rank{'s' if ranks > 1 else ''}",
+                fillstyle=RANK_FILLS.get(ranks, "top"),
+                color=color,
+                label=label,
             )
+            handles.setdefault(label, line)
         ax.set_xscale("log", base=2)
         if sizes:
             ax.set_xticks(sorted(sizes), [f"{s:g}" for s in sorted(sizes)])
@@ -272,9 +299,16 @@ def plot(path: str, records: list[Record]) -> str | None:
         ax.set_ylabel("aggregate GB/s (median)")
         ax.set_title(f"{op} ({'durable: fsync' if op == 'save' else 'files in page cache'})")
         ax.grid(True, alpha=0.3)
-        if lines:
-            ax.legend(fontsize=7)
+    if handles:  # one legend for both plots, right of them: it never covers a point
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=7,
+            frameon=False,
+        )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return None

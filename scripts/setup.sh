@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Create or refresh the project's virtualenv in .venv (idempotent; quick when up to date).
 #
-# Needs only Python 3.11 (python3.11 or python3). torch is pinned to 2.13.0 and installed
-# first: pip then takes the CPU build that lies on this machine's disk, and the project's own
-# pin keeps a later install from pulling a multi-GB CUDA build.
+# Needs only Python 3.11 (python3.11 or python3). Every install passes constraints.txt, which
+# pins torch to the 2.13.0 CPU build on this machine's disk (distckpt itself only declares a
+# range), so no step can pull a multi-GB CUDA build. MPI for the tests: mpi4py (the `mpi`
+# extra) and the `mpich` wheel, which belongs to this development set-up only.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,9 +13,10 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 STAMP="$VENV/.distckpt-setup-stamp"
-TORCH_VERSION="2.13.0"
+CONSTRAINTS="$ROOT/constraints.txt"
+TORCH_VERSION="$(sed -n 's/^torch==\([^ #]*\).*/\1/p' "$CONSTRAINTS")"
 
-if [[ -x "$PY" && -f "$STAMP" && ! pyproject.toml -nt "$STAMP" ]] \
+if [[ -x "$PY" && -f "$STAMP" && ! pyproject.toml -nt "$STAMP" && ! "$CONSTRAINTS" -nt "$STAMP" ]] \
     && "$PY" -c 'import distckpt, tensorstore, mpi4py' >/dev/null 2>&1; then
     echo "setup: .venv is up to date"
     exit 0
@@ -46,16 +48,16 @@ if ! "$PY" -m pip install --quiet --upgrade pip; then
     echo "setup: warning: could not upgrade pip; going on with $("$PY" -m pip --version)" >&2
 fi
 
-if "$PY" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" \
+if "$PY" -c "import torch, sys; sys.exit(torch.__version__ != '$TORCH_VERSION')" \
     >/dev/null 2>&1; then
     echo "setup: torch $TORCH_VERSION already installed"
 else
     echo "setup: installing torch==$TORCH_VERSION"
-    "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
+    "$PY" -m pip install --quiet -c "$CONSTRAINTS" torch
 fi
 
-echo "setup: installing distckpt (editable) with its test tools"
-"$PY" -m pip install -qq -e '.[test]'
+echo "setup: installing distckpt (editable) with its test tools, mpi4py and the mpich wheel"
+"$PY" -m pip install -qq -c "$CONSTRAINTS" -e '.[test,mpi]' mpich
 
 "$PY" -c 'import distckpt, tensorstore, mpi4py'
 touch "$STAMP"

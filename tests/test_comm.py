@@ -6,6 +6,10 @@ test_multiproc.py.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch.distributed as dist
 
@@ -92,3 +96,52 @@ def test_duplicate_is_an_independent_communicator_over_the_same_ranks(comm: Comm
         assert dist.get_backend(dup._group) == "gloo"  # type: ignore[attr-defined]
     assert dup.allgather({"x": 1}) == [{"x": 1}]
     assert comm.allgather(2) == [2]
+
+
+_WITHOUT_MPI4PY = """
+import sys
+sys.modules["mpi4py"] = None  # as if mpi4py were not installed
+import distckpt
+from distckpt.dist.comm import resolve
+try:
+    comm = resolve()
+except distckpt.CommunicatorError as exc:
+    print("error:", exc)
+else:
+    distckpt.save({"a": 1}, sys.argv[1])
+    state = {"a": 0}
+    distckpt.load(state, sys.argv[1])
+    print("saved with", type(comm).__name__, state["a"])
+"""
+
+
+def _run_without_mpi4py(store: str, **launcher: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_MPI4PY, store],
+        env={**env, **launcher},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+_LAUNCH_VARS = {
+    "WORLD_SIZE", "RANK", "SLURM_NTASKS", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK", "PMIX_RANK", "MPI_LOCALRANKID",
+}  # fmt: skip
+
+
+def test_without_mpi4py_a_plain_process_saves(tmp_path):
+    assert _run_without_mpi4py(str(tmp_path)) == "saved with SingleProcessComm 1"
+
+
+@pytest.mark.parametrize("launcher", [{"PMI_RANK": "0", "PMI_SIZE": "2"}, {"PMIX_RANK": "0"}])
+def test_without_mpi4py_an_mpi_launch_is_a_clear_error(tmp_path, launcher):
+    out = _run_without_mpi4py(str(tmp_path), **launcher)
+    variable = next(iter(launcher))
+    assert out.startswith(f"error: launched under MPI ({variable} is set)"), out
+    assert 'pip install "distckpt[mpi]"' in out
+    assert not (tmp_path / "zarr.json").exists()

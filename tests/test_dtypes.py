@@ -366,3 +366,13 @@ def test_unstorable_tensor_is_refused_naming_its_key(tmp_path, make):
 def test_unstorable_tensor_raises_serialization_error(tmp_path, make):
     with pytest.raises(distckpt.CheckpointSerializationError, match=re.escape("'model/bad'")):
         distckpt.save({"model": {"bad": make()}}, tmp_path / "s")
+
+
+def test_stored_itemsize_needs_no_torch_and_agrees_with_it():
+    from distckpt.format.dtypes import spec_for, stored_itemsize
+
+    for dtype in supported_dtypes():
+        name = str(dtype).removeprefix("torch.")
+        assert stored_itemsize(name) == dtype.itemsize == spec_for(dtype).itemsize, name
+    with pytest.raises(distckpt.CheckpointSerializationError, match="unknown stored dtype"):
+        stored_itemsize("float128")

@@ -6,7 +6,11 @@ modules import only ``common`` (and the library), never each other's registratio
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Sequence
+
+import click
 
 from distckpt.cli import common, inspect, maintenance
 from distckpt.cli.common import (
@@ -20,6 +24,7 @@ from distckpt.cli.common import (
     EXIT_USAGE,
     CliError,
     cli,
+    error_document,
     human_bytes,
 )
 from distckpt.cli.interchange import export_command, import_command
@@ -49,5 +54,20 @@ __all__ = [
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point (``distckpt``)."""
-    cli.main(args=list(argv) if argv is not None else None, prog_name="distckpt")
+    """Console entry point (``distckpt``).
+
+    A usage error (unknown option, bad value) of a ``--json`` call also prints its JSON
+    error document on stdout, as every other failure does.
+    """
+    args = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        code = cli.main(args=args, prog_name="distckpt", standalone_mode=False)
+    except click.ClickException as exc:
+        exc.show()
+        if "--json" in args:
+            click.echo(json.dumps(error_document(exc.format_message(), exc.exit_code), indent=2))
+        code = exc.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        code = EXIT_ERROR
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

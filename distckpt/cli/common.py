@@ -21,7 +21,6 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import numpy as np
-import torch
 
 from distckpt.dist.election import RowStatus
 from distckpt.errors import (
@@ -105,8 +104,11 @@ def _message(exc: BaseException) -> str:
 def _fail(ctx: click.Context, exc: BaseException) -> NoReturn:
     if _debug(ctx):
         traceback.print_exc(file=sys.stderr)
-    click.echo(f"{ctx.command_path}: error: {_message(exc)}", err=True)
-    ctx.exit(_exit_code(exc))
+    message, code = _message(exc), _exit_code(exc)
+    click.echo(f"{ctx.command_path}: error: {message}", err=True)
+    if ctx.params.get("as_json") and not ctx.meta.get(_EMITTED):
+        emit_json(error_document(message, code))  # a script reading stdout gets a document
+    ctx.exit(code)
     raise AssertionError("unreachable")  # ctx.exit raises
 
 
@@ -171,7 +173,7 @@ def jsonable(value: Any) -> Any:
         return value if math.isfinite(value) else str(value)
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | torch.Size):
+    if isinstance(value, list | tuple):  # torch.Size too
         return [jsonable(v) for v in value]
     if isinstance(value, _dt.datetime | _dt.date | _dt.time):
         return value.isoformat()
@@ -211,8 +213,32 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "
     return out
 
 
+_EMITTED = "distckpt.json_emitted"
+
+
 def emit_json(doc: Any) -> None:
+    """Print ``doc`` on stdout: the one JSON document of a ``--json`` call."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta[_EMITTED] = True
     click.echo(json.dumps(doc, indent=2))
+
+
+def error_document(message: str, code: int) -> dict[str, Any]:
+    """What a ``--json`` call that fails prints on stdout (docs/cli.md)."""
+    return {"error": message, "exit": code}
+
+
+def porcelain_cell(value: Any) -> str:
+    """A machine value for ``--porcelain``: "-" for none, numbers as numbers, no tabs."""
+    value = jsonable(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict | list):
+        value = json.dumps(value, separators=(",", ":"))
+    return " ".join(str(value).split())  # no tab or newline can split a record
 
 
 # -- progress --------------------------------------------------------------------------------

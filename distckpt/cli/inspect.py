@@ -10,6 +10,7 @@ import click
 from distckpt.cli.common import (
     EXIT_CORRUPT,
     EXIT_NO_ROW,
+    EXIT_USAGE,
     CliError,
     Progress,
     _decoded,
@@ -26,6 +27,7 @@ from distckpt.cli.common import (
     json_option,
     jsonable,
     open_store,
+    porcelain_cell,
     progress_option,
     row_summary,
     table,
@@ -38,21 +40,45 @@ from distckpt.io.verify import Verification
 from distckpt.storage.lease import lease_status
 from distckpt.storage.store import Store
 
+PORCELAIN_COLUMNS = (
+    "row",
+    "status",
+    "step",
+    "ranks_committed",
+    "world_size",
+    "bytes",
+    "created",
+    "age_s",
+    "write_count",
+    "lead_time_s",
+)
+
 
 @cli.command("ls")
 @click.argument("store", type=click.Path())
 @json_option
+@click.option(
+    "--porcelain",
+    is_flag=True,
+    help=(
+        "For scripts: one tab-separated line per row, no header, fixed columns "
+        f"({', '.join(PORCELAIN_COLUMNS)}); bytes as integers, seconds as numbers, "
+        "ISO 8601 times, '-' for none."
+    ),
+)
 @handle_errors
-def ls_command(store: str, as_json: bool) -> None:
+def ls_command(store: str, as_json: bool, porcelain: bool) -> None:
     """List the rows of STORE, oldest first.
 
     For every row: its id, whether it is committed (every rank's manifest is there and
-    valid), the write count, lead time and `step` metadata when the job recorded them, the
-    number of ranks that wrote it, its size on disk and its age. A row that is not committed
-    says what is missing: which ranks have no manifest, and why a manifest is invalid. Rows
-    newer than the newest committed one are shown as "pending": a job may still be writing
-    them.
+    valid), the write count and lead time when a session wrote it (columns shown only
+    then), its `step` metadata, the number of ranks that wrote it, its size on disk and its
+    age. A row that is not committed says what is missing: which ranks have no manifest, and
+    why a manifest is invalid. Rows newer than the newest committed one are shown as
+    "pending": a job may still be writing them.
     """
+    if as_json and porcelain:
+        raise CliError("--json and --porcelain exclude each other", EXIT_USAGE)
     st, attrs = open_store(store)
     now = time.time()
     statuses = [row_status(st, r) for r in st.rows()] if attrs else []
@@ -72,11 +98,18 @@ def ls_command(store: str, as_json: bool) -> None:
             }
         )
         return
+    if porcelain:
+        for r in rows:
+            click.echo("\t".join(porcelain_cell(v) for v in _porcelain_values(r)))
+        return
     name = f'name "{attrs.get("name", "")}", format {attrs.get("format")}' if attrs else "empty"
     click.echo(f"store {st.path}  ({name})  {_lease_line(lstatus)}")
     if not rows:
         click.echo("no rows")
         return
+    # Write counts and lead times belong to rows a session (Checkpoint) wrote; rows of the
+    # functional API (save) have neither, and the columns would only be noise.
+    session = any(r["write_count"] or r["lead_time"] is not None for r in rows)
     body = []
     for r in rows:
         meta = r["metadata"] if isinstance(r["metadata"], dict) else {}
@@ -85,19 +118,15 @@ def ls_command(store: str, as_json: bool) -> None:
             if r["committed"]
             else f"{len(r['ranks_committed'])}/{r['world_size'] or '?'}"
         )
-        body.append(
-            [
-                str(r["row"]),
-                r["status"],
-                "-" if r["write_count"] is None else str(r["write_count"]),
-                human_value(r["lead_time"], 20),
-                human_value(meta.get("step"), 12),
-                ranks,
-                human_bytes(r["bytes"]),
-                human_age(r["age_s"]),
-            ]
-        )
-    headers = ["ROW", "STATUS", "WRITES", "LEAD TIME", "STEP", "RANKS", "SIZE", "AGE"]
+        cells = [str(r["row"]), r["status"]]
+        if session:
+            writes = "-" if r["write_count"] is None else str(r["write_count"])
+            cells += [writes, human_value(r["lead_time"], 20)]
+        cells += [human_value(meta.get("step"), 12), ranks, human_bytes(r["bytes"])]
+        body.append([*cells, human_age(r["age_s"])])
+    headers = ["ROW", "STATUS", "STEP", "RANKS", "SIZE", "AGE"]
+    if session:
+        headers[2:2] = ["WRITES", "LEAD TIME"]
     lines = table(headers, body)
     click.echo(lines[0])
     for line, r in zip(lines[1:], rows, strict=True):
@@ -109,6 +138,23 @@ def ls_command(store: str, as_json: bool) -> None:
         f"{len(committed)} committed of {len(rows)} rows, {human_bytes(total)}; "
         f"latest: {'none' if latest is None else latest}"
     )
+
+
+def _porcelain_values(r: dict[str, Any]) -> list[Any]:
+    """One row's values in the order of PORCELAIN_COLUMNS."""
+    meta = r["metadata"] if isinstance(r["metadata"], dict) else {}
+    return [
+        r["row"],
+        r["status"],
+        meta.get("step"),
+        len(r["ranks_committed"]),
+        r["world_size"],
+        r["bytes"],
+        r["created"],
+        r["age_s"],
+        r["write_count"],
+        r["lead_time"],  # a timedelta: seconds
+    ]
 
 
 @cli.command("latest", short_help="Print the row a restart would resume.")

@@ -19,16 +19,11 @@ from distckpt.cli.common import (
     json_option,
     open_store,
 )
-from distckpt.interchange import (
-    EXPORT_FORMATS,
-    IMPORT_FORMATS,
-    detect,
-    export_row,
-    import_report,
-)
-from distckpt.interchange.detect import DCP, DISTCKPT
-from distckpt.interchange.summary import summarize
+from distckpt.interchange.detect import DCP, DISTCKPT, EXPORT_FORMATS, IMPORT_FORMATS, detect
 from distckpt.storage.store import Store
+
+# The readers, writers and summaries import torch: they load inside the commands that use
+# them, so ``ls``/``latest``/``show``/``verify`` on a store never import it.
 
 
 @click.command("import", short_help="Import a torch, Lightning, safetensors or DCP checkpoint.")
@@ -53,6 +48,8 @@ def import_command(source: str, store: str, fmt: str | None, as_json: bool) -> N
     metadata records the source path, its format and why it was detected; values that
     could not be kept (e.g. hyper-parameters that are not JSON) are listed as notes.
     """
+    from distckpt.interchange.api import import_report
+
     if Store(store).fs.exists(store):
         open_store(store)  # refuse a foreign directory before reading the source
     result = import_report(source, store, format=fmt)
@@ -107,6 +104,8 @@ def export_command(
     torch.load(weights_only=True) reads. DEST is written to a temporary file and renamed,
     so it appears complete or not at all.
     """
+    from distckpt.interchange.api import export_row
+
     st, _ = open_store(store)
     done = export_row(st, dest, format=fmt, row=row, rank=rank)
     if as_json:
@@ -147,6 +146,8 @@ def show_foreign(path: str, row: int | None, as_json: bool) -> bool:
     problem: Exception | None = None
     if detection.format is not None:
         try:
+            from distckpt.interchange.summary import summarize
+
             doc = summarize(detection)
         except Exception as exc:  # still say what was detected, then fail
             problem = exc

@@ -7,12 +7,15 @@ applied chain in the new row's metadata. Old rows are never touched.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from distckpt.cli.common import EXIT_NO_ROW, CliError, emit_json, handle_errors, open_store
-from distckpt.engine.rewrite import migrate_row
-from distckpt.migrate.migrations import MigrationRegistry, default_registry, load_migrations
 from distckpt.storage.store import Store
+
+if TYPE_CHECKING:
+    from distckpt.migrate.migrations import MigrationRegistry
 
 
 @click.command("migrate", short_help="Write a row migrated to a newer schema version.")
@@ -60,6 +63,9 @@ def migrate_command(
     ``migrated_from``: the source store and row, and per state the versions and the
     operations applied.
     """
+    from distckpt.engine.rewrite import migrate_row
+    from distckpt.migrate.migrations import default_registry, load_migrations
+
     st, attrs = open_store(store, missing_code=EXIT_NO_ROW)
     if not attrs:
         raise CliError(f"no committed row in {st.path} to migrate", EXIT_NO_ROW)

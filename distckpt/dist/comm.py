@@ -273,7 +273,12 @@ def resolve(comm: Any = None) -> Communicator:
         try:
             return _cached(None, lambda: MPIComm())
         except ImportError as exc:
-            raise CommunicatorError(f"launched under MPI but mpi4py is unusable: {exc}") from exc
+            variable = next(v for v in _MPI_ENV if v in os.environ)
+            raise CommunicatorError(
+                f"launched under MPI ({variable} is set) but mpi4py cannot be imported ({exc}): "
+                'install it with pip install "distckpt[mpi]" (mpi4py built against the MPI '
+                "that launched the job), or launch with torchrun"
+            ) from exc
     hint = launch_hint()
     if hint is not None and hint[1] > 1:
         raise CommunicatorError(

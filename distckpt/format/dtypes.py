@@ -7,11 +7,14 @@ attributes: every reader gets the exact bytes, and ``.view()`` recovers the valu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from distckpt.errors import CheckpointSerializationError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -34,34 +37,35 @@ class DtypeSpec:
         return 0
 
 
+# By torch dtype name: reading a store needs no torch (the table is built on first use).
 _NATIVE = {
-    torch.bool: "bool",
-    torch.int8: "int8",
-    torch.int16: "int16",
-    torch.int32: "int32",
-    torch.int64: "int64",
-    torch.uint8: "uint8",
-    torch.uint16: "uint16",
-    torch.uint32: "uint32",
-    torch.uint64: "uint64",
-    torch.float16: "float16",
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.complex64: "complex64",
-    torch.complex128: "complex128",
+    "bool": "bool",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "float16": "float16",
+    "float32": "float32",
+    "float64": "float64",
+    "complex64": "complex64",
+    "complex128": "complex128",
 }
 
 _RAW_BY_WIDTH = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 
 _VIEWED = [
-    torch.bfloat16,
-    torch.complex32,
-    torch.float8_e4m3fn,
-    torch.float8_e4m3fnuz,
-    torch.float8_e5m2,
-    torch.float8_e5m2fnuz,
-    torch.float8_e8m0fnu,
-    torch.float4_e2m1fn_x2,
+    "bfloat16",
+    "complex32",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+    "float4_e2m1fn_x2",
 ]
 
 
@@ -69,23 +73,59 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _build() -> dict[str, tuple[torch.dtype, DtypeSpec]]:
+# Bytes per element of every stored dtype, for tools that size arrays without torch.
+_ITEMSIZE = {
+    "bool": 1,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "uint8": 1,
+    "uint16": 2,
+    "uint32": 4,
+    "uint64": 8,
+    "float16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex64": 8,
+    "complex128": 16,
+    "bfloat16": 2,
+    "complex32": 4,
+    "float8_e4m3fn": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "float4_e2m1fn_x2": 1,
+}
+
+
+def stored_itemsize(name: str) -> int:
+    """Bytes per element of the dtype saved under ``name`` (no torch needed)."""
+    size = _ITEMSIZE.get(name)
+    if size is None:
+        raise CheckpointSerializationError(f"unknown stored dtype {name!r}")
+    return size
+
+
+@functools.cache
+def _table() -> dict[str, tuple[torch.dtype, DtypeSpec]]:
+    import torch
+
     table: dict[str, tuple[torch.dtype, DtypeSpec]] = {}
-    for dt, zt in _NATIVE.items():
+    for name, zt in _NATIVE.items():
+        dt = getattr(torch, name)
+        table[name] = (dt, DtypeSpec(name, zt, dt.itemsize, True))
+    for name in _VIEWED:
+        dt = getattr(torch, name)
         size = dt.itemsize
-        table[dtype_name(dt)] = (dt, DtypeSpec(dtype_name(dt), zt, size, True))
-    for dt in _VIEWED:
-        size = dt.itemsize
-        table[dtype_name(dt)] = (dt, DtypeSpec(dtype_name(dt), _RAW_BY_WIDTH[size], size, False))
+        table[name] = (dt, DtypeSpec(name, _RAW_BY_WIDTH[size], size, False))
     return table
-
-
-_TABLE = _build()
 
 
 def spec_for(dtype: torch.dtype, *, where: str = "") -> DtypeSpec:
     """The on-disk layout of ``dtype``; raises for dtypes with no byte-exact representation."""
-    entry = _TABLE.get(dtype_name(dtype))
+    entry = _table().get(dtype_name(dtype))
     if entry is None:
         at = f" at {where!r}" if where else ""
         raise CheckpointSerializationError(f"dtype {dtype} of tensor{at} cannot be stored")
@@ -94,11 +134,11 @@ def spec_for(dtype: torch.dtype, *, where: str = "") -> DtypeSpec:
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype saved under ``name``; raises for names this version does not know."""
-    entry = _TABLE.get(name)
+    entry = _table().get(name)
     if entry is None:
         raise CheckpointSerializationError(f"unknown stored dtype {name!r}")
     return entry[0]
 
 
 def supported_dtypes() -> list[torch.dtype]:
-    return [dt for dt, _ in _TABLE.values()]
+    return [dt for dt, _ in _table().values()]

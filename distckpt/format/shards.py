@@ -13,11 +13,12 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from distckpt.errors import CheckpointSerializationError
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_TARGET_BYTES = 4 << 20  # chunks are split down to about this size (docs/design.md section 16)
 

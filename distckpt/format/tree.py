@@ -12,13 +12,15 @@ import datetime as _dt
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from distckpt.errors import CheckpointSerializationError
 from distckpt.format.shards import is_global
+
+if TYPE_CHECKING:
+    import torch
 
 Json = Any
 Path = tuple[str | int, ...]
@@ -49,6 +51,8 @@ def encode(
     Global (sharded) values (DTensor, ``Sharded``) go to ``shards`` as ``{"global": i}``
     nodes; where ``shards`` is None they cannot be stored.
     """
+    import torch  # here, not at the top: reading a store's metadata needs no torch
+
     if is_global(obj):
         if shards is None:
             raise CheckpointSerializationError(
@@ -152,6 +156,8 @@ def _ndarray_leaf(obj: np.ndarray, leaves: list[Leaf], path: Path) -> int:
         obj = obj.astype(obj.dtype.newbyteorder("="))
     if not obj.flags.c_contiguous:
         obj = obj.copy(order="C")
+    import torch
+
     try:
         tensor = torch.from_numpy(obj)
     except (TypeError, ValueError) as exc:
@@ -202,6 +208,8 @@ def decode(
     if tag == "tuple":
         return tuple(decode(v, get_leaf, get_global) for v in value)
     if tag == "size":
+        import torch
+
         return torch.Size(value)
     if tag == "float":
         return float(value)

@@ -27,6 +27,7 @@ from distckpt.interchange.dcp import read_dcp
 from distckpt.interchange.detect import (
     DCP,
     DISTCKPT,
+    EXPORT_FORMATS,
     IMPORT_FORMATS,
     LIGHTNING,
     SAFETENSORS,
@@ -49,7 +50,6 @@ READERS: dict[str, Callable[[str], Imported]] = {
     SAFETENSORS: read_safetensors,
     DCP: read_dcp,
 }
-EXPORT_FORMATS = (SAFETENSORS, TORCH)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ SAFETENSORS = "safetensors"
 DCP = "dcp"
 DISTCKPT = "distckpt"
 IMPORT_FORMATS = (TORCH, LIGHTNING, SAFETENSORS, DCP)
+EXPORT_FORMATS = (SAFETENSORS, TORCH)
 
 DCP_METADATA = ".metadata"
 LIGHTNING_KEY = "pytorch-lightning_version"

@@ -13,14 +13,12 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from distckpt.errors import CorruptCheckpointError, CorruptChunkError
 from distckpt.format import chunks
 from distckpt.format.chunks import ChunkRef
-from distckpt.format.dtypes import spec_for, torch_dtype
+from distckpt.format.dtypes import spec_for, stored_itemsize, torch_dtype
 from distckpt.format.layout import GLOBAL_DIR, ZARR_JSON, array_document, chunk_key
 from distckpt.format.manifest import GlobalEntry, InvalidManifest
 from distckpt.format.names import escape_component
@@ -38,6 +36,9 @@ from distckpt.io.rowio import byte_view
 from distckpt.plan.save import PlannedShard, RankPlan
 from distckpt.storage.filesystem import FileSystem
 from distckpt.storage.store import Store
+
+if TYPE_CHECKING:
+    import torch
 
 
 def shard_report(plan: RankPlan) -> list[dict[str, Any]]:
@@ -155,6 +156,8 @@ class GlobalReader:
 
     def read(self, entry: GlobalEntry, box: Box, dest: torch.Tensor) -> None:
         """Fill ``dest`` (a CPU tensor shaped like ``box``) with that region of the array."""
+        import torch
+
         dtype = torch_dtype(entry.dtype)
         if dest.dtype != dtype or tuple(dest.shape) != box.lengths:
             raise CorruptCheckpointError(
@@ -217,6 +220,8 @@ class GlobalValue:
 
     def full(self) -> torch.Tensor:
         """The whole logical tensor (for a target that is a plain tensor or absent)."""
+        import torch
+
         out = torch.empty(self.shape, dtype=self.dtype)
         if math.prod(self.shape):
             self.read(Box((0,) * len(self.shape), self.shape), out)
@@ -239,6 +244,8 @@ def fill(live: Any, saved: GlobalValue) -> None:
     Chunks go straight into the live memory when it is a contiguous CPU tensor; otherwise
     through a host buffer of the local size (e.g. a CUDA local shard).
     """
+    import torch
+
     _, _, box, local = target_region(live)
     if local is None or not box.numel:
         return
@@ -255,7 +262,7 @@ def fill(live: Any, saved: GlobalValue) -> None:
 def written_nbytes(entry: GlobalEntry) -> int:
     """Bytes of the chunks one rank wrote of a global array (chunks are never clipped: the
     grid divides the global shape)."""
-    itemsize = spec_for(torch_dtype(entry.dtype)).itemsize
+    itemsize = stored_itemsize(entry.dtype)
     return len(entry.chunks) * math.prod(entry.chunk_shape) * itemsize
 
 

@@ -8,26 +8,32 @@ against the checksum its manifest recorded.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+import numpy as np
 
 from distckpt.errors import CorruptChunkError
 from distckpt.format import chunks
 from distckpt.format.chunks import ChunkRef, checksum
-from distckpt.format.dtypes import spec_for, torch_dtype
+from distckpt.format.dtypes import spec_for, stored_itemsize, torch_dtype
 from distckpt.format.layout import ZARR_JSON, array_document, group_document, single_chunk_key
 from distckpt.format.manifest import ArrayEntry
 from distckpt.plan.save import PlannedTensor, RankPlan
 from distckpt.storage.filesystem import FileSystem
 
+if TYPE_CHECKING:
+    import torch
+
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """The bytes of a CPU contiguous tensor, without a copy."""
+    import torch
+
     flat = tensor.reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
@@ -137,6 +143,8 @@ def _write_packed(
     The array's attributes list each tensor's name, dtype, shape and byte range, so a plain
     zarr reader can find any tensor without the manifest.
     """
+    import torch
+
     array_dir = os.path.join(row_dir, tensors[0].array)
     index = [
         {
@@ -184,6 +192,8 @@ def _map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
 
 def fits_directly(entry: ArrayEntry, live: torch.Tensor) -> bool:
     """Whether ``live`` can receive the entry's bytes straight from the file."""
+    import torch
+
     return (
         live.device.type == "cpu"
         and live.is_contiguous()
@@ -222,7 +232,7 @@ class RankReader:
         self._row = row
         self._rank = rank
         self._entries = entries
-        self._packs: dict[str, torch.Tensor] = {}
+        self._packs: dict[str, np.ndarray] = {}
         self._pack_lock = threading.Lock()  # reads may run on several threads
 
     def ref(self, entry: ArrayEntry) -> ChunkRef:
@@ -259,9 +269,28 @@ class RankReader:
             self.read(entry)
             return
         if entry.packed:
-            chunks.check(self.ref(entry), byte_view(self._slice(entry)), entry.crc32c)
+            chunks.check(self.ref(entry), self._slice(entry).data, entry.crc32c)
             return
         chunks.verify_chunk(self._fs, self.ref(entry), entry.nbytes, entry.crc32c, _scratch())
+
+    def check(self, entry: ArrayEntry) -> None:
+        """What :meth:`read` checks (shape and dtype against the byte count, the bytes
+        against the checksum), without building the tensor: ``distckpt verify`` needs no
+        torch."""
+        expected = math.prod(entry.shape) * stored_itemsize(entry.dtype)
+        if expected != entry.nbytes:
+            raise self.ref(entry).fail(
+                CorruptChunkError.SIZE,
+                f"manifest says {entry.nbytes} bytes, shape needs {expected}",
+            )
+        if expected == 0:
+            return
+        if entry.packed:
+            chunks.check(self.ref(entry), self._slice(entry).data, entry.crc32c)
+        elif entry.crc32c is not None:
+            chunks.verify_chunk(self._fs, self.ref(entry), entry.nbytes, entry.crc32c, _scratch())
+        else:  # saved without checksums: the size is all there is to check
+            chunks.read_chunk(self._fs, self.ref(entry), memoryview(bytearray(expected)), None)
 
     def read(
         self, entry: ArrayEntry, into: torch.Tensor | None = None, *, verified: bool = False
@@ -273,6 +302,8 @@ class RankReader:
         allocation or a copy; if verification then fails it holds the row's bad bytes.
         ``verified``: :meth:`verify` passed already, skip the checksum (sizes are checked).
         """
+        import torch
+
         dtype = torch_dtype(entry.dtype)
         out = into if into is not None else torch.empty(entry.shape, dtype=dtype)
         expected = out.numel() * out.element_size()
@@ -287,7 +318,7 @@ class RankReader:
         if entry.packed and self._ranged:
             chunks.read_range(self._fs, self.ref(entry), entry, dest)
         elif entry.packed:
-            out.reshape(-1).view(torch.uint8).copy_(self._slice(entry))
+            out.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(self._slice(entry)))
             if not verified:
                 chunks.check(self.ref(entry), dest, entry.crc32c)
         else:
@@ -316,22 +347,22 @@ class RankReader:
             if entry.packed:
                 self.verify(entry)
 
-    def _slice(self, entry: ArrayEntry) -> torch.Tensor:
+    def _slice(self, entry: ArrayEntry) -> np.ndarray:
         """The entry's bytes in the packed chunk (read once, checked whole)."""
         pack = self._pack(entry)
-        if entry.offset + entry.nbytes > pack.numel():
+        if entry.offset + entry.nbytes > pack.size:
             raise self.ref(entry).fail(
                 CorruptChunkError.SIZE, "byte range lies beyond the packed chunk"
             )
         return pack[entry.offset : entry.offset + entry.nbytes]
 
-    def _pack(self, entry: ArrayEntry) -> torch.Tensor:
+    def _pack(self, entry: ArrayEntry) -> np.ndarray:
         """The packed chunk's data, read once and checked whole against its trailer."""
         with self._pack_lock:
             pack = self._packs.get(entry.array)
             if pack is None:
                 members = [e for e in self._entries if e.array == entry.array]
                 data = chunks.read_packed(self._fs, self._pack_ref(entry.array), members)
-                pack = torch.frombuffer(data, dtype=torch.uint8)
+                pack = np.frombuffer(data, dtype=np.uint8)
                 self._packs[entry.array] = pack
             return pack

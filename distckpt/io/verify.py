@@ -199,7 +199,7 @@ def read_rank(
         if entry.array not in failed_packs:
             count += 1
             try:
-                reader.read(entry)
+                reader.check(entry)
             except CorruptChunkError as exc:
                 if exc.tensor is None:
                     # The whole chunk is bad: report it once, not once per tensor in it.

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from distckpt.errors import CheckpointSerializationError
 from distckpt.format import tree as codec
@@ -20,6 +18,9 @@ from distckpt.format.layout import PACKED_ARRAY, rank_dir_name
 from distckpt.format.manifest import is_packed
 from distckpt.format.names import escape_component
 from distckpt.format.shards import Piece, piece
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_PACK_THRESHOLD = 1 << 20  # tensors below 1 MiB go into the packed array
 
@@ -62,6 +63,8 @@ class RankPlan:
 
 def stage(tensor: torch.Tensor, *, where: str) -> torch.Tensor:
     """A CPU, contiguous, plain tensor holding exactly ``tensor``'s values."""
+    import torch
+
     if tensor.layout != torch.strided:
         raise CheckpointSerializationError(
             f"tensor at {where!r} has layout {tensor.layout}; only dense tensors can be stored"
