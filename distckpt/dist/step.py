@@ -98,7 +98,7 @@ def register(name: str) -> str:
 
 # The steps ``distckpt.save(..., keep=N)`` runs, in order, and those ``distckpt.load`` runs
 # on a row written at this world size (election included).
-SAVE_STEPS = (SAVE_LEASE, SAVE_PLAN, SAVE_SHARDS, SAVE_OPEN, SAVE_OPEN_LOCAL, SAVE_COMMIT, SAVE_RETAIN)
+SAVE_STEPS = (SAVE_PLAN, SAVE_LEASE, SAVE_SHARDS, SAVE_OPEN, SAVE_OPEN_LOCAL, SAVE_COMMIT, SAVE_RETAIN)
 LOAD_STEPS = (
     ELECT_SAME_SIZE,
     ELECT_ANY_SIZE,

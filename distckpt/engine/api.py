@@ -78,9 +78,18 @@ def save(
         metadata=metadata,
         versions=state_versions(version, state_dict, "save"),
     )
+    # A state that cannot be stored is refused before the store is created or leased.
+    plan = engine.plan_row(c, content)
     guard = engine.writer_lease(st, c)  # taken at this process's first save, then renewed
     manifest = engine.commit_row(
-        st, c, content, row=row, checksums=checksums, guard=guard, retention=as_policy(keep)
+        st,
+        c,
+        content,
+        row=row,
+        checksums=checksums,
+        guard=guard,
+        retention=as_policy(keep),
+        plan=plan,
     )
     hooks.announce(hooks.Boundary(c, manifest.row))
     return manifest.row

@@ -149,6 +149,37 @@ def writer_lease(store: Store, comm: Communicator, name: str = "") -> lease.Leas
     return held[0] if held else None
 
 
+def plan_row(
+    comm: Communicator,
+    content: RowContent,
+    *,
+    pack_threshold: int = DEFAULT_PACK_THRESHOLD,
+    plan: RankPlan | None = None,
+) -> RankPlan:
+    """Collective: this rank's plan of a row (``plan`` when one was made already), with its
+    metadata checked; a value that cannot be stored fails here on every rank, before
+    anything touches the disk."""
+
+    def prepare() -> RankPlan:
+        made = (
+            plan
+            if plan is not None
+            else plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
+        )
+        codec.encode_metadata(content.metadata)
+        if content.lead_time is not None:
+            codec.encode_metadata({"lead_time": content.lead_time})
+        return made
+
+    return step.run(
+        comm,
+        step.SAVE_PLAN,
+        prepare,
+        context="cannot save",
+        fallback=CheckpointSerializationError,
+    )
+
+
 def save_row(
     store: Store,
     comm: Communicator,
@@ -174,25 +205,7 @@ def save_row(
     retract their manifests, so the row never looks committed.
     """
 
-    def prepare() -> RankPlan:
-        made = (
-            plan
-            if plan is not None
-            else plan_rank(content.states, rank=comm.rank, pack_threshold=pack_threshold)
-        )
-        # Refuse metadata that cannot be stored before anything touches the disk.
-        codec.encode_metadata(content.metadata)
-        if content.lead_time is not None:
-            codec.encode_metadata({"lead_time": content.lead_time})
-        return made
-
-    plan = step.run(
-        comm,
-        step.SAVE_PLAN,
-        prepare,
-        context="cannot save",
-        fallback=CheckpointSerializationError,
-    )
+    plan = plan_row(comm, content, pack_threshold=pack_threshold, plan=plan)
     # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
     # and refuses the same overlaps or gaps, so no agreement step is needed after this one.
     made = plan
