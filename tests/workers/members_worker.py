@@ -33,6 +33,13 @@ MEMBERS = 8
 MAPPING = MemberMapping(MEMBERS, replicated=("weights",))
 
 
+def say(line: str) -> None:
+    """One line in one write: the ranks share stdout, and a line split over two writes
+    (text, then newline) can interleave with another rank's."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), f"{line}\n".encode())
+
+
 @dataclass
 class Noise:
     noise: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -93,7 +100,7 @@ def main() -> int:
             w.w = weights()
             bind_checkpoint_state(Counter(rank), state_id="counter")
             session.write(completed_ensembles=[])
-            print(f"WROTE rank={rank}", flush=True)
+            say(f"WROTE rank={rank}")
         else:
             ok = sorted(noise.noise) == mine and all(
                 torch.equal(noise.noise[m], noise_of(m)) for m in mine
@@ -101,17 +108,17 @@ def main() -> int:
             ok = ok and torch.equal(w.w, weights())
             saved = session.entry.world_size if session.entry is not None else None
             if not ok:
-                print(f"UNEXPECTED rank={rank} members={sorted(noise.noise)}", flush=True)
+                say(f"UNEXPECTED rank={rank} members={sorted(noise.noise)}")
                 status = 1
             else:
-                print(f"RESTORED rank={rank} members={mine} weight_bytes={fs.weight_bytes}")
+                say(f"RESTORED rank={rank} members={mine} weight_bytes={fs.weight_bytes}")
             try:
                 bind_checkpoint_state(Counter(), state_id="counter")
                 if saved != world:
-                    print(f"UNEXPECTED rank={rank} counter restored at {world} from {saved}")
+                    say(f"UNEXPECTED rank={rank} counter restored at {world} from {saved}")
                     status = 1
             except distckpt.WorldSizeMismatchError as exc:
-                print(f"EXPECTED-ERROR rank={rank} {exc}", flush=True)
+                say(f"EXPECTED-ERROR rank={rank} {exc}")
     dist.destroy_process_group()
     return status
 
