@@ -90,6 +90,7 @@ def save(
         guard=guard,
         retention=as_policy(keep),
         plan=plan,
+        agreed=True,
     )
     hooks.announce(hooks.Boundary(c, manifest.row))
     return manifest.row

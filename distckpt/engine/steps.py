@@ -191,11 +191,14 @@ def save_row(
     checksums: bool = True,
     plan: RankPlan | None = None,
     guard: lease.Lease | None = None,
+    agreed: bool = False,
 ) -> RankManifest:
     """Collective: write this rank's part of a new row and commit it. Returns its manifest.
 
     ``plan`` is a plan already made (and staged) from ``content.states``, by an
-    asynchronous writer; ``checksums=False`` records no crc32c for the row's tensors.
+    asynchronous writer; ``agreed`` says every rank already passed :func:`plan_row` with it
+    (``distckpt.save``), so the plan step is not run twice; ``checksums=False`` records no
+    crc32c for the row's tensors.
     ``guard`` is the coordinator's writer lease (:func:`writer_lease`), renewed here; a
     caller without one (an offline tool) has this process's lease taken here.
 
@@ -205,7 +208,8 @@ def save_row(
     retract their manifests, so the row never looks committed.
     """
 
-    plan = plan_row(comm, content, pack_threshold=pack_threshold, plan=plan)
+    if not agreed or plan is None:
+        plan = plan_row(comm, content, pack_threshold=pack_threshold, plan=plan)
     # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
     # and refuses the same overlaps or gaps, so no agreement step is needed after this one.
     made = plan
@@ -285,6 +289,7 @@ def commit_row(
     pack_threshold: int = DEFAULT_PACK_THRESHOLD,
     checksums: bool = True,
     plan: RankPlan | None = None,
+    agreed: bool = False,
 ) -> RankManifest:
     """Collective: the one "commit, then retention" of every writer (``save``,
     ``AsyncSaver``, ``Checkpoint`` sessions, synchronous or not).
@@ -302,6 +307,7 @@ def commit_row(
         checksums=checksums,
         plan=plan,
         guard=guard,
+        agreed=agreed,
     )
     if retention is not None:
         prune(store, comm, retention)
