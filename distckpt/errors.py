@@ -175,6 +175,36 @@ class CheckpointWriteError(CheckpointError):
     """A rank failed to write its part of a row; the row is not committed."""
 
 
+class VersionConflictError(CheckpointWriteError):
+    """A conditional write lost: ``path`` changed since the writer read version ``expected``
+    (None: the writer expected no file). The file keeps what the winner wrote."""
+
+    def __init__(self, message: str, path: str = "", expected: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.expected = expected
+
+
+class UnsupportedStorageError(CheckpointWriteError):
+    """The storage lacks a feature the commit protocol needs (an object store without
+    conditional writes): refused at the first save, never worked around with unsafe writes."""
+
+    def __init__(self, message: str, store: str = "", feature: str = "") -> None:
+        super().__init__(message)
+        self.store = store
+        self.feature = feature
+
+
+class StorageUnavailableError(CheckpointError):
+    """The storage service did not answer (connection refused, timeouts after retries): a
+    clear error instead of a hang, and never mistaken for a missing or invalid file."""
+
+    def __init__(self, message: str, store: str = "", operation: str = "") -> None:
+        super().__init__(message)
+        self.store = store
+        self.operation = operation
+
+
 class ImportFormatError(CheckpointError):
     """A file or directory cannot be imported: unknown format, damaged, or it would need
     arbitrary code (pickle globals) to load. Nothing is written when this is raised."""
@@ -214,6 +244,9 @@ __all__ = [
     "NoCommittedRowError",
     "RankFailure",
     "SchemaVersionError",
+    "StorageUnavailableError",
     "StoreFormatError",
+    "UnsupportedStorageError",
+    "VersionConflictError",
     "WorldSizeMismatchError",
 ]

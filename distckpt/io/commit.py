@@ -87,7 +87,9 @@ def publish_rank(store: Store, written: RankWrite, manifest: RankManifest) -> No
             f"row {written.row}, rank {written.rank} of {store.path}: the manifest to publish "
             f"(row {manifest.row}, rank {manifest.rank}) does not list the data just written"
         )
-    store.fs.atomic_write(store.manifest_path(manifest.row, manifest.rank), manifest.to_json())
+    # Create-only: a second writer of this row (a stale job, a retried rank) can never
+    # replace a committed manifest (on object stores: a PUT with If-None-Match: *).
+    store.fs.publish_exclusive(store.manifest_path(manifest.row, manifest.rank), manifest.to_json())
     fault_point("after_manifest", rank=manifest.rank, row=manifest.row)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import os
 import shutil
 import uuid
@@ -15,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from distckpt.errors import CheckpointWriteError
+from distckpt.errors import CheckpointWriteError, VersionConflictError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -27,6 +29,14 @@ class FileSystem(ABC):
     raises ``FileNotFoundError``; a failed write raises ``CheckpointWriteError`` naming the
     file (``no space left`` when the device is full). Removals are idempotent.
     """
+
+    #: False on object stores: a directory is implied by the paths of its files, so
+    #: ``makedirs`` creates nothing, a write never fails for a missing parent, an empty
+    #: directory does not exist, and the fsync calls are no-ops (a finished PUT is durable).
+    real_directories: bool = True
+    #: True where :meth:`write_if_version` is atomic by itself (a conditional PUT on the
+    #: object's ETag), so the writer lease needs no lock file around its changes.
+    native_compare_and_swap: bool = False
 
     # -- writing -----------------------------------------------------------------------------
     @abstractmethod
@@ -59,6 +69,37 @@ class FileSystem(ABC):
         Of several processes creating the same path at once exactly one succeeds; the others
         get ``FileExistsError``. ``FileNotFoundError`` when the parent directory is missing.
         The lease lock relies on this."""
+
+    def publish_exclusive(self, path: str, data: Buffer | Sequence[Buffer]) -> None:
+        """Publish ``data`` at ``path`` all-or-nothing and durably, only if no entry of that
+        name exists (``FileExistsError`` otherwise, the existing content kept): a commit that
+        a second writer can never overwrite.
+
+        Temp file beside ``path``, fsync, hard link to ``path`` (atomic and exclusive), temp
+        file removed, directory fsynced. Object stores: one create-only conditional PUT."""
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            self.write_file(tmp, parts, durable=True)
+            self.link(tmp, path)
+        finally:
+            self.remove(tmp)
+        self.fsync_dir(directory or ".")
+
+    def read_versioned(self, path: str) -> tuple[bytes, str]:
+        """The content of ``path`` and an opaque version of it, for
+        :meth:`write_if_version`; ``FileNotFoundError`` when missing. The default version is
+        a digest of the content; object stores use the ETag."""
+        data = self.read_bytes(path)
+        return data, _content_version(data)
+
+    @abstractmethod
+    def write_if_version(self, path: str, data: bytes, version: str | None) -> str:
+        """Compare-and-swap: replace ``path`` with ``data`` (atomically, durably) only if its
+        version is still ``version`` (None: only if ``path`` does not exist); returns the new
+        version. ``VersionConflictError`` when the file changed meanwhile, leaving the
+        winner's content. Of several writers holding the same version exactly one wins."""
 
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
@@ -215,6 +256,32 @@ class LocalFileSystem(FileSystem):
             raise
         os.close(fd)
 
+    def write_if_version(self, path: str, data: bytes, version: str | None) -> str:
+        if version is None:
+            try:
+                self.publish_exclusive(path, data)
+            except FileExistsError:
+                raise _conflict(path, version) from None
+            return _content_version(data)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise _conflict(path, version) from None
+        try:
+            # Writers of this file serialise on a lock of the inode they opened; one that
+            # waited finds the name now points at a new inode (the winner's) and loses.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same or _content_version(_read_fd(fd)) != version:
+                raise _conflict(path, version)
+            self.atomic_write(path, data)
+            return _content_version(data)
+        finally:
+            os.close(fd)
+
     def rename(self, src: str, dst: str) -> None:
         os.replace(src, dst)
 
@@ -334,6 +401,31 @@ class LocalFileSystem(FileSystem):
             return
         with ThreadPoolExecutor(max_workers=min(8, len(paths))) as pool:
             list(pool.map(self.fsync_dir, paths))
+
+
+def _content_version(data: bytes) -> str:
+    return f"{len(data)}-{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+
+
+def _conflict(path: str, version: str | None) -> VersionConflictError:
+    if version is None:
+        return VersionConflictError(f"{path} exists: it was created by another writer", path)
+    return VersionConflictError(
+        f"{path} changed since it was read (version {version}): another writer replaced it",
+        path,
+        version,
+    )
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    offset = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, offset)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        offset += len(chunk)
 
 
 def _write_error(path: str, exc: OSError) -> CheckpointWriteError:

@@ -25,6 +25,13 @@ by a crashed process is broken when it belongs to a dead process of this host, o
 same lock (same token) has been seen for ``LOCK_STALE_S`` seconds of our own monotonic clock
 (so clock skew between nodes does not matter for locks).
 
+On object stores (``FileSystem.native_compare_and_swap``) there is no lock file: the lease's
+ETag is read when the section opens and the lease is published with a PUT conditional on
+it (``If-Match``; ``If-None-Match: *`` when there was none), so of two writers that judged
+the same lease only one can publish. Release checks the token and deletes (S3 has no
+conditional delete): only a takeover in those milliseconds could lose its new lease, and
+its owner's read-back notices.
+
 Limits: heartbeat ages compare the holder's wall clock with the reader's, so node clocks must
 agree to well within ``timeout_s`` (NTP does this). NFSv2 has no exclusive create. Breaking a
 stale lock is itself a rename race; two processes breaking the same stale lock at the same
@@ -50,7 +57,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from distckpt.errors import CheckpointError, LeaseHeldError, LeaseLostError, StoreFormatError
+from distckpt.errors import (
+    CheckpointError,
+    LeaseHeldError,
+    LeaseLostError,
+    StoreFormatError,
+    VersionConflictError,
+)
 from distckpt.logs import get_logger
 from distckpt.storage.store import Store
 
@@ -298,7 +311,10 @@ def lease_status(store: Store | str | os.PathLike[str], *, clock: Clock = time.t
 
 
 class _LockFile:
-    """The ``O_EXCL`` lock around every change of the lease file (held for milliseconds)."""
+    """The ``O_EXCL`` lock around every change of the lease file (held for milliseconds).
+
+    Where the backend has native compare-and-swap, no lock file: entering records the
+    lease's version, and :meth:`Lease._publish` writes conditionally on it."""
 
     def __init__(self, store: Store, *, wait_s: float, stale_s: float) -> None:
         self.path = os.path.join(store.path, LOCK_FILE)
@@ -306,8 +322,18 @@ class _LockFile:
         self.wait_s = wait_s
         self.stale_s = stale_s
         self.token = uuid.uuid4().hex
+        self.cas = store.fs.native_compare_and_swap
+        self.version: str | None = None  # the lease's version when entered (cas only)
 
     def __enter__(self) -> _LockFile:
+        if self.cas:
+            try:
+                _, self.version = self.store.fs.read_versioned(
+                    os.path.join(self.store.path, LEASE_FILE)
+                )
+            except FileNotFoundError:
+                self.version = None
+            return self
         body = json.dumps(
             {"token": self.token, "host": socket.gethostname(), "pid": os.getpid()}
         ).encode()
@@ -385,11 +411,13 @@ class _LockFile:
             fs.remove(aside)
 
     def still_mine(self) -> bool:
+        if self.cas:
+            return True  # no lock: the conditional publish decides
         doc = self._read()
         return doc is not None and doc.get("token") == self.token
 
     def __exit__(self, *exc: object) -> None:
-        if self.still_mine():
+        if not self.cas and self.still_mine():
             self.store.fs.remove(self.path)
 
 
@@ -544,7 +572,15 @@ class Lease:
         path = os.path.join(st.path, LEASE_FILE)
         if not lock.still_mine():
             raise LeaseHeldError(f"lost the lease lock of store {st.path} to another process")
-        st.fs.atomic_write(path, info.to_json())
+        if lock.cas:
+            try:
+                st.fs.write_if_version(path, info.to_json(), lock.version)
+            except VersionConflictError:
+                raise LeaseHeldError(
+                    f"store {st.path}: another process changed the lease at the same time",
+                ) from None
+        else:
+            st.fs.atomic_write(path, info.to_json())
         raw = _read_lease(st)
         try:
             current = LeaseInfo.from_json(raw) if raw is not None else None

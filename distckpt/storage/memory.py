@@ -15,7 +15,13 @@ import threading
 import time
 from collections.abc import Sequence
 
-from distckpt.storage.filesystem import Buffer, FileSystem, _write_error
+from distckpt.storage.filesystem import (
+    Buffer,
+    FileSystem,
+    _conflict,
+    _content_version,
+    _write_error,
+)
 
 
 class MemoryFileSystem(FileSystem):
@@ -87,6 +93,19 @@ class MemoryFileSystem(FileSystem):
                 raise FileExistsError(errno.EEXIST, "file exists", path)
             self._add(p)
             self._files[p] = bytes(data)
+
+    def publish_exclusive(self, path: str, data: Buffer | Sequence[Buffer]) -> None:
+        parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+        self.create_exclusive(path, b"".join(memoryview(p).cast("B") for p in parts))
+
+    def write_if_version(self, path: str, data: bytes, version: str | None) -> str:
+        p = self._norm(path)
+        with self._lock:
+            current = self._files.get(p)
+            if (None if current is None else _content_version(current)) != version:
+                raise _conflict(path, version)
+            self.write_file(p, [data])
+        return _content_version(bytes(data))
 
     def rename(self, src: str, dst: str) -> None:
         s, d = self._norm(src), self._norm(dst)

@@ -25,7 +25,8 @@ from distckpt.format.layout import (
     row_name,
 )
 from distckpt.format.manifest import InvalidManifest, RankManifest
-from distckpt.storage.filesystem import FileSystem, LocalFileSystem
+from distckpt.storage.filesystem import FileSystem
+from distckpt.storage.resolve import filesystem_for, store_path
 
 _PARSED_MANIFESTS = 4  # parsed manifests a Store keeps (see Store.read_manifest)
 
@@ -35,11 +36,21 @@ def utcnow() -> str:
 
 
 class Store:
-    """Handle on a store directory; cheap to create, reads nothing until asked."""
+    """Handle on a store directory; cheap to create, reads nothing until asked.
 
-    def __init__(self, path: str | os.PathLike[str], fs: FileSystem | None = None) -> None:
-        self.path = os.fspath(path)
-        self.fs = fs or LocalFileSystem()
+    ``path`` is a directory or an ``s3://bucket/prefix`` URL; without ``fs`` its backend
+    comes from :func:`~distckpt.storage.resolve.filesystem_for` (``storage_options``: S3
+    settings over the AWS environment variables)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        fs: FileSystem | None = None,
+        *,
+        storage_options: dict[str, object] | None = None,
+    ) -> None:
+        self.path = store_path(path)
+        self.fs = fs if fs is not None else filesystem_for(path, storage_options)
         # The last few parsed manifests, by (row, rank), with the bytes they were parsed from:
         # a restore reads its own manifest in the election and again to open the row, and a
         # manifest of 10,000 entries takes ~0.1 s to parse. Equal bytes, equal manifest.
