@@ -21,3 +21,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("long") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS) for the whole run, started on first use and stopped by
+    its process id at the end; skips, saying why, only where it cannot start."""
+    from tests import s3server
+
+    try:
+        server = s3server.start(str(tmp_path_factory.mktemp("seaweedfs")))
+    except s3server.ServerUnavailable as exc:
+        pytest.skip(f"no S3 server (SeaweedFS) could start here: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch):
+    """The AWS variables pointing at the test server, set for this test; returns it."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    return s3_server

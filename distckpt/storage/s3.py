@@ -149,9 +149,13 @@ class S3FileSystem(FileSystem):
 
         return obstore.exceptions
 
+    def _missing(self, exc: BaseException) -> bool:
+        """Whether obstore said the object does not exist (it raises FileNotFoundError)."""
+        return isinstance(exc, FileNotFoundError | self._errors().NotFoundError)
+
     def _read_error(self, path: str, exc: Exception, operation: str = "read") -> Exception:
         """FileNotFoundError for a missing object; StorageUnavailableError otherwise."""
-        if isinstance(exc, self._errors().NotFoundError):
+        if self._missing(exc):
             return FileNotFoundError(errno.ENOENT, "no such object", path)
         return StorageUnavailableError(
             f"cannot {operation} {path} at {self.endpoint}: {_short(exc)}",
@@ -244,7 +248,12 @@ class S3FileSystem(FileSystem):
         mode: Any = "create" if version is None else {"e_tag": version}
         try:
             result = self._conditional(path, data, mode)
-        except (errors.AlreadyExistsError, errors.PreconditionError, errors.NotFoundError):
+        except (
+            errors.AlreadyExistsError,
+            errors.PreconditionError,
+            errors.NotFoundError,
+            FileNotFoundError,
+        ):
             msg = (
                 f"{path} exists: it was created by another writer"
                 if version is None
@@ -349,7 +358,7 @@ class S3FileSystem(FileSystem):
         try:
             data = obstore.get_range(self.store, key, start=offset, length=n)
         except Exception as exc:
-            if not isinstance(exc, self._errors().NotFoundError) and offset >= self.size(path):
+            if not self._missing(exc) and offset >= self.size(path):
                 return 0  # a range past the end: nothing to read, as on a file
             raise self._read_error(path, exc) from exc
         view = memoryview(data).cast("B")
@@ -441,10 +450,9 @@ class S3FileSystem(FileSystem):
 
         try:
             obstore.delete(self.store, self._key(path))
-        except self._errors().NotFoundError:
-            pass
         except Exception as exc:
-            raise self._write_error(path, exc) from exc
+            if not self._missing(exc):
+                raise self._write_error(path, exc) from exc
 
     def rmtree(self, path: str) -> None:
         import obstore
@@ -453,10 +461,9 @@ class S3FileSystem(FileSystem):
         for i in range(0, len(keys), 1000):
             try:
                 obstore.delete(self.store, keys[i : i + 1000])
-            except self._errors().NotFoundError:
-                pass
             except Exception as exc:
-                raise self._write_error(path, exc) from exc
+                if not self._missing(exc):
+                    raise self._write_error(path, exc) from exc
 
     # -- durability: a PUT that returned is durable ------------------------------------------
     def fsync_dir(self, path: str) -> None:
