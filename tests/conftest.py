@@ -40,6 +40,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture
 def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch):
     """The AWS variables pointing at the test server, set for this test; returns it."""
+    from distckpt.storage import lease
+
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
-    return s3_server
+    yield s3_server
+    lease.release_all()  # leases this test's saves took, while the server still answers

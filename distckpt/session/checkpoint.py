@@ -47,6 +47,7 @@ from distckpt.session.binding import (
 )
 from distckpt.session.members import MappedView, MemberMapping, open_view
 from distckpt.storage import lease
+from distckpt.storage.resolve import is_object_store_path, store_path
 from distckpt.storage.store import Store
 
 log = get_logger(__name__)
@@ -133,7 +134,13 @@ class Checkpoint:
                 f"world_size={world_size} given, but the job has {self.comm.world_size} ranks"
             )
         self.name = name
-        self.path = Path(path) if path is not None else default_checkpoint_path(name)
+        self.path: Path | str = (
+            default_checkpoint_path(name)
+            if path is None
+            else store_path(path)  # an s3:// URL stays a string: a Path folds its "//"
+            if is_object_store_path(path)
+            else Path(path)
+        )
         self.store = Store(self.path)
         self.mode = mode
         self.flush_interval = flush_interval
