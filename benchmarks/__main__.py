@@ -154,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         repeat=args.repeat,
         cases=args.cases,
     )
+    server = None
+    if "s3" in cfg.cases:  # one SeaweedFS for every rank count (benchmarks/s3.py)
+        from .s3 import start_server
+
+        server = start_server(cfg.workdir)
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
     per_rank = [c for c in cfg.cases if c != "election"]
@@ -171,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
         records += election_case(cfg)
     elapsed = time.perf_counter() - start
+    if server is not None:
+        server.stop()
     for root, _, _ in sorted(os.walk(workdir), key=lambda w: -len(w[0])):
         with contextlib.suppress(OSError):  # only empty directories are removed
             os.rmdir(root)

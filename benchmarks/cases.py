@@ -280,6 +280,10 @@ def run_rank_cases(ctx: Ctx, cfg: Config) -> list[dict[str, Any]]:
     if "gpu" in cases:
         for size in cfg.sizes_mib:
             out += gpu_case(ctx, cfg, size_mib=float(size), label=f"{size} MiB")
+    if "s3" in cases:
+        from .s3 import s3_case
+
+        out += s3_case(ctx, cfg)
     if "small" in cases:
         nbytes = cfg.small_count * cfg.small_bytes
         label = f"{cfg.small_count}x{cfg.small_bytes // 1024}KiB"

@@ -15,7 +15,7 @@ import torch
 MiB = 1 << 20
 GB = 1e9  # throughput is reported in GB/s (10^9 bytes per second)
 
-ALL_CASES = ("save", "restore", "small", "crc", "async", "gpu", "election", "e2s")
+ALL_CASES = ("save", "restore", "small", "crc", "async", "gpu", "election", "e2s", "s3")
 
 
 @dataclass

