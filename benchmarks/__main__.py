@@ -162,22 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
     per_rank = [c for c in cfg.cases if c != "election"]
-    for n in args.ranks:
-        if not per_rank:
-            break
-        if n == 1:
-            from .cases import run_rank_cases
+    try:
+        for n in args.ranks:
+            if not per_rank:
+                break
+            if n == 1:
+                from .cases import run_rank_cases
 
-            records += run_rank_cases(Ctx(), cfg)
-        else:
-            records += run_ranks(n, cfg, out, args.timeout)
-    if "election" in cfg.cases:
-        from .cases import election_case
+                records += run_rank_cases(Ctx(), cfg)
+            else:
+                records += run_ranks(n, cfg, out, args.timeout)
+        if "election" in cfg.cases:
+            from .cases import election_case
 
-        records += election_case(cfg)
+            records += election_case(cfg)
+    finally:
+        if server is not None:
+            server.stop()
     elapsed = time.perf_counter() - start
-    if server is not None:
-        server.stop()
     for root, _, _ in sorted(os.walk(workdir), key=lambda w: -len(w[0])):
         with contextlib.suppress(OSError):  # only empty directories are removed
             os.rmdir(root)

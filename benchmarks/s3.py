@@ -151,8 +151,11 @@ def s3_case(ctx: Ctx, cfg: Config) -> list[dict[str, Any]]:
         dcp_tool.load(ctx, probe, {k: v.clone() for k, v in tiny.items()})
         dcp_tool.cleanup(ctx, probe)
         tools.append(dcp_tool)
-    except Exception as exc:  # reported, and the case goes on without it
-        log(ctx, f"s3: DCP through fsspec skipped: {type(exc).__name__}: {exc}"[:400])
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+        log(ctx, f"s3: DCP through fsspec skipped: {type(exc).__name__}: {first}"[:400])
     s3cfg = Config(**{**cfg.to_json(), "workdir": url})
     out: list[dict[str, Any]] = []
     for size in cfg.sizes_mib:
