@@ -88,6 +88,10 @@ def test_large_objects_go_up_in_parts_and_come_back_in_parallel_ranges(s3_server
     back = torch.empty_like(tensor)
     assert fs.read_into(path, memoryview(back.numpy()).cast("B"), 4) == len(raw)
     assert torch.equal(back, tensor)
+    head, body = bytearray(4), torch.empty_like(tensor)  # parts filled across the ranges
+    parts = [memoryview(head), memoryview(body.numpy()).cast("B")]
+    assert fs.read_into_parts(path, parts) == 4 + len(raw)
+    assert bytes(head) == b"head" and torch.equal(body, tensor)
     tail = bytearray(len(raw))  # a long read running past the end stops there
     assert fs.read_into(path, memoryview(tail), 4 + part) == len(raw) - part
     assert bytes(tail[: len(raw) - part]) == raw[part:]

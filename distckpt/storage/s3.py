@@ -16,6 +16,7 @@ and releases the GIL while requests run.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import posixpath
@@ -345,43 +346,57 @@ class S3FileSystem(FileSystem):
             raise self._read_error(path, exc) from exc
 
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        return self.read_into_parts(path, [out], offset)
+
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        # One ranged GET for all the parts (a chunk and its trailer), or parallel ranges
+        # when large, each copied once into place.
+        views = [p.cast("B") if p.format != "B" else p for p in parts]
+        total = sum(len(v) for v in views)
+        if total == 0:
+            self.size(path)  # a missing object fails as a read of it would
+            return 0
+        starts = [0]
+        for v in views:
+            starts.append(starts[-1] + len(v))
+        got = 0
+        for pos, data in self._fetch(path, offset, total):
+            got += len(data)
+            i = bisect.bisect_right(starts, pos) - 1
+            while len(data) and i < len(views):
+                at = pos - starts[i]
+                k = min(len(views[i]) - at, len(data))
+                views[i][at : at + k] = data[:k]
+                data, pos, i = data[k:], pos + k, i + 1
+        return got
+
+    def _fetch(self, path: str, offset: int, n: int) -> list[tuple[int, memoryview]]:
+        """Bytes ``[offset, offset + n)`` of ``path`` (fewer at its end) as (position from
+        ``offset``, bytes) pieces: one GET, or ranges of ``chunk_size`` in parallel when
+        ``n`` is large (one stream is slower than the link)."""
         import obstore
 
-        out = out.cast("B")
-        n = len(out)
         key = self._key(path)
-        if n == 0:
-            self.size(path)
-            return 0
         if n > 2 * self.chunk_size:
-            return self._read_parallel(path, key, out, offset)
+            end = min(offset + n, self.size(path))
+            if end <= offset:
+                return []
+            starts = list(range(offset, end, self.chunk_size))
+            lengths = [min(self.chunk_size, end - s) for s in starts]
+            try:
+                datas = obstore.get_ranges(self.store, key, starts=starts, lengths=lengths)
+            except Exception as exc:
+                raise self._read_error(path, exc) from exc
+            return [
+                (s - offset, memoryview(d).cast("B")) for s, d in zip(starts, datas, strict=True)
+            ]
         try:
             data = obstore.get_range(self.store, key, start=offset, length=n)
         except Exception as exc:
             if not self._missing(exc) and offset >= self.size(path):
-                return 0  # a range past the end: nothing to read, as on a file
+                return []  # a range past the end: nothing to read, as on a file
             raise self._read_error(path, exc) from exc
-        view = memoryview(data).cast("B")
-        out[: len(view)] = view
-        return len(view)
-
-    def _read_parallel(self, path: str, key: str, out: memoryview, offset: int) -> int:
-        """A large read as ranged GETs in parallel (one stream is slower than the link)."""
-        import obstore
-
-        end = min(offset + len(out), self.size(path))
-        if end <= offset:
-            return 0
-        starts = list(range(offset, end, self.chunk_size))
-        lengths = [min(self.chunk_size, end - s) for s in starts]
-        try:
-            datas = obstore.get_ranges(self.store, key, starts=starts, lengths=lengths)
-        except Exception as exc:
-            raise self._read_error(path, exc) from exc
-        for s, data in zip(starts, datas, strict=True):
-            view = memoryview(data).cast("B")
-            out[s - offset : s - offset + len(view)] = view
-        return end - offset
+        return [(0, memoryview(data).cast("B"))]
 
     # -- inspecting --------------------------------------------------------------------------
     def _head(self, path: str) -> dict[str, Any]:
