@@ -142,7 +142,7 @@ def s3_case(ctx: Ctx, cfg: Config) -> list[dict[str, Any]]:
     if not url:
         log(ctx, "s3 skipped: no server (see the message above)")
         return []
-    tools: list[Tool] = [DistckptS3(), RawS3()]
+    tools: list[Tool] = [DistckptS3(), DistckptS3("distckpt in-place", in_place=True), RawS3()]
     try:
         dcp_tool = DcpFsspec()
         probe = f"{url}/dcp-probe-ranks{ctx.world}"
