@@ -9,6 +9,7 @@ seam to the local disk.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -473,3 +474,20 @@ def test_save_latest_load_and_lease_on_a_memory_store(tmp_path):
     # Nothing of it reached the local disk: the path exists only in the memory backend.
     assert not os.path.exists("/jobs/run")
     assert os.listdir(tmp_path) == []
+
+
+class NoHardLinks(LocalFileSystem):
+    """A filesystem that refuses hard links (as some FUSE and parallel filesystems do)."""
+
+    def link(self, src: str, dst: str) -> None:
+        raise PermissionError(errno.EPERM, "hard links not supported", dst)
+
+
+def test_publish_exclusive_without_hard_links_still_never_replaces(tmp_path):
+    fs = NoHardLinks()
+    path = str(tmp_path / "manifest.json")
+    fs.publish_exclusive(path, b"committed")
+    with pytest.raises(FileExistsError):
+        fs.publish_exclusive(path, b"a second writer")
+    assert fs.read_bytes(path) == b"committed"
+    assert os.listdir(tmp_path) == ["manifest.json"]

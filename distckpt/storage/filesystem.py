@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from distckpt.errors import CheckpointWriteError, VersionConflictError
 
 Buffer = bytes | bytearray | memoryview
+# link(2) errors of filesystems without hard links (publish_exclusive then claims the name).
+_NO_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS})
 
 
 class FileSystem(ABC):
@@ -76,13 +78,22 @@ class FileSystem(ABC):
         a second writer can never overwrite.
 
         Temp file beside ``path``, fsync, hard link to ``path`` (atomic and exclusive), temp
-        file removed, directory fsynced. Object stores: one create-only conditional PUT."""
+        file removed, directory fsynced. Where the filesystem has no hard links, an empty
+        file claims the name exclusively first and the temp file is renamed over it (readers
+        may see it empty for a moment: an empty manifest is no commit). Object stores: one
+        create-only conditional PUT."""
         parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
             self.write_file(tmp, parts, durable=True)
-            self.link(tmp, path)
+            try:
+                self.link(tmp, path)
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                self.create_exclusive(path, b"")
+                self.rename(tmp, path)
         finally:
             self.remove(tmp)
         self.fsync_dir(directory or ".")
