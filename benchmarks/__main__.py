@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from .common import ALL_CASES, Config, Ctx
+from .common import ALL_CASES, DEFAULT_CASES, Config, Ctx
 from .report import derive, format_table, goals, machine_info, plot, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,8 +86,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cases",
         nargs="+",
         choices=ALL_CASES,
-        default=list(ALL_CASES),
-        help="cases to run",
+        default=list(DEFAULT_CASES),
+        help="cases to run (scale only when named: a simulation of minutes)",
+    )
+    p.add_argument(
+        "--scale-ranks",
+        type=int,
+        nargs="+",
+        default=[8, 64, 1000, 10_000],
+        help="simulated rank counts of the scale case",
+    )
+    p.add_argument(
+        "--scale-sample",
+        type=int,
+        default=64,
+        help="ranks simulated per rank count in the scale case; totals of larger jobs are "
+        "extrapolated from them",
     )
     p.add_argument("--out", default="bench-out", help="output directory")
     p.add_argument(
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
-    per_rank = [c for c in cfg.cases if c != "election"]
+    per_rank = [c for c in cfg.cases if c not in ("election", "scale")]
     for n in args.ranks:
         if not per_rank:
             break
@@ -170,11 +184,28 @@ def main(argv: list[str] | None = None) -> int:
         from .cases import election_case
 
         records += election_case(cfg)
+    scale_records: list[dict[str, Any]] = []
+    if "scale" in cfg.cases:
+        from .scale import scale_case
+
+        scale_records = scale_case(args.scale_ranks, sample=args.scale_sample, workdir=workdir)
     elapsed = time.perf_counter() - start
     for root, _, _ in sorted(os.walk(workdir), key=lambda w: -len(w[0])):
         with contextlib.suppress(OSError):  # only empty directories are removed
             os.rmdir(root)
 
+    if scale_records:
+        from .scale import format_scale_table, plot_scale
+
+        write_json(
+            os.path.join(out, "scale.json"), machine_info(workdir), vars(args), scale_records
+        )
+        print()
+        print(format_scale_table(scale_records))
+        skipped = plot_scale(os.path.join(out, "scale.png"), scale_records)
+        print(f"scale plot: {skipped or os.path.join(out, 'scale.png')}")
+        if not records:
+            return 0
     derive(records)
     machine = machine_info(workdir)
     config = {**cfg.to_json(), "ranks": args.ranks, "full": args.full, "elapsed_s": elapsed}

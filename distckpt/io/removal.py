@@ -69,9 +69,13 @@ def remove_own_part(store: Store, row: int, rank: int) -> int:
         fs.rmtree(rank_dir)
         removed += 1
     row_dir = store.row_dir(row)
+    safe: dict[str, bool] = {}  # array directory -> no link on its path (checked once)
     for rel in chunks:
         path = os.path.join(row_dir, rel)
-        if linked_below(store, os.path.dirname(path)) is None:
+        parent = os.path.dirname(path)
+        if parent not in safe:
+            safe[parent] = linked_below(store, parent) is None
+        if safe[parent]:
             fs.remove(path)
             removed += 1
     return removed
