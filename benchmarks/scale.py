@@ -209,7 +209,7 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
     store = Store(path, fs)
     ranks = sampled_ranks(world, sample)
     exact = all(w == 1.0 for w in ranks.values())
-    wall = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     layouts, plan_s, plan_extrapolated = plan_job(keys, world)
     save: dict[int, OpCounts] = {}
     own_plan_s: list[float] = []
@@ -256,6 +256,7 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
         files_written_by_ranks=files_after_ranks - files_before_ranks,
         files_left=fs.files(),
         wall_s=time.perf_counter() - wall,
+        cpu_s=time.process_time() - cpu,
         tensors=len(keys),
     )
 
@@ -375,6 +376,8 @@ def _record(
     reader_reads = (load[0].reads.get("manifest", 0) - 1) if exact else world
     others = world - 1 if exact else world
     loaded["opens"] += others * reader_reads
+    # and the data files the load plan reads (counted from the plan, not opened)
+    loaded["opens"] += sum(extra["data_opens"][r] * w for r, w in ranks.items())
     elected = {k: _total(elect, ranks, k) for k in OPERATIONS}
     deleted = {k: _total(delete, ranks, k) + delete[-1].ops[k] for k in OPERATIONS}
     manifest_reads_load = sum(load[r].reads.get("manifest", 0) * w for r, w in ranks.items())
@@ -540,7 +543,8 @@ def scale_case(
         rec["load_mds_s"] = mds_seconds(rec["load"])
         print(
             f"[scale] {world} ranks: {rec['save_ops']:,.0f} operations per save "
-            f"({rec['simulated_ranks']} ranks simulated, {rec['wall_s']:.0f} s)",
+            f"({rec['simulated_ranks']} ranks simulated, {rec['wall_s']:.0f} s, "
+            f"{rec['cpu_s']:.0f} s CPU)",
             file=sys.stderr,
             flush=True,
         )
