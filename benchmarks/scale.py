@@ -527,6 +527,9 @@ def dcp_projection(counts: dict[str, Any], world: int) -> dict[str, Any]:
         "load_ops": sum(load[k] for k in METADATA_OPS),
         "load_mds_s": mds_seconds(load),
         "delete_ops": world + 2,  # its files and the directory
+        # the coordinator: its own data file and .metadata
+        "files_rank_max": counts["save"]["rank"]["creates"]
+        + counts["save"]["coordinator"]["creates"],
         "source": "strace of dcp.save/dcp.load at 1 rank, scaled by its one-file-per-rank design",
     }
 
@@ -580,7 +583,7 @@ def format_scale_table(records: list[dict[str, Any]]) -> str:
             plan = f"{r['plan_s']:.2f} s" + (" (est.)" if r["plan_extrapolated"] else "")
             elect = f"{r['elect_s'] * 1000:.0f} ms"
         else:
-            per_rank = "1"
+            per_rank = _n(r["files_rank_max"])
             reads = "- / " + _n(r["ranks"])
             delete = _n(r["delete_ops"])
             plan, elect = "-", "-"
