@@ -24,18 +24,24 @@ from distckpt.storage.store import Store
 log = get_logger(__name__)
 
 
-def linked_below(store: Store, path: str) -> str | None:
+def linked_below(store: Store, path: str, checked: set[str] | None = None) -> str | None:
     """The first directory between ``rows/`` and ``path`` (included) that is a symbolic
-    link, or None. Paths outside ``rows/`` are refused as if linked."""
+    link, or None. Paths outside ``rows/`` are refused as if linked. ``checked`` holds
+    paths already found not to be links (and gains those found now): one stat per
+    directory, however many files below it are removed."""
     rows = os.path.normpath(store.rows_dir)
     rel = os.path.relpath(os.path.normpath(path), rows)
     if rel == os.curdir or rel.startswith(os.pardir):
         return path
+    seen = checked if checked is not None else set()
     current = rows
     for part in rel.split(os.sep):
         current = os.path.join(current, part)
+        if current in seen:
+            continue
         if store.fs.is_link(current):
             return current
+        seen.add(current)
     return None
 
 
@@ -69,12 +75,13 @@ def remove_own_part(store: Store, row: int, rank: int) -> int:
         fs.rmtree(rank_dir)
         removed += 1
     row_dir = store.row_dir(row)
+    checked: set[str] = set()
     safe: dict[str, bool] = {}  # array directory -> no link on its path (checked once)
     for rel in chunks:
         path = os.path.join(row_dir, rel)
         parent = os.path.dirname(path)
         if parent not in safe:
-            safe[parent] = linked_below(store, parent) is None
+            safe[parent] = linked_below(store, parent, checked) is None
         if safe[parent]:
             fs.remove(path)
             removed += 1
