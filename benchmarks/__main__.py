@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from .common import ALL_CASES, Config, Ctx
+from .common import ALL_CASES, DEFAULT_CASES, Config, Ctx
 from .report import derive, format_table, goals, machine_info, plot, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,8 +86,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cases",
         nargs="+",
         choices=ALL_CASES,
-        default=list(ALL_CASES),
-        help="cases to run",
+        default=list(DEFAULT_CASES),
+        help="cases to run (scale only when named: a simulation of minutes)",
+    )
+    p.add_argument(
+        "--scale-ranks",
+        type=int,
+        nargs="+",
+        default=[8, 64, 1000, 10_000],
+        help="simulated rank counts of the scale case",
+    )
+    p.add_argument(
+        "--scale-sample",
+        type=int,
+        default=64,
+        help="ranks simulated per rank count in the scale case; totals of larger jobs are "
+        "extrapolated from them",
     )
     p.add_argument("--out", default="bench-out", help="output directory")
     p.add_argument(
@@ -161,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         server = start_server(cfg.workdir)
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
-    per_rank = [c for c in cfg.cases if c != "election"]
+    per_rank = [c for c in cfg.cases if c not in ("election", "scale")]
+    scale_records: list[dict[str, Any]] = []
     try:
         for n in args.ranks:
             if not per_rank:
@@ -176,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             from .cases import election_case
 
             records += election_case(cfg)
+        if "scale" in cfg.cases:
+            from .scale import scale_case
+
+            scale_records = scale_case(args.scale_ranks, sample=args.scale_sample, workdir=workdir)
     finally:
         if server is not None:
             server.stop()
@@ -184,6 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):  # only empty directories are removed
             os.rmdir(root)
 
+    if scale_records:
+        from .scale import format_scale_table, plot_scale
+
+        write_json(
+            os.path.join(out, "scale.json"), machine_info(workdir), vars(args), scale_records
+        )
+        print()
+        print(format_scale_table(scale_records))
+        skipped = plot_scale(os.path.join(out, "scale.png"), scale_records)
+        print(f"scale plot: {skipped or os.path.join(out, 'scale.png')}")
+        if not records:
+            return 0
     derive(records)
     machine = machine_info(workdir)
     config = {**cfg.to_json(), "ranks": args.ranks, "full": args.full, "elapsed_s": elapsed}

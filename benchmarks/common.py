@@ -15,7 +15,8 @@ import torch
 MiB = 1 << 20
 GB = 1e9  # throughput is reported in GB/s (10^9 bytes per second)
 
-ALL_CASES = ("save", "restore", "small", "crc", "async", "gpu", "election", "e2s", "s3")
+ALL_CASES = ("save", "restore", "small", "crc", "async", "gpu", "election", "e2s", "s3", "scale")
+DEFAULT_CASES = tuple(c for c in ALL_CASES if c != "scale")  # scale: minutes, on request
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Config:
     election_ranks: int = 64
     election_tensors: int = 8
     repeat: int = 3
-    cases: list[str] = field(default_factory=lambda: list(ALL_CASES))
+    cases: list[str] = field(default_factory=lambda: list(DEFAULT_CASES))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

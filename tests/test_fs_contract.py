@@ -22,6 +22,7 @@ import torch
 import distckpt
 from distckpt import Store
 from distckpt.errors import CheckpointWriteError, LeaseHeldError, VersionConflictError
+from distckpt.storage.counting import CountingFileSystem
 from distckpt.storage.filesystem import FileSystem, LocalFileSystem
 from distckpt.storage.lease import LEASE_FILE, LOCK_FILE, Lease, lease_status
 from distckpt.storage.memory import MemoryFileSystem
@@ -48,9 +49,18 @@ def _memory(tmp: Path) -> tuple[FileSystem, str]:
     return fs, "/contract/root"
 
 
+def _counting(tmp: Path) -> tuple[FileSystem, str]:
+    # Keeps every file's bytes: the contract's reads compare bytes. Dropping data bytes (its
+    # default, for simulations) is the one documented exemption; see test_scale_sim.py.
+    fs = CountingFileSystem(keep=lambda path: True)
+    fs.makedirs("/contract/root")
+    return fs, "/contract/root"
+
+
 BACKENDS = [
     Backend("local", lambda tmp: (LocalFileSystem(), str(tmp)), symlinks=True),
     Backend("memory", _memory, symlinks=False),
+    Backend("counting", _counting, symlinks=False),
     Backend("recording", lambda tmp: (RecordingFS(), str(tmp)), symlinks=True),
     Backend("fulldisk-with-room", lambda tmp: (FullDiskFS(1 << 30), str(tmp)), symlinks=True),
     # A fresh prefix of the session's SeaweedFS bucket (made by the fixture below).

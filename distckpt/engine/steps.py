@@ -33,7 +33,6 @@ from distckpt.format.manifest import InvalidManifest, RankManifest, StateRecord
 from distckpt.io import globalio
 from distckpt.io.commit import (
     RankWrite,
-    delete_row,
     prepare_row,
     publish_rank,
     retract_rank,
@@ -41,6 +40,7 @@ from distckpt.io.commit import (
 )
 from distckpt.io.digests import state_digests
 from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
+from distckpt.io.removal import remove_own_part, remove_row_rest
 from distckpt.io.rowio import RankReader
 from distckpt.logs import get_logger
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD, RankPlan, plan_rank
@@ -48,6 +48,10 @@ from distckpt.storage import lease
 from distckpt.storage.store import Store, utcnow
 
 log = get_logger(__name__)
+
+# Retention's steps after the coordinator named the rows (``step.SAVE_RETAIN``).
+RETAIN_OWN = step.register("save.retain_own")  # every rank removes its part of each row
+RETAIN_REST = step.register("save.retain_rest")  # the coordinator removes what is left
 
 
 @dataclass(frozen=True)
@@ -537,15 +541,36 @@ def read_all(
 
 
 def prune(store: Store, comm: Communicator, keep: int | RetentionPolicy | None) -> None:
-    """Collective: the coordinator deletes the rows retention gives up (those the policy
-    ``keep`` does not preserve, an int meaning the newest N; see ``rows_to_delete``),
-    manifests first; every rank raises if that failed (the new row stays committed)."""
+    """Collective: delete the rows retention gives up (those the policy ``keep`` does not
+    preserve, an int meaning the newest N; see ``rows_to_delete``), spread over the ranks.
 
-    def delete() -> None:
+    The coordinator names the rows; every rank removes its own part of each (manifest
+    first, so the row stops counting, then its data), all at once; then the coordinator
+    removes what is left (documents, emptied directories, parts of ranks that are gone).
+    No rank waits for one client to unlink every file of a row. Every rank raises if any
+    part failed (the new row stays committed; what is left is garbage the next prune
+    removes).
+    """
+    where = f"cannot delete old rows of {store.path}"
+
+    def choose() -> list[int]:
+        return rows_to_delete(store, keep)
+
+    doomed = [int(r) for r in step.decide(comm, step.SAVE_RETAIN, choose, context=where)]
+    if not doomed:
+        return
+
+    def own() -> None:
+        for row in doomed:
+            remove_own_part(store, row, comm.rank)
+
+    step.run(comm, RETAIN_OWN, own, context=where)
+
+    def rest() -> None:
         if not comm.is_coordinator:
             return
-        for row in rows_to_delete(store, keep):
+        for row in doomed:
             log.info("deleting row %d of %s", row, store.path)
-            delete_row(store, row)
+            remove_row_rest(store, row)
 
-    step.run(comm, step.SAVE_RETAIN, delete, context=f"cannot delete old rows of {store.path}")
+    step.run(comm, RETAIN_REST, rest, context=where)

@@ -182,6 +182,11 @@ class FileSystem(ABC):
         for entries of other backends or instances (keys per-process tables of stores)."""
         return f"{type(self).__name__}@{id(self):x}:{os.path.normpath(path)}"
 
+    def is_link(self, path: str) -> bool:
+        """Whether ``path`` itself is a symbolic link (not followed). Backends without
+        links say False."""
+        return False
+
     @abstractmethod
     def disk_usage(self, path: str) -> int:
         """Bytes of the files under the directory ``path`` (0 when missing); links are
@@ -345,6 +350,9 @@ class LocalFileSystem(FileSystem):
 
     def is_dir(self, path: str) -> bool:
         return os.path.isdir(path)
+
+    def is_link(self, path: str) -> bool:
+        return os.path.islink(path)
 
     def identity(self, path: str) -> str:
         return os.path.realpath(path)  # one file system: every handle names the same files
