@@ -116,10 +116,11 @@ def load(
     ``strict=False``. With ``version`` (as in :func:`save`), states saved at an older
     version are first migrated in memory by the chain in ``migrations`` (default: the
     registry of ``register_migration``); a newer saved version is refused. Everything is
-    read, migrated and verified before anything is modified, except global (sharded)
-    tensors: their shapes and dtypes are checked first, then each rank's region is read
-    chunk by chunk straight into the live DTensor, ``Sharded`` piece or tensor, whatever
-    layout saved it.
+    read (or streamed and checked: sizes, byte ranges, checksums), migrated and verified on
+    every rank before any live tensor is modified, so a load that raises leaves the live
+    state as it was; global (sharded) tensors are read by region, whatever layout saved
+    them, into staging buffers, then copied into the live DTensor, ``Sharded`` piece or
+    tensor.
     A row written by another number of ranks is restored when its state can be
     redistributed: states every rank saved alike come from any rank; rank-private ones need
     ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.
