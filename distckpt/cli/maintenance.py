@@ -28,6 +28,7 @@ from distckpt.cli.common import (
 from distckpt.dist.election import row_status
 from distckpt.dist.retention import rows_to_delete
 from distckpt.io.commit import delete_row
+from distckpt.io.marks import bad_rows
 from distckpt.storage.lease import Lease, LeaseHeldError, LeaseStatus, lease_status
 from distckpt.storage.store import Store
 
@@ -103,7 +104,7 @@ def gc_command(
             click.echo(f"{st.path}: no rows, nothing to remove")
         return
     with _gc_lease(st, force, dry_run) as lstatus:
-        doomed = rows_to_delete(st, keep)
+        doomed = rows_to_delete(st, keep, bad=bad_rows(st))
         statuses = {r: row_status(st, r) for r in st.rows()}
         committed = [r for r, s in statuses.items() if s.committed]
         latest = committed[-1] if committed else None

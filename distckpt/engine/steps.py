@@ -6,7 +6,7 @@ raise together instead of one raising while the others wait forever.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from distckpt.io.commit import (
 )
 from distckpt.io.digests import state_digests
 from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
+from distckpt.io.marks import bad_rows
 from distckpt.io.rowio import RankReader
 from distckpt.logs import get_logger
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD, RankPlan, plan_rank
@@ -316,16 +317,25 @@ def commit_row(
 
 
 def choose_row(
-    store: Store, comm: Communicator, row: int | None, *, any_world_size: bool = False
+    store: Store,
+    comm: Communicator,
+    row: int | None,
+    *,
+    any_world_size: bool = False,
+    skip: Container[int] | None = None,
 ) -> int:
     """Collective: the elected row, or check that an explicitly named row is committed.
+
+    The election passes over the rows in ``skip`` (default: the rows marked bad, see
+    ``io.marks``); a row named explicitly is checked whatever its mark.
 
     With ``any_world_size`` a row written by another number of ranks counts when all of
     its manifests are present and valid (checked by the coordinator on a shared store);
     without it such a row is refused with ``WorldSizeMismatchError``.
     """
     if row is None:
-        elected = elect(store, comm, any_world_size=any_world_size)
+        passed = bad_rows(store) if skip is None else skip
+        elected = elect(store, comm, any_world_size=any_world_size, skip=passed)
         if elected is None:
             raise _nothing_to_restore(store, comm.world_size)
         return elected
@@ -544,7 +554,7 @@ def prune(store: Store, comm: Communicator, keep: int | RetentionPolicy | None) 
     def delete() -> None:
         if not comm.is_coordinator:
             return
-        for row in rows_to_delete(store, keep):
+        for row in rows_to_delete(store, keep, bad=bad_rows(store)):
             log.info("deleting row %d of %s", row, store.path)
             delete_row(store, row)
 
