@@ -221,3 +221,45 @@ def test_a_failure_that_is_not_the_row_s_does_not_mark_it(tmp_path, monkeypatch)
     with pytest.raises(CorruptCheckpointError):
         distckpt.load(blank(), tmp_path)
     assert read_mark(Store(tmp_path), 1) is None and distckpt.latest(tmp_path) == 1
+
+
+@pytest.mark.multiproc
+def test_requeued_slurm_job_finishes_despite_a_damaged_newest_row(tmp_path):
+    """scripts/slurm/run.sh (real CLI) -> srun -> torchrun -> a worker that loads, trains a
+    step and saves: with the newest row damaged, the job resumes from the row before it and
+    finishes, and the damaged row is never elected again."""
+    from multiproc import WORKERS, run_command
+    from test_slurm_scripts import RUN_SH, Slurm
+
+    slurm = Slurm(tmp_path, "real")
+    for step in range(2):
+        distckpt.save({"w": torch.full((16,), float(step + 1)), "step": step}, slurm.ckpt)
+    distckpt.storage.lease.release(slurm.ckpt)
+    rank_dir = Path(Store(slurm.ckpt).rank_dir(1, 0))
+    (packed,) = [p for p in rank_dir.rglob("c*") if p.is_file()]
+    data = bytearray(packed.read_bytes())
+    data[0] ^= 0xFF
+    packed.write_bytes(bytes(data))
+
+    target = (str(WORKERS / "fallback_train_worker.py"), str(slurm.ckpt))
+    env = {
+        **slurm.env,
+        "STUB_SRUN_MODE": "exec",
+        "GPUS_PER_NODE": "1",
+        "SLURM_RESTART_COUNT": "1",
+    }
+    result = run_command(["bash", RUN_SH, *target], env=env, timeout=180)
+    described = result.describe()
+    assert result.returncode == 0, described
+    assert f"resuming from {slurm.ckpt}: " in result.stderr, described
+    assert result.lines("LOADED ") == ["LOADED rank=0 row=0 step=0"], described
+    assert result.lines("SAVED ") == ["SAVED rank=0 row=2"], described
+    assert "row 1 of" in result.stderr and "marked bad" in result.stderr, described
+    assert slurm.requeues == []
+    # The next restart resumes from the new row; row 1 is shown bad and never elected.
+    assert cli_run("latest", slurm.ckpt).output.strip() == "2"
+    rows = {
+        r["row"]: r["status"]
+        for r in json.loads(cli_run("ls", slurm.ckpt, "--json").output)["rows"]
+    }
+    assert rows == {0: "committed", 1: "bad", 2: "committed"}

@@ -217,14 +217,7 @@ def save_row(
     reports = step.gather(comm, step.SAVE_SHARDS, lambda: shard_report(made))
     layouts = globalio.layouts(reports) if any(reports) else {}
 
-    def open_row() -> int:
-        store.create(name)
-        # One writing job per store: the lease must still be ours (LeaseLostError if a
-        # takeover happened since it was taken), refused on every rank otherwise.
-        if guard is None:
-            lease.hold(store)
-        else:
-            guard.refresh()
+    def allocate() -> int:
         existing = store.rows()
         newest = existing[-1] if existing else -1
         chosen = newest + 1 if row is None else row
@@ -235,6 +228,18 @@ def save_row(
             )
         prepare_row(store, chosen)
         return chosen
+
+    def open_row() -> int:
+        store.create(name)
+        # One writing job per store: the lease must still be ours (LeaseLostError if a
+        # takeover happened since it was taken), refused on every rank otherwise. The row
+        # id is chosen and its directory made inside the lease's critical section, after
+        # checking the lease is still ours: two writers (a takeover by a second job step
+        # of the same allocation) are never given the same row.
+        held = lease.hold(store) if guard is None else guard
+        if guard is not None:
+            guard.refresh()
+        return held.critical(allocate)
 
     where = f"cannot start a row in {store.path}"
     chosen = int(
@@ -250,11 +255,13 @@ def save_row(
     step.run(comm, step.SAVE_OPEN_LOCAL, open_local, context=where, fallback=CheckpointWriteError)
 
     published: list[RankManifest] = []
+    publishing: list[bool] = []  # the publish began: the manifest may be there
 
     def write() -> None:
         try:
             written = write_rank(store, made, chosen, comm.rank, layouts, checksums=checksums)
             built = build_manifest(made, written, content, world_size=comm.world_size, name=name)
+            publishing.append(True)
             publish_rank(store, written, built)
             published.append(built)
         except Exception as exc:
@@ -269,9 +276,15 @@ def save_row(
             context=f"row {chosen} of {store.path} was not committed",
             fallback=CheckpointWriteError,
         )
-    except CheckpointError:
-        if published:
-            retract_rank(store, chosen, comm.rank)
+    except CheckpointError as failed:
+        # All or none: every rank whose manifest may be visible withdraws it, including a
+        # rank whose own publish raised after the rename (EIO on the directory's fsync),
+        # so the row the save reports as not committed is never elected.
+        if publishing:
+            try:
+                retract_rank(store, chosen, comm.rank)
+            except CheckpointError as exc:
+                failed.add_note(str(exc))
         raise
     manifest = published[0]
     fault_point("after_commit", rank=comm.rank, row=chosen)
