@@ -263,3 +263,20 @@ def test_requeued_slurm_job_finishes_despite_a_damaged_newest_row(tmp_path):
         for r in json.loads(cli_run("ls", slurm.ckpt, "--json").output)["rows"]
     }
     assert rows == {0: "committed", 1: "bad", 2: "committed"}
+
+
+def test_gc_keeps_the_row_to_fall_back_to_and_says_why_a_bad_row_goes(tmp_path):
+    save_rows(tmp_path, 3)
+    mark_bad(Store(tmp_path), 1, "checksum mismatch (by hand)")
+    doc = json.loads(cli_run("gc", tmp_path, "--keep", "1", "--json").output)
+    assert doc["latest"] == 2
+    assert Store(tmp_path).rows() == [2]
+    mark_bad(Store(tmp_path), 2, "checksum mismatch (by hand)")
+    distckpt.save(state(3), tmp_path, row=3)
+    distckpt.save(state(4), tmp_path, row=4)
+    distckpt.storage.lease.release(tmp_path)
+    doc = json.loads(cli_run("gc", tmp_path, "--keep", "2", "--json").output)
+    assert {e["row"]: e["reason"] for e in doc["removed"]} == {
+        2: "marked bad, older than the latest row 4"
+    }
+    assert Store(tmp_path).rows() == [3, 4]
