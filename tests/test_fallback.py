@@ -7,6 +7,7 @@ later elections, ``distckpt latest``, ``distckpt ls`` and retention pass over it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -280,3 +281,21 @@ def test_gc_keeps_the_row_to_fall_back_to_and_says_why_a_bad_row_goes(tmp_path):
         2: "marked bad, older than the latest row 4"
     }
     assert Store(tmp_path).rows() == [3, 4]
+
+
+def test_a_checkpoint_session_elects_past_a_marked_row(tmp_path):
+    @dataclasses.dataclass
+    class Counter:
+        x: int = 0
+
+    for value in (1, 2):
+        with distckpt.Checkpoint("c", path=tmp_path, mode="append") as session:
+            counter = Counter()
+            distckpt.bind_checkpoint_state(counter, state_id="counter")
+            counter.x = value
+            session.write()
+    mark_bad(Store(tmp_path), 1, "checksum mismatch (by hand)")
+    with distckpt.Checkpoint("c", path=tmp_path, mode="append") as session:
+        counter = Counter()
+        distckpt.bind_checkpoint_state(counter, state_id="counter")
+        assert session.row == 0 and counter.x == 1
