@@ -139,8 +139,9 @@ def load(
     missing or unreadable file), every rank agrees to mark it bad (``rows/<row>/BAD.json``,
     with the reason; later elections, ``distckpt latest`` and retention pass over it, and
     ``distckpt ls`` shows it) and to load the newest older committed row instead, with a
-    warning naming the bad row and the problem; if none is left, ``CorruptCheckpointError``
-    names the damaged rows. ``fallback=False`` raises the damaged row's error instead
+    warning naming the bad row and the problem; if none is left, the newest damaged row's
+    error is raised (a ``CorruptCheckpointError`` naming the row, rank and file, with a note
+    listing the damaged rows). ``fallback=False`` raises the damaged row's error at once
     (nothing is marked). A row named with ``row=`` never falls back.
     Returns the row id.
     """
