@@ -36,6 +36,7 @@ from distckpt.cli.interchange import show_foreign
 from distckpt.dist.election import RowStatus, elect_offline, row_status
 from distckpt.format.manifest import RankManifest, is_packed
 from distckpt.io.globalio import written_nbytes
+from distckpt.io.marks import bad_rows, read_mark
 from distckpt.io.verify import Verification
 from distckpt.storage.lease import lease_status
 from distckpt.storage.store import Store
@@ -75,16 +76,19 @@ def ls_command(store: str, as_json: bool, porcelain: bool) -> None:
     then), its `step` metadata, the number of ranks that wrote it, its size on disk and its
     age. A row that is not committed says what is missing: which ranks have no manifest, and
     why a manifest is invalid. Rows newer than the newest committed one are shown as
-    "pending": a job may still be writing them.
+    "pending": a job may still be writing them. A committed row that a load found damaged
+    is shown as "bad", with the reason it was marked; restarts pass over it.
     """
     if as_json and porcelain:
         raise CliError("--json and --porcelain exclude each other", EXIT_USAGE)
     st, attrs = open_store(store)
     now = time.time()
     statuses = [row_status(st, r) for r in st.rows()] if attrs else []
+    marks = {s.row: read_mark(st, s.row) for s in statuses}
     committed = [s.row for s in statuses if s.committed]
-    latest = committed[-1] if committed else None
-    rows = [row_summary(st, s, latest, now) for s in statuses]
+    good = [r for r in committed if marks[r] is None]
+    latest = good[-1] if good else None
+    rows = [_with_mark(row_summary(st, s, latest, now), marks[s.row]) for s in statuses]
     lstatus = lease_status(st)
     if as_json:
         emit_json(
@@ -137,7 +141,17 @@ def ls_command(store: str, as_json: bool, porcelain: bool) -> None:
     click.echo(
         f"{len(committed)} committed of {len(rows)} rows, {human_bytes(total)}; "
         f"latest: {'none' if latest is None else latest}"
+        + (f"; {len(committed) - len(good)} marked bad" if len(good) < len(committed) else "")
     )
+
+
+def _with_mark(summary: dict[str, Any], mark: Any) -> dict[str, Any]:
+    """A row's summary with its bad mark, if any: status "bad", the reason as a problem."""
+    summary["bad"] = None if mark is None else mark.reason
+    if mark is not None:
+        summary["status"] = "bad"
+        summary["problems"] = [f"marked bad: {mark.reason}", *summary["problems"]]
+    return summary
 
 
 def _porcelain_values(r: dict[str, Any]) -> list[Any]:
@@ -173,8 +187,10 @@ def latest_command(store: str, world_size: int | None, as_json: bool) -> None:
     """Print the row a restart from STORE would resume (the newest committed row).
 
     Prints only the row id on stdout, so `row=$(distckpt latest STORE)` works in a shell
-    script. Exits with status 3 and prints nothing on stdout when there is nothing to resume:
-    no committed row, or STORE does not exist yet (a first run). Exits with 4 when STORE
+    script. Rows a load found damaged (marked bad) are passed over, as a restart passes over
+    them. Exits with status 3 and prints nothing on stdout when there is nothing to resume:
+    no committed row that is not marked bad, or STORE does not exist yet (a first run).
+    Exits with 4 when STORE
     cannot be read, is not a distckpt store, or was written by a newer distckpt.
     """
     if not Store(store).fs.exists(store):
@@ -182,12 +198,15 @@ def latest_command(store: str, world_size: int | None, as_json: bool) -> None:
             emit_json(_latest_doc(store, None))
         raise CliError(f"no store at {store} yet: nothing to resume", EXIT_NO_ROW)
     st, _ = open_store(store)
-    row = elect_offline(st, world_size=world_size)
+    bad = bad_rows(st)
+    row = elect_offline(st, world_size=world_size, skip=bad)
     if row is None:
         if as_json:
             emit_json(_latest_doc(st.path, None))
         size = f" by {world_size} ranks" if world_size else ""
-        raise CliError(f"no committed row{size} in {st.path}: nothing to resume", EXIT_NO_ROW)
+        marked = [r for r in st.rows() if r in bad]
+        why = f" (marked bad: rows {', '.join(map(str, marked))})" if marked else ""
+        raise CliError(f"no committed row{size} in {st.path}{why}: nothing to resume", EXIT_NO_ROW)
     status = row_status(st, row)
     if as_json:
         emit_json(_latest_doc(st.path, status))
@@ -211,7 +230,7 @@ def _latest_doc(path: str, status: RowStatus | None) -> dict[str, Any]:
 
 def _choose_row(st: Store, attrs: dict[str, Any], row: int | None) -> int:
     if row is None:
-        elected = elect_offline(st) if attrs else None
+        elected = elect_offline(st, skip=bad_rows(st)) if attrs else None
         if elected is None:
             raise CliError(f"no committed row in {st.path}: nothing to resume", EXIT_NO_ROW)
         return elected

@@ -28,6 +28,7 @@ from distckpt.cli.common import (
 from distckpt.dist.election import row_status
 from distckpt.dist.retention import rows_to_delete
 from distckpt.io.commit import delete_row
+from distckpt.io.marks import bad_rows
 from distckpt.storage.lease import Lease, LeaseHeldError, LeaseStatus, lease_status
 from distckpt.storage.store import Store
 
@@ -103,18 +104,20 @@ def gc_command(
             click.echo(f"{st.path}: no rows, nothing to remove")
         return
     with _gc_lease(st, force, dry_run) as lstatus:
-        doomed = rows_to_delete(st, keep)
+        bad = bad_rows(st)
+        doomed = rows_to_delete(st, keep, bad=bad)
         statuses = {r: row_status(st, r) for r in st.rows()}
-        committed = [r for r, s in statuses.items() if s.committed]
+        committed = [r for r, s in statuses.items() if s.committed and r not in bad]
         latest = committed[-1] if committed else None
         entries: list[dict[str, Any]] = []
         for r in doomed:
             s = statuses.get(r) or row_status(st, r)
-            reason = (
-                f"beyond --keep {keep}"
-                if s.committed
-                else f"not committed, older than the latest row {latest}"
-            )
+            if s.committed and r in bad:
+                reason = f"marked bad, older than the latest row {latest}"
+            elif s.committed:
+                reason = f"beyond --keep {keep}"
+            else:
+                reason = f"not committed, older than the latest row {latest}"
             entries.append(
                 {"row": r, "committed": s.committed, "reason": reason, "bytes": st.disk_usage(r)}
             )

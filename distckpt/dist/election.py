@@ -4,11 +4,14 @@ A row counts when every one of its ranks published a manifest that parses, valid
 agrees with the others (world size, row, write count). Online, each rank reports the rows
 its own manifest commits, the reports are gathered, and all ranks elect the same newest row
 from the same data. Offline (CLI, no process group) all manifests of a shared store are read.
-A bad manifest makes its row uncommitted; it never raises out of the election.
+A bad manifest makes its row uncommitted; it never raises out of the election. Every
+election takes ``skip``: rows not to elect even when committed (rows marked bad, see
+``io.marks``); a row any rank skips is elected by none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Container
 from dataclasses import dataclass
 
 from distckpt.dist import step
@@ -69,8 +72,11 @@ def row_status(store: Store, row: int) -> RowStatus:
     )
 
 
-def elect_offline(store: Store, *, world_size: int | None = None) -> int | None:
-    """Newest committed row (of ``world_size`` ranks, if given) from the manifests alone.
+def elect_offline(
+    store: Store, *, world_size: int | None = None, skip: Container[int] = ()
+) -> int | None:
+    """Newest committed row (of ``world_size`` ranks, if given, not in ``skip``) from the
+    manifests alone.
 
     Scans newest first and stops at the first committed row, so its cost does not grow with
     the number of older rows.
@@ -78,6 +84,8 @@ def elect_offline(store: Store, *, world_size: int | None = None) -> int | None:
     if store.root_attributes() is None:
         return None
     for row in reversed(store.rows()):
+        if row in skip:
+            continue
         status = row_status(store, row)
         if status.committed and (world_size is None or status.world_size == world_size):
             return row
@@ -90,10 +98,15 @@ def committed_rows_offline(store: Store) -> list[RowStatus]:
     return [s for s in (row_status(store, r) for r in store.rows()) if s.committed]
 
 
-def local_commits(store: Store, rank: int, world_size: int) -> dict[int, int]:
-    """Rows this rank's own manifest commits at ``world_size``: row -> write count."""
+def local_commits(
+    store: Store, rank: int, world_size: int, skip: Container[int] = ()
+) -> dict[int, int]:
+    """Rows this rank's own manifest commits at ``world_size`` (not in ``skip``): row ->
+    write count."""
     out: dict[int, int] = {}
     for row in store.rows():
+        if row in skip:
+            continue
         try:
             manifest = store.read_manifest(row, rank)
         except InvalidManifest as exc:
@@ -104,8 +117,11 @@ def local_commits(store: Store, rank: int, world_size: int) -> dict[int, int]:
     return out
 
 
-def newest_committed_after(store: Store, floor: int | None) -> int | None:
-    """The newest row above ``floor`` committed at any world size, from all its manifests.
+def newest_committed_after(
+    store: Store, floor: int | None, skip: Container[int] = ()
+) -> int | None:
+    """The newest row above ``floor`` committed at any world size (not in ``skip``), from
+    all its manifests.
 
     Needs every rank's manifest to be visible (a shared filesystem); on node-local storage
     the other ranks' manifests are missing, so nothing counts and the caller keeps ``floor``.
@@ -115,12 +131,18 @@ def newest_committed_after(store: Store, floor: int | None) -> int | None:
     for row in reversed(store.rows()):
         if floor is not None and row <= floor:
             break
-        if row_status(store, row).committed:
+        if row not in skip and row_status(store, row).committed:
             return row
     return None
 
 
-def elect(store: Store, comm: Communicator, *, any_world_size: bool = False) -> int | None:
+def elect(
+    store: Store,
+    comm: Communicator,
+    *,
+    any_world_size: bool = False,
+    skip: Container[int] = (),
+) -> int | None:
     """Collective: the newest row committed by every rank of ``comm``, same on all ranks.
 
     With ``any_world_size`` a newer row written by another number of ranks wins if all its
@@ -130,25 +152,25 @@ def elect(store: Store, comm: Communicator, *, any_world_size: bool = False) -> 
     instead of leaving the others waiting; then every rank raises the same error.
     """
     if comm.world_size == 1:
-        return elect_offline(store, world_size=None if any_world_size else 1)
-    same = _elect_same_size(store, comm)
+        return elect_offline(store, world_size=None if any_world_size else 1, skip=skip)
+    same = _elect_same_size(store, comm, skip)
     if not any_world_size:
         return same
     newer = step.decide(
         comm,
         step.ELECT_ANY_SIZE,
-        lambda: newest_committed_after(store, same),
+        lambda: newest_committed_after(store, same, skip),
         context=f"cannot elect a row of {store.path}",
         fallback=StoreFormatError,
     )
     return same if newer is None else int(newer)
 
 
-def _elect_same_size(store: Store, comm: Communicator) -> int | None:
+def _elect_same_size(store: Store, comm: Communicator, skip: Container[int] = ()) -> int | None:
     def report() -> dict[str, int]:
         if store.root_attributes() is None:
             return {}
-        mine = local_commits(store, comm.rank, comm.world_size)
+        mine = local_commits(store, comm.rank, comm.world_size, skip)
         return {str(r): c for r, c in mine.items()}
 
     commits = step.gather(

@@ -5,11 +5,15 @@ Policy only; deletion itself is ``commit.delete_row``. A policy is passed in by 
 committed rows and names those to preserve; :class:`AnyOf` composes policies (a row is kept
 when any of them keeps it). Invariant, whatever the policy: the newest committed row and
 anything newer (rows still being written) are never chosen.
+
+Rows marked bad (``io.marks``, passed as ``bad``) do not count as committed: ``keep=N``
+keeps the newest N rows that are not marked, so the row a restart falls back to is never
+deleted in favour of a damaged one; a marked row goes once a newer good row is committed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -92,9 +96,12 @@ def as_policy(keep: int | RetentionPolicy | None) -> RetentionPolicy | None:
     return KeepLatest(max(1, int(keep)))
 
 
-def rows_to_delete(store: Store, keep: int | RetentionPolicy | None) -> list[int]:
+def rows_to_delete(
+    store: Store, keep: int | RetentionPolicy | None, *, bad: Container[int] = ()
+) -> list[int]:
     """Committed rows ``keep`` does not preserve (None: keep all), and uncommitted rows
     older than the newest committed one. Newer uncommitted rows may be in flight: kept.
+    Rows in ``bad`` count as uncommitted (see the module's docstring).
 
     Rows are examined newest first; the scan stops at the policy's ``horizon``-th committed
     row, since every older row goes either way (beyond retention, or garbage).
@@ -109,7 +116,7 @@ def rows_to_delete(store: Store, keep: int | RetentionPolicy | None) -> list[int
         if limit is not None and len(committed) == limit:
             doomed.extend(rows[: index + 1])
             break
-        if row_status(store, row).committed:
+        if row not in bad and row_status(store, row).committed:
             committed.append(row)
         elif committed:  # older than the newest committed row: a killed or half-deleted write
             doomed.append(row)

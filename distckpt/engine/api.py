@@ -26,16 +26,20 @@ from distckpt.engine.restore import execute
 from distckpt.errors import (
     CheckpointError,
     CheckpointStateSchemaError,
+    CollectiveStepError,
     CorruptCheckpointError,
     MigrationError,
     NoCommittedRowError,
 )
+from distckpt.io.marks import BadRows, bad_rows, mark_bad, mark_path
 from distckpt.logs import get_logger
 from distckpt.migrate.migrations import AppliedMigration, MigrationRegistry, migrate_states
 from distckpt.plan.load import LoadPlan, plan_load, saved_tree
 from distckpt.storage.store import Store
 
 log = get_logger(__name__)
+
+LOAD_FALLBACK = step.register("load.fallback")  # the coordinator marks a damaged row bad
 
 StoreLike = str | os.PathLike[str] | Store
 Versions = int | Mapping[str, int]
@@ -107,6 +111,7 @@ def load(
     migrations: MigrationRegistry | None = None,
     mapping: StateMapping | None = None,
     in_place: bool = False,
+    fallback: bool = True,
 ) -> int:
     """Collective: fill ``state_dict`` in place from the elected (or given) row.
 
@@ -116,10 +121,11 @@ def load(
     ``strict=False``. With ``version`` (as in :func:`save`), states saved at an older
     version are first migrated in memory by the chain in ``migrations`` (default: the
     registry of ``register_migration``); a newer saved version is refused. Everything is
-    read, migrated and verified before anything is modified, except global (sharded)
-    tensors: their shapes and dtypes are checked first, then each rank's region is read
-    chunk by chunk straight into the live DTensor, ``Sharded`` piece or tensor, whatever
-    layout saved it.
+    read (or streamed and checked: sizes, byte ranges, checksums), migrated and verified on
+    every rank before any live tensor is modified, so a load that raises leaves the live
+    state as it was; global (sharded) tensors are read by region, whatever layout saved
+    them, into staging buffers, then copied into the live DTensor, ``Sharded`` piece or
+    tensor.
     A row written by another number of ranks is restored when its state can be
     redistributed: states every rank saved alike come from any rank; rank-private ones need
     ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.
@@ -128,11 +134,51 @@ def load(
     shape match (no second copy of the state in memory, no extra copy): faster, but if a
     checksum then fails the load raises with those live tensors holding the row's bytes,
     or part of them (everything else is untouched); load again from a good row.
+
+    ``fallback``: when the elected row turns out damaged while it is read (a checksum, a
+    missing or unreadable file), every rank agrees to mark it bad (``rows/<row>/BAD.json``,
+    with the reason; later elections, ``distckpt latest`` and retention pass over it, and
+    ``distckpt ls`` shows it) and to load the newest older committed row instead, with a
+    warning naming the bad row and the problem; if none is left, the newest damaged row's
+    error is raised (a ``CorruptCheckpointError`` naming the row, rank and file, with a note
+    listing the damaged rows). ``fallback=False`` raises the damaged row's error at once
+    (nothing is marked). A row named with ``row=`` never falls back.
     Returns the row id.
     """
     st = _store(store)
     c = resolve(comm)
-    chosen = engine.choose_row(st, c, row, any_world_size=True)
+    bad = bad_rows(st)
+    damaged: list[tuple[int, CorruptCheckpointError]] = []
+    while True:
+        try:
+            chosen = engine.choose_row(st, c, row, any_world_size=True, skip=bad)
+        except CheckpointError:  # nothing committed remains (at any world size)
+            if not damaged:
+                raise
+            raise _nothing_usable(st, damaged) from None
+        try:
+            return _load_row(
+                st, c, chosen, state_dict, strict, version, migrations, mapping, in_place
+            )
+        except CorruptCheckpointError as exc:
+            if row is not None or not fallback or not _row_is_damaged(exc):
+                raise
+            _give_up_row(st, c, chosen, exc, bad)
+            damaged.append((chosen, exc))
+
+
+def _load_row(
+    st: Store,
+    c: Any,
+    chosen: int,
+    state_dict: dict[str, Any],
+    strict: bool,
+    version: Versions | None,
+    migrations: MigrationRegistry | None,
+    mapping: StateMapping | None,
+    in_place: bool,
+) -> int:
+    """Collective: fill ``state_dict`` from the chosen row (see :func:`load`)."""
     view = open_part_agreed(st, c, chosen)
     # At the same world size the plan reads this rank's own part straight from the
     # manifest (global arrays included), at another world size from the saved ranks'
@@ -177,6 +223,58 @@ def load(
             ", ".join(kept[:20]) + (" ..." if len(kept) > 20 else ""),
         )
     return chosen
+
+
+def _row_is_damaged(exc: CorruptCheckpointError) -> bool:
+    """Whether a failed load says the row's files are damaged (a checksum, a missing or
+    unreadable file, a manifest that does not decode): then an older row may serve. A
+    failure that is not the row's (out of memory, a bug: the step reports it as a
+    ``CollectiveStepError``) is raised, and never marks a good row bad."""
+    return not isinstance(exc, CollectiveStepError)
+
+
+def _give_up_row(st: Store, comm: Any, row: int, exc: CorruptCheckpointError, bad: BadRows) -> None:
+    """Collective (every rank saw the same failed step): the coordinator marks ``row`` bad
+    so later elections pass over it, and every rank passes over it from now on. A mark that
+    cannot be written is logged; the fallback goes on (the row stays unmarked on disk)."""
+
+    def mark() -> str | None:
+        try:
+            mark_bad(st, row, str(exc))
+        except CheckpointError as failure:
+            return str(failure)
+        return None
+
+    failed = step.decide(
+        comm,
+        LOAD_FALLBACK,
+        mark,
+        context=f"cannot fall back from row {row} of {st.path}",
+        fallback=CorruptCheckpointError,
+    )
+    bad.add(row)
+    if comm.is_coordinator:
+        log.warning(
+            "row %d of %s is damaged and was marked bad (%s); falling back to an older row: %s",
+            row,
+            st.path,
+            "the mark could not be written: " + failed if failed else mark_path(st, row),
+            exc,
+        )
+
+
+def _nothing_usable(
+    st: Store, damaged: list[tuple[int, CorruptCheckpointError]]
+) -> CorruptCheckpointError:
+    """The newest damaged row's own error (its class and fields: what is wrong, where),
+    noting that no older committed row was left to fall back to."""
+    rows = ", ".join(str(r) for r, _ in damaged)
+    first = damaged[0][1]
+    first.add_note(
+        f"no usable row in {st.path}: row(s) {rows} are damaged (marked bad) and no older "
+        "committed row remains to fall back to"
+    )
+    return first
 
 
 def state_versions(
@@ -226,15 +324,16 @@ def migrate_row_states(
 def latest(store: StoreLike, *, comm: Any = None) -> int | None:
     """The row a restart would elect, or None. Offline unless ``comm`` is given."""
     st = _store(store)
+    bad = bad_rows(st)  # rows marked bad are passed over, as load passes over them
     if comm is None:
-        return elect_offline(st)
-    return elect(st, resolve(comm), any_world_size=True)  # what load elects
+        return elect_offline(st, skip=bad)
+    return elect(st, resolve(comm), any_world_size=True, skip=bad)  # what load elects
 
 
 def metadata(store: StoreLike, *, row: int | None = None, rank: int = 0) -> dict[str, Any]:
     """The metadata a rank saved with a row (default: the latest row, rank 0)."""
     st = _store(store)
-    chosen = elect_offline(st) if row is None else row
+    chosen = elect_offline(st, skip=bad_rows(st)) if row is None else row
     if chosen is None:
         return {}
     return committed_part(st, chosen, rank).metadata

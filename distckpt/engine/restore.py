@@ -1,10 +1,12 @@
 """Executing a load plan (``plan.load``): every tensor read, verified, then put in place.
 
 Tensors bound for live memory are read straight into it when it is a CPU contiguous tensor
-of the same dtype and shape (no allocation, no copy); by default their checksums are all
-verified first (a streamed pass through small reused buffers), so a bad row leaves the live
-state untouched. Global arrays are read by region into the live DTensor, ``Sharded`` piece
-or tensor, whatever layout saved them.
+of the same dtype and shape (no allocation, no copy); by default everything a read checks
+(byte counts against shapes, byte ranges, file sizes, checksums) is checked first (a
+streamed pass through small reused buffers), so a bad row leaves the live state untouched.
+Global arrays are read by region: by default into staging buffers first (verified), copied
+into the live DTensor, ``Sharded`` piece or tensor only once every rank verified everything;
+with ``in_place`` straight into the live memory.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from distckpt.engine import steps as engine
 from distckpt.errors import CorruptCheckpointError
 from distckpt.format.manifest import ArrayEntry
 from distckpt.format.shards import Sharded
-from distckpt.io.globalio import GlobalReader, GlobalValue
+from distckpt.io.globalio import GlobalReader, GlobalValue, target_region
 from distckpt.io.globalio import fill as fill_region
 from distckpt.io.rowio import RankReader, fits_directly
 from distckpt.plan.load import (
@@ -75,6 +77,7 @@ def execute(
     reads = plan.reads
     where = f"cannot restore row {row}"
     got: dict[int, Any] = {}
+    staged: dict[int, torch.Tensor] = {}  # global regions read and verified, not yet live
     direct: dict[int, list[int]] = {}  # saved rank -> reads going straight into live memory
     fresh: dict[int, list[int]] = {}  # saved rank -> reads into new tensors
 
@@ -85,6 +88,8 @@ def execute(
                 into_live = item.dest == "live" and not src.numpy
                 straight = into_live and fits_directly(src.entry, at(live, item.path))
                 (direct if straight else fresh).setdefault(src.rank, []).append(i)
+            elif item.dest == "live" and isinstance(src, BoxRead) and not in_place:
+                staged[i] = _new_box(src, globals_)
             elif item.dest == "new" and isinstance(src, BoxRead):
                 whole = _new_box(src, globals_)
                 shape = src.entry.shape
@@ -111,7 +116,11 @@ def execute(
                 if item.dest != "live" or i in in_live:
                     continue
                 target = at(live, item.path)
-                if isinstance(item.source, BoxRead):
+                if i in staged:
+                    _, _, _, local = target_region(target)
+                    if local is not None:
+                        local.detach().copy_(staged[i].reshape(local.shape))
+                elif isinstance(item.source, BoxRead):
                     fill_region(target, GlobalValue(item.source.entry, globals_))
                 else:
                     target.copy_(got.get(i, item.source))

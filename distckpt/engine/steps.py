@@ -6,7 +6,7 @@ raise together instead of one raising while the others wait forever.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from distckpt.io.commit import (
 )
 from distckpt.io.digests import state_digests
 from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
+from distckpt.io.marks import bad_rows
 from distckpt.io.removal import remove_own_part, remove_row_rest
 from distckpt.io.rowio import RankReader
 from distckpt.logs import get_logger
@@ -220,14 +221,7 @@ def save_row(
     reports = step.gather(comm, step.SAVE_SHARDS, lambda: shard_report(made))
     layouts = globalio.layouts(reports) if any(reports) else {}
 
-    def open_row() -> int:
-        store.create(name)
-        # One writing job per store: the lease must still be ours (LeaseLostError if a
-        # takeover happened since it was taken), refused on every rank otherwise.
-        if guard is None:
-            lease.hold(store)
-        else:
-            guard.refresh()
+    def allocate() -> int:
         existing = store.rows()
         newest = existing[-1] if existing else -1
         chosen = newest + 1 if row is None else row
@@ -238,6 +232,18 @@ def save_row(
             )
         prepare_row(store, chosen)
         return chosen
+
+    def open_row() -> int:
+        store.create(name)
+        # One writing job per store: the lease must still be ours (LeaseLostError if a
+        # takeover happened since it was taken), refused on every rank otherwise. The row
+        # id is chosen and its directory made inside the lease's critical section, after
+        # checking the lease is still ours: two writers (a takeover by a second job step
+        # of the same allocation) are never given the same row.
+        held = lease.hold(store) if guard is None else guard
+        if guard is not None:
+            guard.refresh()
+        return held.critical(allocate)
 
     where = f"cannot start a row in {store.path}"
     chosen = int(
@@ -253,11 +259,13 @@ def save_row(
     step.run(comm, step.SAVE_OPEN_LOCAL, open_local, context=where, fallback=CheckpointWriteError)
 
     published: list[RankManifest] = []
+    publishing: list[bool] = []  # the publish began: the manifest may be there
 
     def write() -> None:
         try:
             written = write_rank(store, made, chosen, comm.rank, layouts, checksums=checksums)
             built = build_manifest(made, written, content, world_size=comm.world_size, name=name)
+            publishing.append(True)
             publish_rank(store, written, built)
             published.append(built)
         except Exception as exc:
@@ -272,9 +280,15 @@ def save_row(
             context=f"row {chosen} of {store.path} was not committed",
             fallback=CheckpointWriteError,
         )
-    except CheckpointError:
-        if published:
-            retract_rank(store, chosen, comm.rank)
+    except CheckpointError as failed:
+        # All or none: every rank whose manifest may be visible withdraws it, including a
+        # rank whose own publish raised after the rename (EIO on the directory's fsync),
+        # so the row the save reports as not committed is never elected.
+        if publishing:
+            try:
+                retract_rank(store, chosen, comm.rank)
+            except CheckpointError as exc:
+                failed.add_note(str(exc))
         raise
     manifest = published[0]
     fault_point("after_commit", rank=comm.rank, row=chosen)
@@ -320,16 +334,25 @@ def commit_row(
 
 
 def choose_row(
-    store: Store, comm: Communicator, row: int | None, *, any_world_size: bool = False
+    store: Store,
+    comm: Communicator,
+    row: int | None,
+    *,
+    any_world_size: bool = False,
+    skip: Container[int] | None = None,
 ) -> int:
     """Collective: the elected row, or check that an explicitly named row is committed.
+
+    The election passes over the rows in ``skip`` (default: the rows marked bad, see
+    ``io.marks``); a row named explicitly is checked whatever its mark.
 
     With ``any_world_size`` a row written by another number of ranks counts when all of
     its manifests are present and valid (checked by the coordinator on a shared store);
     without it such a row is refused with ``WorldSizeMismatchError``.
     """
     if row is None:
-        elected = elect(store, comm, any_world_size=any_world_size)
+        passed = bad_rows(store) if skip is None else skip
+        elected = elect(store, comm, any_world_size=any_world_size, skip=passed)
         if elected is None:
             raise _nothing_to_restore(store, comm.world_size)
         return elected
@@ -554,7 +577,7 @@ def prune(store: Store, comm: Communicator, keep: int | RetentionPolicy | None) 
     where = f"cannot delete old rows of {store.path}"
 
     def choose() -> list[int]:
-        return rows_to_delete(store, keep)
+        return rows_to_delete(store, keep, bad=bad_rows(store))
 
     doomed = [int(r) for r in step.decide(comm, step.SAVE_RETAIN, choose, context=where)]
     if not doomed:

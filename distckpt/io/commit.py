@@ -18,8 +18,11 @@ from distckpt.format.manifest import ArrayEntry, GlobalEntry, RankManifest
 from distckpt.format.shards import GlobalLayout
 from distckpt.io.globalio import write_rank_globals
 from distckpt.io.rowio import write_rank_arrays, write_rank_group
+from distckpt.logs import get_logger
 from distckpt.plan.save import RankPlan
 from distckpt.storage.store import Store, utcnow
+
+log = get_logger(__name__)
 
 
 def prepare_row(store: Store, row: int) -> None:
@@ -94,10 +97,29 @@ def publish_rank(store: Store, written: RankWrite, manifest: RankManifest) -> No
 
 
 def retract_rank(store: Store, row: int, rank: int) -> None:
-    """Withdraw one rank's commit (its row stops counting); data is left for GC."""
-    store.fs.remove(store.manifest_path(row, rank))
-    if store.fs.exists(store.manifests_dir(row)):
-        store.fs.fsync_dir(store.manifests_dir(row))
+    """Withdraw one rank's commit (its row stops counting); data is left for GC.
+
+    Idempotent: a manifest that is not there (the publish failed before its rename) is
+    fine. Removing the file is what withdraws the commit; a failing fsync of the directory
+    afterwards is only logged (the removal is visible to every reader already), so that a
+    failing disk cannot leave a row committed that its save reported as not committed.
+    ``CheckpointWriteError`` naming the manifest when it cannot be removed."""
+    path = store.manifest_path(row, rank)
+    try:
+        if store.fs.exists(path):
+            store.fs.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise CheckpointWriteError(
+            f"row {row}, rank {rank} of {store.path}: cannot retract the manifest {path} "
+            f"({exc}); the row may still be elected"
+        ) from exc
+    try:
+        if store.fs.exists(store.manifests_dir(row)):
+            store.fs.fsync_dir(store.manifests_dir(row))
+    except OSError as exc:
+        log.warning("row %d of %s: fsync after retracting rank %d: %s", row, store.path, rank, exc)
 
 
 def delete_row(store: Store, row: int) -> None:

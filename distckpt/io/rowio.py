@@ -261,15 +261,40 @@ class RankReader:
         )
 
     def verify(self, entry: ArrayEntry) -> None:
-        """Check the entry's bytes on storage against its checksum without keeping them:
-        streamed through a small reused buffer (no allocation of the tensor's size)."""
-        if entry.nbytes == 0 or entry.crc32c is None:
+        """Check everything a later :meth:`read` would check (the byte count against shape
+        and dtype, the byte range or file size, the checksum) without keeping the bytes:
+        streamed through a small reused buffer (no allocation of the tensor's size). A
+        load runs this before it touches live memory, so whatever :meth:`read` would refuse
+        must be refused here first."""
+        expected = math.prod(entry.shape) * stored_itemsize(entry.dtype)
+        if expected != entry.nbytes:
+            raise self.ref(entry).fail(
+                CorruptChunkError.SIZE,
+                f"manifest says {entry.nbytes} bytes, shape needs {expected}",
+            )
+        if entry.nbytes == 0:
             return
         if entry.packed and self._ranged:
             self.read(entry)
             return
         if entry.packed:
             chunks.check(self.ref(entry), self._slice(entry).data, entry.crc32c)
+            return
+        if entry.crc32c is None:  # saved without checksums: the file size is what is left
+            ref = self.ref(entry)
+            try:
+                size = self._fs.size(ref.path)
+            except OSError as exc:
+                kind = (
+                    CorruptChunkError.MISSING
+                    if isinstance(exc, FileNotFoundError)
+                    else CorruptChunkError.UNREADABLE
+                )
+                raise ref.fail(kind, f"chunk file cannot be read: {exc}") from exc
+            if size != entry.nbytes:
+                raise ref.fail(
+                    CorruptChunkError.SIZE, f"chunk file has {size} bytes, expected {entry.nbytes}"
+                )
             return
         chunks.verify_chunk(self._fs, self.ref(entry), entry.nbytes, entry.crc32c, _scratch())
 

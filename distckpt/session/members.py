@@ -33,6 +33,7 @@ from distckpt.errors import (
 from distckpt.format import tree as codec
 from distckpt.format.dtypes import spec_for, torch_dtype
 from distckpt.format.manifest import RankManifest
+from distckpt.io.marks import bad_rows
 from distckpt.io.rowio import RankReader
 from distckpt.logs import get_logger
 from distckpt.plan.load import ArrayRead, decode_saved, plan_load, saved_alike, saved_tree
@@ -166,8 +167,9 @@ class MemberMapping:
 def elect_any(store: Store, comm: Communicator) -> tuple[int, int] | None:
     """Collective: (row, its world size) of the newest committed row of any world size
     (``election.elect(..., any_world_size=True)``: rows of this job's size are elected as
-    always; the coordinator looks for a newer row of another size and broadcasts it)."""
-    row = elect(store, comm, any_world_size=True)
+    always; the coordinator looks for a newer row of another size and broadcasts it).
+    Rows marked bad (``io.marks``) are passed over, as ``load`` passes over them."""
+    row = elect(store, comm, any_world_size=True, skip=bad_rows(store))
     if row is None:
         return None
     return row, saved_world_size(store, row)

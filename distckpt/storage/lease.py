@@ -55,7 +55,7 @@ import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from distckpt.errors import (
     CheckpointError,
@@ -87,6 +87,7 @@ JOB_ID_VARIABLES = (
 )  # not TORCHELASTIC_RUN_ID: standalone torchrun runs all share the id "none"
 
 Clock = Callable[[], float]
+_T = TypeVar("_T")
 LeaseState = Literal["free", "held", "stale", "dead", "invalid"]
 
 
@@ -525,7 +526,17 @@ class Lease:
                 and holder.host == socket.gethostname()
                 and holder.pid == os.getpid()
             )
-            if (
+            if status.held and mine and holder is not None and not _live_token(holder.token):
+                # This process published the lease, but no Lease of it exists: the publish
+                # failed after the rename (EIO on the directory's fsync), so the acquire
+                # raised. The lease is this process's own left-over: take it back at once
+                # instead of refusing this process for its timeout.
+                log.warning(
+                    "store %s: taking back a lease this process published in an acquire "
+                    "that failed",
+                    st.path,
+                )
+            elif (
                 status.held
                 and same_job_takeover
                 and holder is not None
@@ -642,6 +653,20 @@ class Lease:
         if self._clock() - self.info.heartbeat >= fresh:
             self.renew()
 
+    def critical(self, fn: Callable[[], _T]) -> _T:
+        """Run ``fn`` inside the lease's critical section, once the lease is checked to be
+        still this one (``LeaseLostError`` otherwise): what only the holder may do, such as
+        allocating the next row id, cannot interleave with a takeover. ``fn`` should take
+        milliseconds (the section's lock is broken after ``LOCK_STALE_S``)."""
+        with self._mutex:
+            if self._heartbeat_error is not None:
+                raise self._heartbeat_error
+            if self._released:
+                raise LeaseLostError(f"the lease of store {self.store.path} was released")
+            with _LockFile(self.store, wait_s=self._lock_wait_s, stale_s=self._lock_stale_s):
+                self._check_mine(self._clock())
+                return fn()
+
     def release(self) -> None:
         """Give the lease up (only if it is still ours; a no-op when already released)."""
         self.stop_heartbeat()
@@ -710,6 +735,13 @@ class Lease:
 
 # -- one lease per store per process (for the library's coordinator) ----------------------
 _LIVE: weakref.WeakSet[Lease] = weakref.WeakSet()
+
+
+def _live_token(token: str) -> bool:
+    """Whether a held Lease object of this process has ``token``."""
+    return any(lease.held and lease.token == token for lease in list(_LIVE))
+
+
 _HELD: dict[tuple[int, str], Lease] = {}
 _HELD_MUTEX = threading.Lock()
 
