@@ -31,9 +31,9 @@ from distckpt.storage.store import Store
 
 
 class FsyncFailsAfterRename(LocalFileSystem):
-    """EIO on the directory fsync right after a rename onto a file named like ``target``
-    (``atomic_write``: temp file, fsync, rename, then the directory's fsync), ``times``
-    times."""
+    """EIO on the directory fsync right after a rename or hard link onto a file named like
+    ``target`` (``atomic_write``: temp file, fsync, rename, then the directory's fsync;
+    ``publish_exclusive``: the same with a link), ``times`` times."""
 
     def __init__(self, target: str, times: int = 1_000_000) -> None:
         self.target = target
@@ -43,6 +43,10 @@ class FsyncFailsAfterRename(LocalFileSystem):
 
     def rename(self, src: str, dst: str) -> None:
         super().rename(src, dst)
+        self.renamed = dst
+
+    def link(self, src: str, dst: str) -> None:
+        super().link(src, dst)
         self.renamed = dst
 
     def fsync_dir(self, path: str) -> None:
