@@ -95,7 +95,7 @@ def assign_fields(instance: Any, values: dict[str, Any]) -> None:
     state dict with ``load_state_dict``."""
     for name, value in values.items():
         current = getattr(instance, name, None)
-        if is_stateful(current) and isinstance(value, dict):
+        if current is not None and is_stateful(current) and isinstance(value, dict):
             current.load_state_dict(value)
         elif (
             dataclasses.is_dataclass(current)
