@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 import distckpt
 from distckpt import Checkpoint, bind_checkpoint_state
@@ -104,19 +105,20 @@ def test_data_loader_position_restores(tmp_path: Path) -> None:
     data = torch.arange(40, dtype=torch.float32).reshape(20, 2)
 
     def loader() -> StatefulDataLoader:
-        sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator().manual_seed(3))
-        return StatefulDataLoader(data, batch_size=3, sampler=sampler)
+        sampler = RandomSampler(data, generator=torch.Generator().manual_seed(3))
+        return StatefulDataLoader(data, batch_size=3, sampler=sampler, drop_last=True)
 
     first = loader()
+    list(first)  # a whole epoch: the next one's order comes from the sampler's generator
     it = iter(first)
     for _ in range(2):
         next(it)
     distckpt.save({"loader": first}, tmp_path)
-    expected = [b.clone() for b in it]
+    expected = [b.clone() for b in it] + [b.clone() for b in first]
     resumed = loader()
     distckpt.load({"loader": resumed}, tmp_path)
-    got = list(resumed)
-    assert len(got) == len(expected) == 5
+    got = list(resumed) + list(resumed)
+    assert len(got) == len(expected) == 10
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
