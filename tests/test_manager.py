@@ -134,6 +134,28 @@ def test_a_signal_saves_the_current_step_then_exits_with_the_requeue_status(
         signal.signal(sig, handler)
 
 
+def test_without_exit_a_preemption_saves_once_and_says_so(tmp_path: Path) -> None:
+    handler = PreemptionHandler(comm=SingleProcessComm())
+    with CheckpointManager(
+        tmp_path / "s",
+        save_interval_steps=100,
+        preemption=handler,
+        exit_on_preemption=False,
+        async_=False,
+        comm=SingleProcessComm(),
+    ) as mgr:
+        saved = []
+        for step in range(1, 6):
+            if step == 3:
+                handler.request_stop()
+            if mgr.should_save(step):
+                mgr.save(step, {"x": torch.tensor(step)})
+                saved.append(step)
+        assert mgr.reached_preemption
+    assert saved == [3]
+    assert mgr.latest_step() == 3
+
+
 def test_the_preemption_runner_stops_at_async_saves(tmp_path: Path, no_atexit: list[Any]) -> None:
     """What ``python -m distckpt.session.preempt`` does: every AsyncSaver.save is a boundary;
     once stopped, the queued row is committed (flush) before the exit."""

@@ -158,6 +158,7 @@ class CheckpointManager:
         self._decided: tuple[int, bool] | None = None  # (step, should_save) asked last
         self._last_saved: int | None = None
         self._last_row: int | None = None  # the newest row a synchronous save committed
+        self._saved_since_stop = False  # a row was saved after the ranks agreed to stop
         self._closed = False
 
     # -- the loop ------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class CheckpointManager:
             return self._decided[1]
         due = step % self.save_interval_steps == 0 and step != self._last_saved
         if self.preemption is not None and self.preemption.should_stop():
-            due = True  # save() commits it (once) and exits
+            due = not self._saved_since_stop  # one save, then save() exits (or the loop ends)
         self._decided = (step, due)
         return due
 
@@ -211,6 +212,7 @@ class CheckpointManager:
                     **record,
                 )
             self._last_saved = step
+            self._saved_since_stop = self.reached_preemption
         if self.reached_preemption and self.exit_on_preemption:
             assert self.preemption is not None
             self.preemption.checkpoint_and_exit(self.wait)
