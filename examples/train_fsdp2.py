@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world = 0, 1
+        # One process without a launcher: an in-memory rendezvous store.
         dist.init_process_group(
-            "nccl" if cuda else "gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1
+            "nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1
         )
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if args.batch % world:
