@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -211,7 +212,7 @@ _reading_lock = threading.Lock()
 def reading(store: Store, row: int) -> Iterator[None]:
     """While the context lasts, retention run by this process (an asynchronous writer's
     included) keeps ``row`` of ``store``. Readers in other processes are not seen."""
-    key = (store.path, row)
+    key = (_where(store), row)
     with _reading_lock:
         _reading[key] += 1
     try:
@@ -224,8 +225,14 @@ def reading(store: Store, row: int) -> Iterator[None]:
 
 
 def rows_being_read(store: Store) -> set[int]:
+    where = _where(store)
     with _reading_lock:
-        return {row for (path, row), n in _reading.items() if path == store.path and n > 0}
+        return {row for (path, row), n in _reading.items() if path == where and n > 0}
+
+
+def _where(store: Store) -> str:
+    """One name per store however its path was spelled (URLs as they are)."""
+    return store.path if "://" in store.path else os.path.realpath(store.path)
 
 
 def _metadata_of(statuses: Mapping[int, RowStatus]) -> RowMetadata:
