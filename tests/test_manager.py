@@ -105,6 +105,7 @@ def test_manager_saves_at_the_interval_keeps_what_it_is_told_and_resumes(
         assert mgr.restore({"model": fresh}) == 18
         assert torch.all(fresh.weight == 18)
         assert not mgr.should_save(18)  # the restored step is not saved again
+        assert not mgr.save(18, {"model": fresh}, force=True)
         assert mgr.restore({"model": fresh}, step=12) == 12
         assert torch.all(fresh.weight == 12)
     assert CheckpointManager(tmp_path / "empty", preemption=False).restore({"m": fresh}) is None

@@ -198,7 +198,8 @@ class CheckpointManager:
         if not isinstance(state, dict):
             raise CheckpointError(f"state must be a dict, not {type(state).__qualname__}")
         due = self.should_save(step) or force
-        if due and step != self._last_saved:
+        saved = due and step != self._last_saved  # a step is saved once
+        if saved:
             record = {**metadata, STEP_KEY: int(step), METRICS_KEY: _plain_metrics(metrics)}
             if self.async_:
                 self._async_saver().save(state, **record)
@@ -216,7 +217,7 @@ class CheckpointManager:
         if self.reached_preemption and self.exit_on_preemption:
             assert self.preemption is not None
             self.preemption.checkpoint_and_exit(self.wait)
-        return due
+        return saved
 
     def _async_saver(self) -> AsyncSaver:
         if self._saver is None:  # collective: every rank saves at the same steps
