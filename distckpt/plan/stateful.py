@@ -158,7 +158,8 @@ def explain_unstorable(error: CheckpointSerializationError, value: Any, where: P
 
 
 def _first_object(value: Any, where: Path) -> tuple[Any, Path] | None:
-    """The first value inside ``value`` that is none of the kinds the codec knows of."""
+    """The first object inside ``value`` of a class of its own (not builtin, torch or
+    numpy): one that could have state_dict()/load_state_dict()."""
     if isinstance(value, dict):
         for k, v in value.items():
             found = _first_object(v, (*where, k))
@@ -176,6 +177,6 @@ def _first_object(value: Any, where: Path) -> tuple[Any, Path] | None:
     ):
         return None
     module = type(value).__module__.split(".")[0]
-    if module in ("torch", "numpy"):  # tensors, arrays, dtypes, sizes: the codec's own
+    if module in ("torch", "numpy", "builtins"):  # the codec's own kinds, sets, functions
         return None
     return value, where
