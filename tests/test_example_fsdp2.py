@@ -18,11 +18,11 @@ import signal
 from pathlib import Path
 
 import pytest
+from multiproc import REPO_ROOT, LaunchResult, _children, run_torchrun, torchrun_command
+from test_preempt import Background, committed_row, handles_signal
 
 import distckpt
 from distckpt.session.preempt import REQUEUE_EXIT_CODE
-from tests.multiproc import REPO_ROOT, LaunchResult, _children, run_torchrun, torchrun_command
-from tests.test_preempt import Background, committed_row, handles_signal
 
 EXAMPLE = REPO_ROOT / "examples" / "train_fsdp2.py"
 STEPS = 20
