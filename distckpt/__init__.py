@@ -13,6 +13,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from distckpt import logs
     from distckpt.dist.comm import Communicator, MPIComm, SingleProcessComm, TorchDistComm
+    from distckpt.dist.retention import (
+        AnyOf,
+        KeepAll,
+        KeepBest,
+        KeepEveryNSteps,
+        KeepLatest,
+        RetentionPolicy,
+    )
     from distckpt.engine.api import latest, load, metadata, save
     from distckpt.engine.asyncwrite import AsyncSaver
     from distckpt.engine.policies import LoadPolicy, LoadReport, SkippedKey, WarmStart, load_model
@@ -67,6 +75,7 @@ if TYPE_CHECKING:
         NullCheckpoint,
         default_checkpoint_path,
     )
+    from distckpt.session.manager import CheckpointManager
     from distckpt.session.members import MemberMapping
     from distckpt.session.preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
     from distckpt.session.rng import GeneratorState, GlobalRngState, RngStateError
@@ -77,7 +86,14 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnyOf",
     "AsyncSaver",
+    "CheckpointManager",
+    "KeepAll",
+    "KeepBest",
+    "KeepEveryNSteps",
+    "KeepLatest",
+    "RetentionPolicy",
     "lease",
     "logs",
     "rng",
@@ -166,6 +182,14 @@ _FROM = {
         "SingleProcessComm",
         "TorchDistComm",
     ),
+    "distckpt.dist.retention": (
+        "AnyOf",
+        "KeepAll",
+        "KeepBest",
+        "KeepEveryNSteps",
+        "KeepLatest",
+        "RetentionPolicy",
+    ),
     "distckpt.engine.api": (
         "latest",
         "load",
@@ -239,6 +263,7 @@ _FROM = {
         "NullCheckpoint",
         "default_checkpoint_path",
     ),
+    "distckpt.session.manager": ("CheckpointManager",),
     "distckpt.session.members": ("MemberMapping",),
     "distckpt.session.preempt": (
         "REQUEUE_EXIT_CODE",

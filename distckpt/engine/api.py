@@ -13,7 +13,7 @@ from typing import Any
 from distckpt.dist import step
 from distckpt.dist.comm import resolve
 from distckpt.dist.election import elect, elect_offline, row_status
-from distckpt.dist.retention import RetentionPolicy, as_policy
+from distckpt.dist.retention import RetentionPolicy, as_policy, reading
 from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.redistribute import (
@@ -35,6 +35,7 @@ from distckpt.io.marks import BadRows, bad_rows, mark_bad, mark_path
 from distckpt.logs import get_logger
 from distckpt.migrate.migrations import AppliedMigration, MigrationRegistry, migrate_states
 from distckpt.plan.load import LoadPlan, plan_load, saved_tree
+from distckpt.plan.stateful import Restorer, to_live
 from distckpt.storage.store import Store
 
 log = get_logger(__name__)
@@ -130,6 +131,10 @@ def load(
     redistributed: states every rank saved alike come from any rank; rank-private ones need
     ``mapping`` (a :class:`distckpt.StateMapping`) or raise ``WorldSizeMismatchError``.
 
+    A value with ``state_dict()`` and ``load_state_dict()`` (module, optimizer, scheduler,
+    ``StatefulDataLoader``, user class) is filled through its state dict, then given it
+    with ``load_state_dict`` once the whole row is read and checked.
+
     ``in_place=True`` reads each tensor straight into its live CPU tensor when dtype and
     shape match (no second copy of the state in memory, no extra copy): faster, but if a
     checksum then fails the load raises with those live tensors holding the row's bytes,
@@ -157,14 +162,18 @@ def load(
                 raise
             raise _nothing_usable(st, damaged) from None
         try:
-            return _load_row(
-                st, c, chosen, state_dict, strict, version, migrations, mapping, in_place
-            )
+            with reading(st, chosen):  # retention run by this process keeps the row meanwhile
+                restorer = _load_row(
+                    st, c, chosen, state_dict, strict, version, migrations, mapping, in_place
+                )
         except CorruptCheckpointError as exc:
             if row is not None or not fallback or not _row_is_damaged(exc):
                 raise
             _give_up_row(st, c, chosen, exc, bad)
             damaged.append((chosen, exc))
+            continue
+        restorer.restore()
+        return chosen
 
 
 def _load_row(
@@ -177,8 +186,8 @@ def _load_row(
     migrations: MigrationRegistry | None,
     mapping: StateMapping | None,
     in_place: bool,
-) -> int:
-    """Collective: fill ``state_dict`` from the chosen row (see :func:`load`)."""
+) -> Restorer:
+    """Collective: fill ``state_dict`` from row ``chosen``; what restores its Stateful values."""
     view = open_part_agreed(st, c, chosen)
     # At the same world size the plan reads this rank's own part straight from the
     # manifest (global arrays included), at another world size from the saved ranks'
@@ -203,10 +212,10 @@ def _load_row(
         saved, _ = migrate_row_states(
             view, saved, state_versions(version, saved, "load"), migrations, c
         )
-    plan = _agreed_plan(c, st, chosen, saved, state_dict, strict)
+    plan, filled, restorer = _agreed_plan(c, st, chosen, saved, state_dict, strict)
     execute(
         plan,
-        state_dict,
+        filled,
         c,
         row=chosen,
         readers=readers,
@@ -222,7 +231,7 @@ def _load_row(
             len(kept),
             ", ".join(kept[:20]) + (" ..." if len(kept) > 20 else ""),
         )
-    return chosen
+    return restorer
 
 
 def _row_is_damaged(exc: CorruptCheckpointError) -> bool:
@@ -353,12 +362,20 @@ def committed_part(st: Store, row: int, rank: int) -> engine.RowView:
 
 def _agreed_plan(
     comm: Any, st: Store, row: int, saved: dict[str, Any], live: dict[str, Any], strict: bool
-) -> LoadPlan:
-    """Collective: the plan filling ``live``; every rank raises if any rank's does not fit."""
+) -> tuple[LoadPlan, dict[str, Any], Restorer]:
+    """Collective: the plan filling ``live``; every rank raises if any rank's does not fit.
+
+    Stateful values of ``live`` are planned as their state dicts (the dict returned, the
+    one to fill), which the Restorer hands back to them once filled."""
+
+    def fit() -> tuple[LoadPlan, dict[str, Any], Restorer]:
+        filled, restorer = to_live(live)
+        return plan_load(saved, filled, strict=strict), filled, restorer
+
     return step.run(
         comm,
         step.LOAD_FIT,
-        lambda: plan_load(saved, live, strict=strict),
+        fit,
         context=f"row {row} of {st.path} does not fit the live state",
         fallback=CheckpointStateSchemaError,
     )

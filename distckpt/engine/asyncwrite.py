@@ -304,9 +304,12 @@ class AsyncSaver:
 
     ``save()`` is collective like :func:`distckpt.save` but returns as soon as this rank's
     state is copied into the saver's staging buffers; a background thread commits the row.
-    ``wait()`` (collective) returns the newest committed row and raises, on every rank, if a
-    row failed; so do the next ``save()`` and ``close()``. Use as a context manager, or call
-    ``close()`` before the process exits (at exit, queued rows are still finished).
+    ``wait()`` (or ``flush()``; collective) returns the newest committed row and raises, on
+    every rank, if a row failed; so do the next ``save()`` and ``close()``. Each ``save()``
+    is a boundary (:mod:`distckpt.engine.hooks`) as ``distckpt.save`` is, so
+    ``python -m distckpt.session.preempt`` stops a job at its asynchronous saves too. Use as
+    a context manager, or call ``close()`` before the process exits (at exit, queued rows
+    are still finished).
     Creating one is collective (it takes the store's writer lease, ``LeaseHeldError`` if
     another job holds it, and creates a communicator for the writer thread).
     """
@@ -372,6 +375,9 @@ class AsyncSaver:
             return job
 
         self.writer.submit(prepare)
+        # A boundary, as for distckpt.save: a preemption runner (watch_boundaries) may stop
+        # here, committing what is queued through flush().
+        hooks.announce(hooks.Boundary(self.comm, None, session=self))
 
     def _on_commit(self, event: hooks.Committed) -> None:
         if event.comm is self.writer.writer_comm:
@@ -380,6 +386,16 @@ class AsyncSaver:
     def wait(self) -> int | None:
         """Collective: wait for every queued row; the newest committed row id."""
         self.writer.drain()
+        return self.committed[-1] if self.committed else None
+
+    def flush(self) -> int | None:
+        """Collective: commit every queued row (:meth:`wait`); what a
+        :class:`~distckpt.session.preempt.PreemptionHandler` calls before exiting."""
+        return self.wait()
+
+    @property
+    def row(self) -> int | None:
+        """The newest row this saver committed (None before the first)."""
         return self.committed[-1] if self.committed else None
 
     def close(self) -> int | None:

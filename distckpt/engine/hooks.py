@@ -1,8 +1,9 @@
 """Boundaries and commits: the points plug-ins subscribe to instead of wrapping functions.
 
 Cross-cutting features (preemption, bookkeeping) subscribe here instead of wrapping public
-functions: ``distckpt.save`` and ``CheckpointSession.write`` announce a :class:`Boundary`
-once they return, and each subscriber runs on the thread that saved, in subscription order.
+functions: ``distckpt.save``, ``AsyncSaver.save`` and ``CheckpointSession.write`` announce a
+:class:`Boundary` once they return, and each subscriber runs on the thread that saved, in
+subscription order.
 Every row committed (by ``save``, an ``AsyncSaver``, a ``Checkpoint`` session, synchronous
 or not) announces a :class:`Committed` event, on the thread that committed it.
 """
@@ -22,8 +23,9 @@ class Boundary:
     """A save or a session write returned; the job may stop here.
 
     ``row`` is the row the call committed (None when a session write only buffered its
-    entry); ``session`` is the session whose write returned (its ``flush()`` commits what
-    it buffered), None for ``distckpt.save``.
+    entry); ``session`` is the session whose write returned, or the ``AsyncSaver`` whose
+    save returned (its ``flush()`` commits what it buffered or queued), None for
+    ``distckpt.save``.
     """
 
     comm: Communicator

@@ -18,6 +18,7 @@ from distckpt.format.layout import PACKED_ARRAY, rank_dir_name
 from distckpt.format.manifest import is_packed
 from distckpt.format.names import escape_component
 from distckpt.format.shards import Piece, piece
+from distckpt.plan.stateful import explain_unstorable, to_saved
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +96,9 @@ def plan_rank(
     pack_threshold: int = DEFAULT_PACK_THRESHOLD,
     stager: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> RankPlan:
-    """``stager(tensor, where)`` replaces :func:`stage` for every tensor the row will hold
+    """Objects with ``state_dict()``/``load_state_dict()`` are planned as their state dict.
+
+    ``stager(tensor, where)`` replaces :func:`stage` for every tensor the row will hold
     (leaves and global pieces alike): an asynchronous save copies each into its own
     reusable buffers, so none is read from live memory after planning returns."""
     to_host = stager if stager is not None else lambda t, where: stage(t, where=where)
@@ -105,7 +108,11 @@ def plan_rank(
     for state_id, value in states.items():
         if not isinstance(state_id, str):
             raise CheckpointSerializationError(f"state id {state_id!r} is not a string")
-        trees[state_id] = codec.encode(value, leaves, (state_id,), found)
+        saved = to_saved(value, (state_id,))  # Stateful objects as their state_dict()
+        try:
+            trees[state_id] = codec.encode(saved, leaves, (state_id,), found)
+        except CheckpointSerializationError as exc:
+            raise explain_unstorable(exc, saved, (state_id,)) from exc
     shards = []
     for path, value in found:
         name = codec.path_str(path)

@@ -20,6 +20,7 @@ from distckpt.engine.steps import RowView, StateSchema
 from distckpt.errors import CheckpointStateCollision, CheckpointStateSchemaError
 from distckpt.format.tree import qualified_name
 from distckpt.migrate.migrations import MigrationRegistry, default_registry, newer_version_error
+from distckpt.plan.stateful import is_stateful
 
 if TYPE_CHECKING:
     from distckpt.session.checkpoint import Checkpoint, CheckpointSession
@@ -89,10 +90,14 @@ def rehome(saved: Any, live: Any, default: torch.device) -> Any:
 
 
 def assign_fields(instance: Any, values: dict[str, Any]) -> None:
-    """Set dataclass fields; nested dataclasses are filled in place, not replaced."""
+    """Set dataclass fields; nested dataclasses are filled in place, not replaced, and a
+    Stateful field (module, optimizer, ...: saved as its state dict) is given its saved
+    state dict with ``load_state_dict``."""
     for name, value in values.items():
         current = getattr(instance, name, None)
-        if (
+        if current is not None and is_stateful(current) and isinstance(value, dict):
+            current.load_state_dict(value)
+        elif (
             dataclasses.is_dataclass(current)
             and not isinstance(current, type)
             and isinstance(value, dict)

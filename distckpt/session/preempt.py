@@ -22,8 +22,10 @@ the ``DISTCKPT_REQUEUE_FILE`` environment variable) rank 0 writes a small JSON d
 once the row is committed, before any rank exits.
 
 Code that cannot take a handler (a script you do not edit) runs under
-``python -m distckpt.session.preempt SCRIPT ARGS...``: every ``CheckpointSession.write`` and
-``distckpt.save`` of that process becomes a boundary (:func:`watch_boundaries`).
+``python -m distckpt.session.preempt SCRIPT ARGS...``: every ``CheckpointSession.write``,
+``distckpt.save`` and ``AsyncSaver.save`` (so every ``CheckpointManager`` save) of that
+process becomes a boundary (:func:`watch_boundaries`). ``CheckpointManager`` has a handler of
+its own built in (``preemption=True``).
 """
 
 from __future__ import annotations
