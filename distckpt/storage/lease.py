@@ -39,6 +39,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -50,7 +51,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from distckpt.errors import CheckpointError, LeaseHeldError, LeaseLostError, StoreFormatError
+from distckpt.errors import (
+    CheckpointError,
+    CheckpointWriteError,
+    LeaseHeldError,
+    LeaseLostError,
+    StoreFormatError,
+)
 from distckpt.logs import get_logger
 from distckpt.storage.store import Store
 
@@ -297,6 +304,16 @@ def lease_status(store: Store | str | os.PathLike[str], *, clock: Clock = time.t
     return _judge(os.path.join(st.path, LEASE_FILE), _read_lease(st), clock())
 
 
+_UNREADABLE = "<unreadable>"
+
+
+def _lock_error(path: str, store: str, exc: OSError) -> CheckpointWriteError:
+    what = "no space left" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
+    return CheckpointWriteError(
+        f"{what} creating the lease lock {path} of store {store}: {exc.strerror or exc}"
+    )
+
+
 class _LockFile:
     """The ``O_EXCL`` lock around every change of the lease file (held for milliseconds)."""
 
@@ -321,10 +338,20 @@ class _LockFile:
                 pass
             except FileNotFoundError:
                 raise StoreFormatError(f"store {self.store.path} does not exist") from None
+            except OSError as exc:  # ENOSPC, EIO, EROFS...: name the file, never a raw OSError
+                raise _lock_error(self.path, self.store.path, exc) from exc
             else:
                 return self
             other = self._read()
             now = time.monotonic()
+            if other is not None and other.get("token") == _UNREADABLE:
+                # Not a lock distckpt wrote (it writes one small JSON object at once): waiting
+                # would not change it, and breaking it would hide whatever put it there.
+                raise StoreFormatError(
+                    f"the lease lock {self.path} of store {self.store.path} is not a distckpt "
+                    "lock file (not a JSON object, or not a readable file): remove it if no "
+                    "distckpt process is writing to the store"
+                )
             if other is not None:
                 token = str(other.get("token"))
                 if seen is None or seen[0] != token:
@@ -346,8 +373,8 @@ class _LockFile:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {"token": "<unreadable>"}
-        return doc if isinstance(doc, dict) else {"token": "<unreadable>"}
+            return {"token": _UNREADABLE}
+        return doc if isinstance(doc, dict) else {"token": _UNREADABLE}
 
     @staticmethod
     def _holder_dead(doc: dict[str, Any]) -> bool:
@@ -369,11 +396,12 @@ class _LockFile:
             fs.rename(self.path, aside)
         except FileNotFoundError:
             return  # its owner released it meanwhile
+        doc: Any = None
         try:
             doc = json.loads(fs.read_bytes(aside) or b"{}")
-            moved = str(doc.get("token")) if isinstance(doc, dict) else "<unreadable>"
+            moved = str(doc.get("token")) if isinstance(doc, dict) else _UNREADABLE
         except (OSError, ValueError):
-            moved = "<unreadable>"
+            moved = _UNREADABLE
         if moved != token:
             # A fresh lock replaced the stale one between our read and the rename: put it
             # back (link fails if yet another one appeared; its owner's read-back decides).
@@ -618,7 +646,14 @@ class Lease:
             lock = _LockFile(self.store, wait_s=self._lock_wait_s, stale_s=self._lock_stale_s)
             with lock:
                 self._check_mine(self._clock())
-                self.store.fs.remove(os.path.join(self.store.path, LEASE_FILE))
+                path = os.path.join(self.store.path, LEASE_FILE)
+                try:
+                    self.store.fs.remove(path)
+                except OSError as exc:
+                    raise CheckpointWriteError(
+                        f"cannot release the lease of store {self.store.path}: removing "
+                        f"{path} failed: {exc.strerror or exc}"
+                    ) from exc
                 with contextlib.suppress(OSError):
                     self.store.fs.fsync_dir(self.store.path)
 
