@@ -315,11 +315,25 @@ def _check_trees(manifest: RankManifest) -> None:
     """Every encoded tree in the manifest has the codec's structure and refers only to
     arrays the manifest lists (MalformedStateError otherwise)."""
     arrays, globals_ = len(manifest.arrays), len(manifest.globals)
+    refs: list[tuple[str, str, int]] = []
     for sid, record in manifest.states.items():
         try:
-            check_tree(record.tree, leaves=arrays, globals_=globals_)
+            check_tree(record.tree, leaves=arrays, globals_=globals_, root=(sid,), refs=refs)
         except MalformedStateError as exc:
             raise InvalidManifest(f"state {sid!r}: {exc}") from exc
+    # Each array records the state path it was saved from. A reference whose array was
+    # saved at the path of another reference is a swapped (or duplicated) reference: the
+    # checksum cannot catch it when the edit was resealed, and same-shape tensors would
+    # load each other's values without any other error.
+    at = {(kind, path) for kind, path, _ in refs}
+    for kind, path, index in refs:
+        entries = manifest.arrays if kind == "leaf" else manifest.globals
+        saved_at = entries[index].name
+        if saved_at != path and (kind, saved_at) in at:
+            raise InvalidManifest(
+                f"the state tree refers at {path!r} to the array saved from {saved_at!r} "
+                "(tensor references swapped or duplicated)"
+            )
     check_tree(manifest.metadata, leaves=0, globals_=0)
     if manifest.lead_time is not None:
         check_tree(manifest.lead_time, leaves=0, globals_=0)

@@ -328,15 +328,24 @@ _SHAPES: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def check_tree(node: Json, *, leaves: int | None = None, globals_: int | None = None) -> None:
+def check_tree(
+    node: Json,
+    *,
+    leaves: int | None = None,
+    globals_: int | None = None,
+    root: Path = (),
+    refs: list[tuple[str, str, int]] | None = None,
+) -> None:
     """Check that ``node`` has the structure :func:`encode` writes, without decoding it:
     every node one tag, every known tag's value of the right type, tensor and global
     references within ``leaves`` / ``globals_`` (when given), dict keys unique.
 
     Raises ``MalformedStateError`` naming the path of the first bad node. Tags this reader
     does not know are left to :func:`decode`. Iterative, so depth cannot exhaust the stack.
+    ``root`` is the path of ``node`` itself; ``refs`` (if given) receives every reference
+    as (``"leaf"`` or ``"global"``, path, index), for checks against what they refer to.
     """
-    stack: list[tuple[Json, Path]] = [(node, ())]
+    stack: list[tuple[Json, Path]] = [(node, root)]
     while stack:
         item, path = stack.pop()
         if not (isinstance(item, dict) and len(item) == 1):
@@ -355,6 +364,8 @@ def check_tree(node: Json, *, leaves: int | None = None, globals_: int | None = 
                 raise MalformedStateError(
                     f"stored value at {path_str(path)!r} refers to {tag} {value} of {limit}"
                 )
+            if refs is not None:
+                refs.append(("global" if tag == "global" else "leaf", path_str(path), value))
         elif tag == "dict":
             seen: set[Any] = set()
             for pair in value:

@@ -340,6 +340,8 @@ class LocalFileSystem(FileSystem):
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
+        except OSError as exc:  # os.fsync's error names no file: name the directory
+            raise _write_error(path, exc) from exc
         finally:
             os.close(fd)
 

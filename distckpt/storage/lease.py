@@ -305,10 +305,11 @@ def lease_status(store: Store | str | os.PathLike[str], *, clock: Clock = time.t
 
 
 _UNREADABLE = "<unreadable>"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _lock_error(path: str, store: str, exc: OSError) -> CheckpointWriteError:
-    what = "no space left" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "cannot write"
+    what = "no space left" if exc.errno in _NO_SPACE else "cannot write"
     return CheckpointWriteError(
         f"{what} creating the lease lock {path} of store {store}: {exc.strerror or exc}"
     )
@@ -418,7 +419,13 @@ class _LockFile:
 
     def __exit__(self, *exc: object) -> None:
         if self.still_mine():
-            self.store.fs.remove(self.path)
+            try:
+                self.store.fs.remove(self.path)
+            except OSError as err:
+                raise CheckpointWriteError(
+                    f"cannot remove the lease lock {self.path} of store {self.store.path}: "
+                    f"{err.strerror or err}"
+                ) from err
 
 
 class Lease:
@@ -644,18 +651,31 @@ class Lease:
             if not self.store.fs.is_dir(self.store.path):
                 return  # the store was deleted: nothing left to release
             lock = _LockFile(self.store, wait_s=self._lock_wait_s, stale_s=self._lock_stale_s)
-            with lock:
-                self._check_mine(self._clock())
-                path = os.path.join(self.store.path, LEASE_FILE)
-                try:
-                    self.store.fs.remove(path)
-                except OSError as exc:
-                    raise CheckpointWriteError(
-                        f"cannot release the lease of store {self.store.path}: removing "
-                        f"{path} failed: {exc.strerror or exc}"
-                    ) from exc
-                with contextlib.suppress(OSError):
-                    self.store.fs.fsync_dir(self.store.path)
+            try:
+                with lock:
+                    self._remove_mine()
+            except CheckpointWriteError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, OSError) and cause.errno in _NO_SPACE):
+                    raise
+                # No room even for the small lock file. Removing frees space, and this live
+                # holder's lease cannot be taken over meanwhile (its heartbeat is fresh), so
+                # it is checked and removed without the lock rather than left behind.
+                log.warning("releasing the lease of %s without its lock: %s", self.store.path, exc)
+                self._remove_mine()
+
+    def _remove_mine(self) -> None:
+        self._check_mine(self._clock())
+        path = os.path.join(self.store.path, LEASE_FILE)
+        try:
+            self.store.fs.remove(path)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"cannot release the lease of store {self.store.path}: removing "
+                f"{path} failed: {exc.strerror or exc}"
+            ) from exc
+        with contextlib.suppress(OSError, CheckpointWriteError):
+            self.store.fs.fsync_dir(self.store.path)
 
     # -- background heartbeat ------------------------------------------------------------
     def start_heartbeat(self, interval_s: float | None = None) -> None:
