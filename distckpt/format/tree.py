@@ -194,9 +194,9 @@ def _decode_node(
     try:
         (tag, value), *rest = node.items()
     except (AttributeError, ValueError) as exc:
-        raise CheckpointSerializationError(f"malformed stored value {node!r:.80}") from exc
+        raise MalformedStateError(f"malformed stored value {node!r:.80}") from exc
     if rest:
-        raise CheckpointSerializationError(f"malformed stored value {node!r:.80}")
+        raise MalformedStateError(f"malformed stored value {node!r:.80}")
     if tag == "v":
         return value
     if tag == "tensor":

@@ -652,8 +652,7 @@ class Lease:
                 return  # the store was deleted: nothing left to release
             lock = _LockFile(self.store, wait_s=self._lock_wait_s, stale_s=self._lock_stale_s)
             try:
-                with lock:
-                    self._remove_mine()
+                lock.__enter__()
             except CheckpointWriteError as exc:
                 cause = exc.__cause__
                 if not (isinstance(cause, OSError) and cause.errno in _NO_SPACE):
@@ -663,6 +662,11 @@ class Lease:
                 # it is checked and removed without the lock rather than left behind.
                 log.warning("releasing the lease of %s without its lock: %s", self.store.path, exc)
                 self._remove_mine()
+                return
+            try:
+                self._remove_mine()
+            finally:
+                lock.__exit__(None, None, None)
 
     def _remove_mine(self) -> None:
         self._check_mine(self._clock())
