@@ -55,11 +55,13 @@ def seal(doc: dict[str, Any]) -> bytes:
 
 
 def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise MalformedDocument(f"has the key {key!r} twice")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # rare: find which key, for the message
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise MalformedDocument(f"has the key {key!r} twice")
+            seen.add(key)
     return out
 
 

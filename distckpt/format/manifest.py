@@ -348,9 +348,10 @@ def _array_nbytes(name: str, dtype: str, shape: tuple[int, ...]) -> int:
         raise InvalidManifest(f"array {name!r} has unknown dtype {dtype!r}") from None
     if len(shape) > MAX_NDIM:
         raise InvalidManifest(f"array {name!r} has {len(shape)} dimensions (at most {MAX_NDIM})")
-    if any(d > MAX_NBYTES for d in shape) or math.prod(shape) * itemsize > MAX_NBYTES:
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_NBYTES or (shape and max(shape) > MAX_NBYTES):
         raise InvalidManifest(f"array {name!r} of shape {list(shape)[:8]} is out of range")
-    return math.prod(shape) * itemsize
+    return nbytes
 
 
 def _is_null(doc: Json, key: str) -> bool:

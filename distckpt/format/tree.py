@@ -346,34 +346,41 @@ def check_tree(
     as (``"leaf"`` or ``"global"``, path, index), for checks against what they refer to.
     """
     stack: list[tuple[Json, Path]] = [(node, root)]
+    limits = {"tensor": leaves, "ndarray": leaves, "global": globals_, "np_time_array": leaves}
     while stack:
         item, path = stack.pop()
         if not (isinstance(item, dict) and len(item) == 1):
             raise MalformedStateError(f"stored value at {path_str(path)!r} is not a tagged node")
         ((tag, value),) = item.items()
+        if tag == "v":  # the commonest nodes first, without a call
+            if not isinstance(value, _SCALAR):
+                raise MalformedStateError(f"stored 'v' value at {path_str(path)!r} is malformed")
+            continue
         shape = _SHAPES.get(tag)
         if shape is None:
             continue
         if not shape(value):
             raise MalformedStateError(f"stored {tag!r} value at {path_str(path)!r} is malformed")
-        limit = {"tensor": leaves, "ndarray": leaves, "global": globals_}.get(tag)
-        if tag == "np_time_array":
-            limit, value = leaves, value[1]
-        if tag in ("tensor", "ndarray", "global", "np_time_array"):
-            if value < 0 or (limit is not None and value >= limit):
+        if tag in limits:
+            limit = limits[tag]
+            index = value[1] if tag == "np_time_array" else value
+            if index < 0 or (limit is not None and index >= limit):
                 raise MalformedStateError(
-                    f"stored value at {path_str(path)!r} refers to {tag} {value} of {limit}"
+                    f"stored value at {path_str(path)!r} refers to {tag} {index} of {limit}"
                 )
             if refs is not None:
-                refs.append(("global" if tag == "global" else "leaf", path_str(path), value))
+                refs.append(("global" if tag == "global" else "leaf", path_str(path), index))
         elif tag == "dict":
             seen: set[Any] = set()
             for pair in value:
-                if not (_pair(pair, (str, int)) and not isinstance(pair[0], bool)):
-                    raise MalformedStateError(f"dict at {path_str(path)!r} has a malformed item")
-                if pair[0] in seen:
+                if not (
+                    type(pair) is list
+                    and len(pair) == 2
+                    and type(pair[0]) in (str, int)
+                    and pair[0] not in seen
+                ):
                     raise MalformedStateError(
-                        f"dict at {path_str(path)!r} has the key {pair[0]!r} twice"
+                        f"dict at {path_str(path)!r} has a malformed or repeated key"
                     )
                 seen.add(pair[0])
                 stack.append((pair[1], (*path, pair[0])))

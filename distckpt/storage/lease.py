@@ -292,10 +292,15 @@ def _judge(path: str, raw: bytes | None, now: float) -> LeaseStatus:
 
 
 def _read_lease(store: Store) -> bytes | None:
+    path = os.path.join(store.path, LEASE_FILE)
     try:
-        return store.fs.read_bytes(os.path.join(store.path, LEASE_FILE))
+        return store.fs.read_bytes(path)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a FIFO, a link, a directory, EIO: name it, never a raw OSError
+        raise StoreFormatError(
+            f"the lease {path} of store {store.path} cannot be read: {exc.strerror or exc}"
+        ) from exc
 
 
 def lease_status(store: Store | str | os.PathLike[str], *, clock: Clock = time.time) -> LeaseStatus:
