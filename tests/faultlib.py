@@ -30,7 +30,7 @@ from distckpt.format import checked
 from distckpt.storage.filesystem import Buffer, LocalFileSystem
 from distckpt.storage.store import Store
 
-CASE_TIMEOUT_S = 20  # a case taking longer is a hang
+CASE_TIMEOUT_S = 60  # a call taking longer is a hang (generous: CI machines are shared)
 
 
 class Hang(Exception):

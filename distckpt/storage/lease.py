@@ -310,6 +310,7 @@ def lease_status(store: Store | str | os.PathLike[str], *, clock: Clock = time.t
 
 
 _UNREADABLE = "<unreadable>"
+_UNREADABLE_GRACE_S = 0.2  # a lock file still not JSON after this was not written by us
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -336,6 +337,7 @@ class _LockFile:
         ).encode()
         deadline = time.monotonic() + self.wait_s
         seen: tuple[str, float] | None = None  # (token, monotonic time first seen)
+        unreadable_since: float | None = None
         delay = 0.002
         while True:
             try:
@@ -350,9 +352,13 @@ class _LockFile:
                 return self
             other = self._read()
             now = time.monotonic()
-            if other is not None and other.get("token") == _UNREADABLE:
+            if other is None or other.get("token") != _UNREADABLE:
+                unreadable_since = None
+            elif unreadable_since is None:
+                unreadable_since = now  # perhaps a lock being written this instant: look again
+            elif now - unreadable_since > _UNREADABLE_GRACE_S:
                 # Not a lock distckpt wrote (it writes one small JSON object at once): waiting
-                # would not change it, and breaking it would hide whatever put it there.
+                # longer would not change it, and breaking it would hide what put it there.
                 raise StoreFormatError(
                     f"the lease lock {self.path} of store {self.store.path} is not a distckpt "
                     "lock file (not a JSON object, or not a readable file): remove it if no "
