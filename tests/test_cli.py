@@ -533,7 +533,7 @@ def test_verify_reports_manifest_problems(multi):
     assert result.exit_code == EXIT_CORRUPT
     # Refused when the manifest is parsed: the row stops counting as committed.
     assert "row 0, rank 1: invalid manifest:" in result.stdout
-    assert "state 'x': stored value at '<root>' refers to tensor 7" in result.stdout
+    assert "state 'x': stored value at 'x' refers to tensor 7" in result.stdout
     # A deleted zarr.json breaks plain zarr readers even though the bytes are intact.
     os.remove(_chunk(multi, 0, 0, "big").parent / "zarr.json")
     assert "row 0, rank 0, array 'big': zarr.json is missing" in run("verify", multi, "0").stdout

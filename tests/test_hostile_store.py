@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +52,7 @@ def _edit(store: Path, row: int, change, *, reseal: bool = True) -> None:
 
 
 def _cli(*args: object):
-    with deadline(30):
+    with deadline():
         return CliRunner().invoke(cli, [str(a) for a in args])
 
 
@@ -123,12 +122,10 @@ def test_swapped_tensor_references_are_refused_even_when_resealed(store):
 )
 def test_numbers_out_of_range_uncommit_the_row_without_spinning(store, field, value):
     _edit(store, 1, lambda d: d.__setitem__(field, value))
-    start = time.monotonic()
-    with deadline(30):
+    with deadline():  # a loop over range(world_size) would never end
         assert distckpt.latest(store) == 0
         for command in ("ls", "latest", "show", "verify"):
             assert _cli(command, store).exit_code in (0, 5)
-    assert time.monotonic() - start < 25
     _loads_row_0(store)
 
 
@@ -217,7 +214,7 @@ def test_fifos_and_links_to_fifos_never_block_readers(store, tmp_path, what):
     os.mkfifo(fifo)
     target.unlink()
     target.symlink_to(fifo)
-    with deadline(20):
+    with deadline():
         if what == "manifest":
             _loads_row_0(store)
             result = _cli("verify", store, "1")
@@ -259,10 +256,9 @@ def test_a_store_that_lost_its_root_document_is_damaged_not_empty(store):
 # -- the lease -------------------------------------------------------------------------------
 def test_a_lease_lock_that_is_not_json_is_a_clear_error_at_once(store):
     (store / LOCK_FILE).write_text("this is not json")
-    start = time.monotonic()
-    with pytest.raises(distckpt.StoreFormatError, match=LOCK_FILE):
-        Lease.acquire(store)
-    assert time.monotonic() - start < 5  # not after the lock's stale timeout
+    # With an hour before the lock counts as stale, only an answer at once passes.
+    with deadline(), pytest.raises(distckpt.StoreFormatError, match=LOCK_FILE):
+        Lease.acquire(store, lock_wait_s=3600, lock_stale_s=3600)
 
 
 def test_lease_release_on_a_full_disk_names_the_path(store):
