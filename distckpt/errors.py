@@ -56,6 +56,11 @@ class StoreFormatError(CheckpointError):
     """The directory is not a distckpt store, or was written by a newer format version."""
 
 
+class MalformedStateError(StoreFormatError, CheckpointSerializationError):
+    """A stored state tree (or metadata) is not one the codec wrote: a node of the wrong
+    shape or type. Raised instead of the codec's internal TypeError/ValueError."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """Stored bytes fail their checksum, are truncated or missing."""
 
@@ -240,6 +245,7 @@ __all__ = [
     "ImportFormatError",
     "LeaseHeldError",
     "LeaseLostError",
+    "MalformedStateError",
     "MigrationError",
     "NoCommittedRowError",
     "RankFailure",

@@ -28,6 +28,7 @@ from distckpt.cli import (
     cli,
 )
 from distckpt.dist.election import elect_offline, row_status
+from distckpt.format import checked
 from distckpt.format.layout import single_chunk_key
 from distckpt.storage.lease import LEASE_FILE, Lease
 from distckpt.storage.store import Store
@@ -364,7 +365,7 @@ def test_newer_manifest_format_exits_4(multi):
     path = _manifest(multi, 2, 0)
     doc = json.loads(path.read_text())
     doc["distckpt_manifest"] = 9
-    path.write_text(json.dumps(doc))
+    path.write_bytes(checked.seal(doc))
     result = run("latest", multi)
     assert result.exit_code == EXIT_STORE and "format version 9" in result.stderr
 
@@ -527,10 +528,12 @@ def test_verify_reports_manifest_problems(multi):
     path = _manifest(multi, 0, 1)
     doc = json.loads(path.read_text())
     doc["states"]["x"]["tree"] = {"tensor": 7}
-    path.write_text(json.dumps(doc))
+    path.write_bytes(checked.seal(doc))
     result = run("verify", multi, "0")
     assert result.exit_code == EXIT_CORRUPT
-    assert "row 0, rank 1: state 'x' cannot be decoded: refers to tensor 7" in result.stdout
+    # Refused when the manifest is parsed: the row stops counting as committed.
+    assert "row 0, rank 1: invalid manifest:" in result.stdout
+    assert "state 'x': stored value at 'x' refers to tensor 7" in result.stdout
     # A deleted zarr.json breaks plain zarr readers even though the bytes are intact.
     os.remove(_chunk(multi, 0, 0, "big").parent / "zarr.json")
     assert "row 0, rank 0, array 'big': zarr.json is missing" in run("verify", multi, "0").stdout

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.format import checked
 from distckpt.format.layout import MANIFESTS_DIR, ROWS_DIR, manifest_name, row_name
 
 
@@ -327,7 +328,7 @@ def test_stored_type_names_are_never_imported(tmp_path, monkeypatch, no_pickle):
             "fields": [["lr", {"v": 0.5}], ["cmd", {"v": "rm -rf /"}]],
         }
     }
-    path.write_text(json.dumps(doc))
+    path.write_bytes(checked.seal(doc))
     recorder = _ImportRecorder("distckpt_evil_probe")
     monkeypatch.setattr(sys, "meta_path", [recorder, *sys.meta_path])
 
@@ -343,6 +344,6 @@ def test_unknown_stored_tag_is_refused_not_interpreted(tmp_path, no_pickle):
     path = manifest_path(store, row)
     doc = json.loads(path.read_text())
     doc["states"]["cfg"]["tree"] = {"pickle": "gASVAAAAAAAAAACMBXBvc2l4lIwGc3lzdGVtlJOULg=="}
-    path.write_text(json.dumps(doc))
+    path.write_bytes(checked.seal(doc))
     with pytest.raises(distckpt.CheckpointError, match="pickle"):
         distckpt.load({}, store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -13,6 +14,7 @@ import distckpt
 from distckpt import Store
 from distckpt.dist.election import elect_offline, row_status
 from distckpt.dist.retention import rows_to_delete
+from distckpt.format import checked
 from distckpt.format.manifest import InvalidManifest
 from distckpt.io.commit import delete_row
 
@@ -167,9 +169,10 @@ def test_a_store_handle_sees_a_manifest_that_changed_on_disk(tmp_path):
     assert st.read_manifest(0, 0) == first
     manifest = st.manifest_path(0, 0)
     with open(manifest, "rb") as f:
-        raw = f.read()
+        doc = json.loads(f.read())
+    doc["write_count"] = 7
     with open(manifest, "wb") as f:
-        f.write(raw.replace(b'"write_count":0', b'"write_count":7'))
+        f.write(checked.seal(doc))  # a consistent rewrite, checksum and all
     assert st.read_manifest(0, 0).write_count == 7
     os.remove(manifest)
     assert elect_offline(st) is None

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import distckpt
+from distckpt.format import checked
 from distckpt.format.layout import (
     FORMAT_VERSION,
     MANIFEST_VERSION,
@@ -237,7 +238,7 @@ def test_newer_manifest_format_refused(store, call):
     path = row_dir(store) / MANIFESTS_DIR / manifest_name(0)
     doc = json.loads(path.read_text())
     doc["distckpt_manifest"] = 99
-    path.write_text(json.dumps(doc))
+    path.write_bytes(checked.seal(doc))
     with pytest.raises(distckpt.StoreFormatError) as info:
         if call == "latest":
             distckpt.latest(store)

@@ -12,6 +12,7 @@ from fakes import SequentialComm, save_as_ranks
 import distckpt
 from distckpt import Store
 from distckpt.dist.election import elect, elect_offline, row_status
+from distckpt.format import checked
 
 
 def _state(rank: int) -> dict:
@@ -49,20 +50,20 @@ def _damage(store, row, rank, how):
     elif how == "other_world_size":
         doc = json.loads(Path(path).read_bytes())
         doc["world_size"] = 4
-        Path(path).write_text(json.dumps(doc))
+        Path(path).write_bytes(checked.seal(doc))
     elif how == "wrong_row":
         doc = json.loads(Path(path).read_bytes())
         doc["row"] = row - 1
-        Path(path).write_text(json.dumps(doc))
+        Path(path).write_bytes(checked.seal(doc))
     elif how == "wrong_types":
         doc = json.loads(Path(path).read_bytes())
         doc["write_count"] = "three"
         doc["arrays"] = {"not": "a list"}
-        Path(path).write_text(json.dumps(doc))
+        Path(path).write_bytes(checked.seal(doc))
     elif how == "escaping_array_path":
         doc = json.loads(Path(path).read_bytes())
         doc["arrays"][0]["array"] = "../../../etc"
-        Path(path).write_text(json.dumps(doc))
+        Path(path).write_bytes(checked.seal(doc))
 
 
 DAMAGE = [
@@ -91,7 +92,7 @@ def test_disagreeing_write_counts_are_not_committed(store):
     path = store.manifest_path(2, 0)
     doc = json.loads(Path(path).read_bytes())
     doc["write_count"] = 7
-    Path(path).write_text(json.dumps(doc))
+    Path(path).write_bytes(checked.seal(doc))
     assert not row_status(store, 2).committed
     assert elect_offline(store) == 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,6 +28,7 @@ from distckpt.cli.common import (
 )
 from distckpt.dist.election import row_status
 from distckpt.dist.retention import rows_to_delete
+from distckpt.errors import CheckpointWriteError
 from distckpt.io.commit import delete_row
 from distckpt.io.marks import bad_rows
 from distckpt.storage.lease import Lease, LeaseHeldError, LeaseStatus, lease_status
@@ -55,6 +57,15 @@ def _gc_lease(st: Store, force: bool, dry_run: bool) -> Iterator[LeaseStatus]:
         raise LeaseHeldError(
             f"refusing to gc: {exc}; wait for it to finish, or use --force"
         ) from exc
+    except CheckpointWriteError as exc:
+        cause = exc.__cause__
+        if not (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        # A full disk is when gc is needed most, and no writer can take the lease either:
+        # with no live holder (checked above), free space without one.
+        log.warning("removing rows without the lease of %s: %s", st.path, exc)
+        yield status
+        return
     lease.start_heartbeat(GC_LEASE_TIMEOUT_S / 4)
     try:
         yield status

@@ -57,7 +57,7 @@ def row_status(store: Store, row: int) -> RowStatus:
         disagreements.append(f"manifests disagree on write count: {sorted(counts)}")
     problems += disagreements
     world = max(sizes) if sizes else None
-    missing = tuple(r for r in range(world) if r not in valid) if world else ()
+    missing = _missing(valid, world) if world else ()
     committed = world is not None and not missing and len(sizes) == 1 and len(counts) == 1
     return RowStatus(
         row=row,
@@ -70,6 +70,21 @@ def row_status(store: Store, row: int) -> RowStatus:
         manifests=tuple(valid[r] for r in sorted(valid)),
         disagreements=tuple(disagreements),
     )
+
+
+MAX_MISSING_LISTED = 100  # a row missing more ranks lists only the first ones
+
+
+def _missing(valid: dict[int, RankManifest], world: int) -> tuple[int, ...]:
+    """The first ranks of ``world`` without a valid manifest: bounded, so a manifest that
+    claims a huge world costs no more than a small one."""
+    out: list[int] = []
+    for rank in range(world):
+        if rank not in valid:
+            out.append(rank)
+            if len(out) == MAX_MISSING_LISTED:
+                break
+    return tuple(out)
 
 
 def elect_offline(

@@ -28,8 +28,14 @@ def row_name(row: int) -> str:
     return f"{row:0{ROW_DIGITS}d}"
 
 
+def _ascii_digits(text: str) -> bool:
+    """Only 0-9: ``str.isdigit`` also accepts other scripts' digits and superscripts
+    ("²"), which ``int`` then rejects or reads as another number."""
+    return bool(text) and text.isascii() and text.isdigit()
+
+
 def parse_row_name(name: str) -> int | None:
-    if len(name) == ROW_DIGITS and name.isdigit():
+    if len(name) == ROW_DIGITS and _ascii_digits(name):
         return int(name)
     return None
 
@@ -45,7 +51,7 @@ def manifest_name(rank: int) -> str:
 def parse_manifest_name(name: str) -> int | None:
     if name.startswith("rank_") and name.endswith(".json"):
         digits = name[5:-5]
-        if digits.isdigit():
+        if _ascii_digits(digits) and len(digits) <= 9:
             return int(digits)
     return None
 

@@ -2,19 +2,30 @@
 
 A manifest is written last and names everything needed to validate the rank's part of a
 row. Parsing is strict: anything malformed raises ``InvalidManifest`` so that the election
-can treat the row as uncommitted instead of crashing.
+can treat the row as uncommitted instead of crashing. A manifest carries a checksum over its
+own content (``format.checked``), and every number in it is range-checked against what it
+describes before anyone sizes or allocates anything by it.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from distckpt.errors import StoreFormatError
-from distckpt.format.layout import FORMAT_VERSION, MANIFEST_VERSION, PACKED_ARRAY
+from distckpt.errors import CheckpointError, MalformedStateError, StoreFormatError
+from distckpt.format import checked
+from distckpt.format.dtypes import stored_itemsize
+from distckpt.format.layout import FORMAT_VERSION, MANIFEST_VERSION, PACKED_ARRAY, ROW_DIGITS
+from distckpt.format.tree import check_tree
 
 Json = Any
+
+# Bounds on numbers read from a manifest, checked before anything is sized by them.
+MAX_WORLD_SIZE = 1 << 20  # ranks of one job: far above any real job, small enough to loop over
+MAX_ROW = 10**ROW_DIGITS - 1  # the largest row a row directory name can hold
+MAX_NBYTES = 1 << 60  # bytes of one saved array (an exabyte)
+MAX_NDIM = 64
 
 
 class InvalidManifest(Exception):
@@ -68,6 +79,16 @@ class ArrayEntry:
         )
         if entry.nbytes < 0 or entry.offset < 0 or any(d < 0 for d in entry.shape):
             raise InvalidManifest(f"array {entry.name!r} has a negative size or offset")
+        expected = _array_nbytes(entry.name, entry.dtype, entry.shape)
+        if entry.nbytes != expected:
+            raise InvalidManifest(
+                f"array {entry.name!r} records {entry.nbytes} bytes, but {entry.dtype} of shape "
+                f"{list(entry.shape)} holds {expected}"
+            )
+        if entry.offset > MAX_NBYTES:
+            raise InvalidManifest(f"array {entry.name!r} has an offset out of range")
+        if entry.crc32c is not None and not 0 <= entry.crc32c < 1 << 32:
+            raise InvalidManifest(f"array {entry.name!r} has a checksum out of range")
         if entry.array.startswith("/") or ".." in entry.array.split("/"):
             raise InvalidManifest(f"array {entry.name!r} points outside its row: {entry.array!r}")
         return entry
@@ -118,6 +139,18 @@ class GlobalEntry:
             raise InvalidManifest(f"global array {entry.name!r} has a bad chunk shape")
         if any(d < 0 for d in entry.shape):
             raise InvalidManifest(f"global array {entry.name!r} has a negative size")
+        _array_nbytes(entry.name, entry.dtype, entry.shape)
+        grid = [-(-d // c) for d, c in zip(entry.shape, entry.chunk_shape, strict=True)]
+        for index, crc in entry.chunks:
+            inside = len(index) == len(grid) and all(
+                0 <= i < g for i, g in zip(index, grid, strict=True)
+            )
+            if not inside:
+                raise InvalidManifest(
+                    f"global array {entry.name!r} lists chunk {list(index)} outside its grid"
+                )
+            if not 0 <= crc < 1 << 32:
+                raise InvalidManifest(f"global array {entry.name!r} has a checksum out of range")
         if entry.array.startswith("/") or ".." in entry.array.split("/"):
             raise InvalidManifest(f"array {entry.name!r} points outside its row: {entry.array!r}")
         return entry
@@ -201,21 +234,30 @@ class RankManifest:
         }
         if self.globals:
             doc["globals"] = [g.to_json() for g in self.globals]
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return checked.seal(doc)
 
     @staticmethod
     def from_json(data: bytes, *, where: str = "manifest") -> RankManifest:
-        """Parse and validate; raise StoreFormatError for a newer format, else InvalidManifest."""
+        """Parse and validate; raise StoreFormatError for a newer format, else InvalidManifest.
+
+        The checksum is checked when present (manifests written before it have none)."""
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidManifest(f"{where} is not valid JSON ({exc})") from exc
-        if not isinstance(doc, dict):
-            raise InvalidManifest(f"{where} is not a JSON object")
-        fmt = doc.get("distckpt_manifest")
+            doc = checked.loads_strict(data)
+            if not isinstance(doc, dict):
+                raise checked.MalformedDocument("is not a JSON object")
+            fmt = doc.get("distckpt_manifest")
+            newer = isinstance(fmt, int) and fmt > MANIFEST_VERSION
+            try:
+                # First: a damaged version field must not pass for a newer format.
+                doc = checked.verify(doc)
+            except checked.UnknownChecksum:
+                if not newer:
+                    raise
+        except checked.MalformedDocument as exc:
+            raise InvalidManifest(f"{where} {exc.problem}") from exc
         if not isinstance(fmt, int) or isinstance(fmt, bool):
             raise InvalidManifest(f"{where} has no format version")
-        if fmt > MANIFEST_VERSION:
+        if newer:
             raise StoreFormatError(
                 f"{where} was written by format version {fmt}; this distckpt reads up to "
                 f"version {MANIFEST_VERSION}: upgrade distckpt to read it"
@@ -242,14 +284,21 @@ class RankManifest:
                 metadata=_typed(doc, "metadata", dict),
                 globals=tuple(GlobalEntry.from_json(g) for g in doc.get("globals", [])),
             )
+            _check_trees(manifest)
         except InvalidManifest as exc:
             raise InvalidManifest(f"{where}: {exc}") from exc
-        except (AttributeError, TypeError) as exc:
+        except (AttributeError, TypeError, ValueError, OverflowError, CheckpointError) as exc:
             raise InvalidManifest(f"{where}: malformed ({exc})") from exc
-        if manifest.world_size < 1 or not 0 <= manifest.rank < manifest.world_size:
+        if not 1 <= manifest.world_size <= MAX_WORLD_SIZE:
+            raise InvalidManifest(
+                f"{where}: world size {manifest.world_size} out of range (1..{MAX_WORLD_SIZE})"
+            )
+        if not 0 <= manifest.rank < manifest.world_size:
             raise InvalidManifest(
                 f"{where}: rank {manifest.rank} outside world size {manifest.world_size}"
             )
+        if not 0 <= manifest.row <= MAX_ROW:
+            raise InvalidManifest(f"{where}: row {manifest.row} out of range (0..{MAX_ROW})")
         return manifest
 
 
@@ -260,6 +309,49 @@ def _typed(doc: Json, key: str, kind: type) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidManifest(f"field {key!r} is not of type {kind.__name__}")
     return value
+
+
+def _check_trees(manifest: RankManifest) -> None:
+    """Every encoded tree in the manifest has the codec's structure and refers only to
+    arrays the manifest lists (MalformedStateError otherwise)."""
+    arrays, globals_ = len(manifest.arrays), len(manifest.globals)
+    refs: list[tuple[str, str, int]] = []
+    for sid, record in manifest.states.items():
+        try:
+            check_tree(record.tree, leaves=arrays, globals_=globals_, root=(sid,), refs=refs)
+        except MalformedStateError as exc:
+            raise InvalidManifest(f"state {sid!r}: {exc}") from exc
+    # Each array records the state path it was saved from. A reference whose array was
+    # saved at the path of another reference is a swapped (or duplicated) reference: the
+    # checksum cannot catch it when the edit was resealed, and same-shape tensors would
+    # load each other's values without any other error.
+    at = {(kind, path) for kind, path, _ in refs}
+    for kind, path, index in refs:
+        entries = manifest.arrays if kind == "leaf" else manifest.globals
+        saved_at = entries[index].name
+        if saved_at != path and (kind, saved_at) in at:
+            raise InvalidManifest(
+                f"the state tree refers at {path!r} to the array saved from {saved_at!r} "
+                "(tensor references swapped or duplicated)"
+            )
+    check_tree(manifest.metadata, leaves=0, globals_=0)
+    if manifest.lead_time is not None:
+        check_tree(manifest.lead_time, leaves=0, globals_=0)
+
+
+def _array_nbytes(name: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a ``dtype`` array of ``shape``; InvalidManifest when the dtype is unknown or
+    the size is out of range (checked before any product can overflow a C integer)."""
+    try:
+        itemsize = stored_itemsize(dtype)
+    except CheckpointError:
+        raise InvalidManifest(f"array {name!r} has unknown dtype {dtype!r}") from None
+    if len(shape) > MAX_NDIM:
+        raise InvalidManifest(f"array {name!r} has {len(shape)} dimensions (at most {MAX_NDIM})")
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_NBYTES or (shape and max(shape) > MAX_NBYTES):
+        raise InvalidManifest(f"array {name!r} of shape {list(shape)[:8]} is out of range")
+    return nbytes
 
 
 def _is_null(doc: Json, key: str) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from distckpt.errors import CheckpointSerializationError
+from distckpt.errors import CheckpointSerializationError, MalformedStateError
 from distckpt.format.shards import is_global
 
 if TYPE_CHECKING:
@@ -174,13 +174,29 @@ def decode(
     get_global: Callable[[int], Any] | None = None,
 ) -> Any:
     """Rebuild the object encoded by :func:`encode`; tensors come from ``get_leaf``,
-    global values from ``get_global``."""
+    global values from ``get_global``.
+
+    A node of the wrong shape or type raises ``MalformedStateError`` (a distckpt error),
+    never the TypeError/ValueError the conversions below would raise on their own."""
+    try:
+        return _decode_node(node, get_leaf, get_global)
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RecursionError) as exc:
+        raise MalformedStateError(
+            f"malformed stored value {node!r:.80} ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _decode_node(
+    node: Json,
+    get_leaf: Callable[[int, bool], Any],
+    get_global: Callable[[int], Any] | None = None,
+) -> Any:
     try:
         (tag, value), *rest = node.items()
     except (AttributeError, ValueError) as exc:
-        raise CheckpointSerializationError(f"malformed stored value {node!r:.80}") from exc
+        raise MalformedStateError(f"malformed stored value {node!r:.80}") from exc
     if rest:
-        raise CheckpointSerializationError(f"malformed stored value {node!r:.80}")
+        raise MalformedStateError(f"malformed stored value {node!r:.80}")
     if tag == "v":
         return value
     if tag == "tensor":
@@ -265,3 +281,115 @@ def decode_metadata(node: Json) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CheckpointSerializationError("stored metadata is not a mapping")
     return value
+
+
+_SCALAR = (type(None), bool, int, float, str)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _pair(x: Any, first: type | tuple[type, ...]) -> bool:
+    return isinstance(x, list) and len(x) == 2 and isinstance(x[0], first)
+
+
+# What the value of each known tag must look like (children are checked by the walk).
+_SHAPES: dict[str, Callable[[Any], bool]] = {
+    "v": lambda v: isinstance(v, _SCALAR),
+    "tensor": _is_int,
+    "ndarray": _is_int,
+    "global": _is_int,
+    "np_time_array": lambda v: _pair(v, str) and _is_int(v[1]),
+    "np_str_array": lambda v: (
+        isinstance(v, list)
+        and len(v) == 3
+        and isinstance(v[0], str)
+        and isinstance(v[1], list)
+        and all(_is_int(d) and d >= 0 for d in v[1])
+        and isinstance(v[2], list)
+        and math.prod(v[1]) == len(v[2])
+    ),
+    "dict": lambda v: isinstance(v, list),
+    "list": lambda v: isinstance(v, list),
+    "tuple": lambda v: isinstance(v, list),
+    "size": lambda v: isinstance(v, list) and all(_is_int(d) for d in v),
+    "float": lambda v: isinstance(v, str),
+    "datetime": lambda v: isinstance(v, str),
+    "date": lambda v: isinstance(v, str),
+    "timedelta": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(x) for x in v),
+    "np_scalar": lambda v: _pair(v, str),
+    "dtype": lambda v: isinstance(v, str),
+    "bytes": lambda v: isinstance(v, str),
+    "complex": lambda v: isinstance(v, list) and len(v) == 2,
+    "dataclass": lambda v: (
+        isinstance(v, dict) and isinstance(v.get("type"), str) and isinstance(v.get("fields"), list)
+    ),
+}
+
+
+def check_tree(
+    node: Json,
+    *,
+    leaves: int | None = None,
+    globals_: int | None = None,
+    root: Path = (),
+    refs: list[tuple[str, str, int]] | None = None,
+) -> None:
+    """Check that ``node`` has the structure :func:`encode` writes, without decoding it:
+    every node one tag, every known tag's value of the right type, tensor and global
+    references within ``leaves`` / ``globals_`` (when given), dict keys unique.
+
+    Raises ``MalformedStateError`` naming the path of the first bad node. Tags this reader
+    does not know are left to :func:`decode`. Iterative, so depth cannot exhaust the stack.
+    ``root`` is the path of ``node`` itself; ``refs`` (if given) receives every reference
+    as (``"leaf"`` or ``"global"``, path, index), for checks against what they refer to.
+    """
+    stack: list[tuple[Json, Path]] = [(node, root)]
+    limits = {"tensor": leaves, "ndarray": leaves, "global": globals_, "np_time_array": leaves}
+    while stack:
+        item, path = stack.pop()
+        if not (isinstance(item, dict) and len(item) == 1):
+            raise MalformedStateError(f"stored value at {path_str(path)!r} is not a tagged node")
+        ((tag, value),) = item.items()
+        if tag == "v":  # the commonest nodes first, without a call
+            if not isinstance(value, _SCALAR):
+                raise MalformedStateError(f"stored 'v' value at {path_str(path)!r} is malformed")
+            continue
+        shape = _SHAPES.get(tag)
+        if shape is None:
+            continue
+        if not shape(value):
+            raise MalformedStateError(f"stored {tag!r} value at {path_str(path)!r} is malformed")
+        if tag in limits:
+            limit = limits[tag]
+            index = value[1] if tag == "np_time_array" else value
+            if index < 0 or (limit is not None and index >= limit):
+                raise MalformedStateError(
+                    f"stored value at {path_str(path)!r} refers to {tag} {index} of {limit}"
+                )
+            if refs is not None:
+                refs.append(("global" if tag == "global" else "leaf", path_str(path), index))
+        elif tag == "dict":
+            seen: set[Any] = set()
+            for pair in value:
+                if not (
+                    type(pair) is list
+                    and len(pair) == 2
+                    and type(pair[0]) in (str, int)
+                    and pair[0] not in seen
+                ):
+                    raise MalformedStateError(
+                        f"dict at {path_str(path)!r} has a malformed or repeated key"
+                    )
+                seen.add(pair[0])
+                stack.append((pair[1], (*path, pair[0])))
+        elif tag in ("list", "tuple"):
+            stack.extend((child, (*path, i)) for i, child in enumerate(value))
+        elif tag == "dataclass":
+            for pair in value["fields"]:
+                if not _pair(pair, str):
+                    raise MalformedStateError(
+                        f"dataclass at {path_str(path)!r} has a malformed field"
+                    )
+                stack.append((pair[1], (*path, pair[0])))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from distckpt.errors import CheckpointWriteError
 from distckpt.faults import fault_point
-from distckpt.format.layout import ZARR_JSON, group_document
-from distckpt.format.manifest import ArrayEntry, GlobalEntry, RankManifest
+from distckpt.format.layout import ROW_DIGITS, ZARR_JSON, group_document
+from distckpt.format.manifest import MAX_ROW, ArrayEntry, GlobalEntry, RankManifest
 from distckpt.format.shards import GlobalLayout
 from distckpt.io.globalio import write_rank_globals
 from distckpt.io.rowio import write_rank_arrays, write_rank_group
@@ -26,7 +26,16 @@ log = get_logger(__name__)
 
 
 def prepare_row(store: Store, row: int) -> None:
-    """Create the row's group and manifests directory (coordinator, before any rank writes)."""
+    """Create the row's group and manifests directory (coordinator, before any rank writes).
+
+    Refuses a row past the row space (12-digit names): its directory would be ignored by
+    every election, so the save would look successful and never be resumed from."""
+    if not 0 <= row <= MAX_ROW:
+        raise CheckpointWriteError(
+            f"row {row} is outside the row space of {store.path} (rows 0..{MAX_ROW}, "
+            f"directories of {ROW_DIGITS} digits under {store.rows_dir}): remove or rename the "
+            "row directories at the top of the row space, or save to a new store"
+        )
     fs = store.fs
     row_dir = store.row_dir(row)
     fs.makedirs(store.manifests_dir(row))
@@ -123,8 +132,18 @@ def retract_rank(store: Store, row: int, rank: int) -> None:
 
 
 def delete_row(store: Store, row: int) -> None:
-    """Uncommit ``row`` (every manifest, durably) and only then delete its data."""
+    """Uncommit ``row`` (every manifest, durably) and only then delete its data.
+
+    A row directory or manifest directory that is a symbolic link is removed as the link:
+    nothing is ever deleted through a link, so a link out of the store leaves its target
+    untouched."""
     mdir = store.manifests_dir(row)
+    if store.fs.is_link(store.row_dir(row)) or store.fs.is_link(mdir):
+        if not store.fs.is_link(store.row_dir(row)):
+            store.fs.rmtree(mdir)  # the link (uncommits the row), not its target
+        store.fs.rmtree(store.row_dir(row))
+        store.fs.fsync_dir(store.rows_dir)
+        return
     for name in store.fs.listdir(mdir):
         store.fs.remove(os.path.join(mdir, name))
     if store.fs.exists(mdir):

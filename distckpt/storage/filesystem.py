@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import stat
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -172,6 +173,11 @@ class FileSystem(ABC):
     def is_dir(self, path: str) -> bool:
         """Whether ``path`` is a directory (False when missing or a file)."""
 
+    def is_link(self, path: str) -> bool:
+        """Whether ``path`` itself is a symbolic link (backends without links: never).
+        Deleting code asks first, so that it removes a link and never what it points to."""
+        return False
+
     @abstractmethod
     def listdir(self, path: str) -> list[str]:
         """Entry names in ``path`` (files and directories, any order); empty when it does
@@ -181,11 +187,6 @@ class FileSystem(ABC):
         """A key equal for every spelling of the same entry on this storage, and different
         for entries of other backends or instances (keys per-process tables of stores)."""
         return f"{type(self).__name__}@{id(self):x}:{os.path.normpath(path)}"
-
-    def is_link(self, path: str) -> bool:
-        """Whether ``path`` itself is a symbolic link (not followed). Backends without
-        links say False."""
-        return False
 
     @abstractmethod
     def disk_usage(self, path: str) -> int:
@@ -200,7 +201,8 @@ class FileSystem(ABC):
     @abstractmethod
     def rmtree(self, path: str) -> None:
         """Delete a directory tree; no error when it is already gone. Never follows a
-        symbolic link out of the tree (a link is removed, not its target)."""
+        symbolic link out of the tree (a link is removed, not its target). Removes all it
+        can, then raises an ``OSError`` naming the first path it could not remove."""
 
     # -- durability --------------------------------------------------------------------------
     @abstractmethod
@@ -305,12 +307,21 @@ class LocalFileSystem(FileSystem):
         os.link(src, dst)
 
     def read_bytes(self, path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = _open_regular(path)
+        try:
+            size = os.fstat(fd).st_size
+            chunks: list[bytes] = []
+            while True:  # to the end, also if the file grew since fstat
+                chunk = os.read(fd, max(size, 1 << 16))
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
 
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
         out = out.cast("B")
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_regular(path)
         try:
             got = 0
             while got < len(out):
@@ -325,7 +336,7 @@ class LocalFileSystem(FileSystem):
     def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
         views = [p.cast("B") for p in parts if len(p.cast("B"))]
         total = sum(len(v) for v in views)
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_regular(path)
         try:
             got = 0
             while views:
@@ -382,16 +393,33 @@ class LocalFileSystem(FileSystem):
             os.remove(path)
 
     def rmtree(self, path: str) -> None:
-        if os.path.islink(path):
-            os.remove(path)  # the link itself, never what it points to
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            # A link: the link itself, never what it points to; a file where a tree was
+            # expected: that file.
+            self.remove(path)
             return
+        failed: list[OSError] = []
+
+        def note(function: object, where: str, info: tuple[type, BaseException, object]) -> None:
+            exc = info[1]
+            if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+                if exc.filename is None:
+                    exc.filename = where
+                failed.append(exc)
+
         # shutil's fd-based walk unlinks links inside the tree instead of following them.
-        shutil.rmtree(path, ignore_errors=True)
+        # It goes on past what it cannot remove (freeing what it can: on a full disk the
+        # rest may need the space); the first failure is then raised, naming its path.
+        shutil.rmtree(path, onerror=note)
+        if failed:
+            raise failed[0]
 
     def fsync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
+        except OSError as exc:  # os.fsync's error names no file: name the directory
+            raise _write_error(path, exc) from exc
         finally:
             os.close(fd)
 
@@ -445,6 +473,53 @@ def _read_fd(fd: int) -> bytes:
             return b"".join(chunks)
         chunks.append(chunk)
         offset += len(chunk)
+
+
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_regular(path: str) -> int:
+    """Open a file of the store for reading, refusing what is not a plain file.
+
+    ``O_NONBLOCK``: opening a FIFO would otherwise wait for a writer forever (and a device
+    may block); ``O_NOFOLLOW``: distckpt never writes links inside a store, so a link where
+    a file belongs is damage (or an attempt to read through it), not data. Raises an
+    ``OSError`` naming ``path``, which readers already treat as an unreadable file."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (exc.errno == errno.ENXIO and _is_special(path)):
+            kind = "a symbolic link" if os.path.islink(path) else "not a regular file"
+            raise OSError(exc.errno, f"{kind}: refusing to read it", path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else f"a {_kind(mode)}"
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file: refusing to read it", path)
+        os.set_blocking(fd, True)  # a regular file: clearing O_NONBLOCK changes nothing else
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_special(path: str) -> bool:
+    with contextlib.suppress(OSError):
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    return False
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _write_error(path: str, exc: OSError) -> CheckpointWriteError:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import socket
@@ -59,6 +60,7 @@ from typing import Any, Literal, TypeVar
 
 from distckpt.errors import (
     CheckpointError,
+    CheckpointWriteError,
     LeaseHeldError,
     LeaseLostError,
     StoreFormatError,
@@ -299,16 +301,33 @@ def _judge(path: str, raw: bytes | None, now: float) -> LeaseStatus:
 
 
 def _read_lease(store: Store) -> bytes | None:
+    path = os.path.join(store.path, LEASE_FILE)
     try:
-        return store.fs.read_bytes(os.path.join(store.path, LEASE_FILE))
+        return store.fs.read_bytes(path)
     except FileNotFoundError:
         return None
+    except OSError as exc:  # a FIFO, a link, a directory, EIO: name it, never a raw OSError
+        raise StoreFormatError(
+            f"the lease {path} of store {store.path} cannot be read: {exc.strerror or exc}"
+        ) from exc
 
 
 def lease_status(store: Store | str | os.PathLike[str], *, clock: Clock = time.time) -> LeaseStatus:
     """The store's lease as it stands now (reads one file; takes no lock)."""
     st = _as_store(store)
     return _judge(os.path.join(st.path, LEASE_FILE), _read_lease(st), clock())
+
+
+_UNREADABLE = "<unreadable>"
+_UNREADABLE_GRACE_S = 0.2  # a lock file still not JSON after this was not written by us
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _lock_error(path: str, store: str, exc: OSError) -> CheckpointWriteError:
+    what = "no space left" if exc.errno in _NO_SPACE else "cannot write"
+    return CheckpointWriteError(
+        f"{what} creating the lease lock {path} of store {store}: {exc.strerror or exc}"
+    )
 
 
 class _LockFile:
@@ -340,6 +359,7 @@ class _LockFile:
         ).encode()
         deadline = time.monotonic() + self.wait_s
         seen: tuple[str, float] | None = None  # (token, monotonic time first seen)
+        unreadable_since: float | None = None
         delay = 0.002
         while True:
             try:
@@ -348,10 +368,24 @@ class _LockFile:
                 pass
             except FileNotFoundError:
                 raise StoreFormatError(f"store {self.store.path} does not exist") from None
+            except OSError as exc:  # ENOSPC, EIO, EROFS...: name the file, never a raw OSError
+                raise _lock_error(self.path, self.store.path, exc) from exc
             else:
                 return self
             other = self._read()
             now = time.monotonic()
+            if other is None or other.get("token") != _UNREADABLE:
+                unreadable_since = None
+            elif unreadable_since is None:
+                unreadable_since = now  # perhaps a lock being written this instant: look again
+            elif now - unreadable_since > _UNREADABLE_GRACE_S:
+                # Not a lock distckpt wrote (it writes one small JSON object at once): waiting
+                # longer would not change it, and breaking it would hide what put it there.
+                raise StoreFormatError(
+                    f"the lease lock {self.path} of store {self.store.path} is not a distckpt "
+                    "lock file (not a JSON object, or not a readable file): remove it if no "
+                    "distckpt process is writing to the store"
+                )
             if other is not None:
                 token = str(other.get("token"))
                 if seen is None or seen[0] != token:
@@ -373,8 +407,8 @@ class _LockFile:
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {"token": "<unreadable>"}
-        return doc if isinstance(doc, dict) else {"token": "<unreadable>"}
+            return {"token": _UNREADABLE}
+        return doc if isinstance(doc, dict) else {"token": _UNREADABLE}
 
     @staticmethod
     def _holder_dead(doc: dict[str, Any]) -> bool:
@@ -396,11 +430,12 @@ class _LockFile:
             fs.rename(self.path, aside)
         except FileNotFoundError:
             return  # its owner released it meanwhile
+        doc: Any = None
         try:
             doc = json.loads(fs.read_bytes(aside) or b"{}")
-            moved = str(doc.get("token")) if isinstance(doc, dict) else "<unreadable>"
+            moved = str(doc.get("token")) if isinstance(doc, dict) else _UNREADABLE
         except (OSError, ValueError):
-            moved = "<unreadable>"
+            moved = _UNREADABLE
         if moved != token:
             # A fresh lock replaced the stale one between our read and the rename: put it
             # back (link fails if yet another one appeared; its owner's read-back decides).
@@ -419,7 +454,13 @@ class _LockFile:
 
     def __exit__(self, *exc: object) -> None:
         if not self.cas and self.still_mine():
-            self.store.fs.remove(self.path)
+            try:
+                self.store.fs.remove(self.path)
+            except OSError as err:
+                raise CheckpointWriteError(
+                    f"cannot remove the lease lock {self.path} of store {self.store.path}: "
+                    f"{err.strerror or err}"
+                ) from err
 
 
 class Lease:
@@ -677,11 +718,35 @@ class Lease:
             if not self.store.fs.is_dir(self.store.path):
                 return  # the store was deleted: nothing left to release
             lock = _LockFile(self.store, wait_s=self._lock_wait_s, stale_s=self._lock_stale_s)
-            with lock:
-                self._check_mine(self._clock())
-                self.store.fs.remove(os.path.join(self.store.path, LEASE_FILE))
-                with contextlib.suppress(OSError):
-                    self.store.fs.fsync_dir(self.store.path)
+            try:
+                lock.__enter__()
+            except CheckpointWriteError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, OSError) and cause.errno in _NO_SPACE):
+                    raise
+                # No room even for the small lock file. Removing frees space, and this live
+                # holder's lease cannot be taken over meanwhile (its heartbeat is fresh), so
+                # it is checked and removed without the lock rather than left behind.
+                log.warning("releasing the lease of %s without its lock: %s", self.store.path, exc)
+                self._remove_mine()
+                return
+            try:
+                self._remove_mine()
+            finally:
+                lock.__exit__(None, None, None)
+
+    def _remove_mine(self) -> None:
+        self._check_mine(self._clock())
+        path = os.path.join(self.store.path, LEASE_FILE)
+        try:
+            self.store.fs.remove(path)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"cannot release the lease of store {self.store.path}: removing "
+                f"{path} failed: {exc.strerror or exc}"
+            ) from exc
+        with contextlib.suppress(OSError, CheckpointWriteError):
+            self.store.fs.fsync_dir(self.store.path)
 
     # -- background heartbeat ------------------------------------------------------------
     def start_heartbeat(self, interval_s: float | None = None) -> None:

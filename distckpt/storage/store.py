@@ -7,11 +7,11 @@ Paths, the root document and manifest reading live here; what a commit is lives 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 from collections import OrderedDict
 
 from distckpt.errors import StoreFormatError
+from distckpt.format import checked
 from distckpt.format.layout import (
     FORMAT_VERSION,
     MANIFESTS_DIR,
@@ -84,9 +84,23 @@ class Store:
                     f"{self.path} exists but is not a distckpt store (no {ZARR_JSON}; "
                     f"found {sorted(foreign)[:3]})"
                 ) from None
+            if self.rows():  # rows are written only after the root: it was lost since
+                raise StoreFormatError(
+                    f"store {self.path} is damaged: its root {ZARR_JSON} is missing but it "
+                    f"holds rows under {self.rows_dir}; restore {root} (or copy the rows to "
+                    "a new store) rather than start over"
+                ) from None
             return None
+        except NotADirectoryError:
+            raise StoreFormatError(
+                f"{self.path} is not a directory, so not a distckpt store"
+            ) from None
+        except OSError as exc:
+            raise StoreFormatError(
+                f"the root {root} of store {self.path} cannot be read: {exc.strerror or exc}"
+            ) from exc
         try:
-            attrs = json.loads(raw)["attributes"]["distckpt"]
+            attrs = checked.loads_strict(raw)["attributes"]["distckpt"]
             fmt = attrs["format"]
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreFormatError(f"{root} is not a distckpt store root") from exc
@@ -118,7 +132,18 @@ class Store:
     # -- rows ------------------------------------------------------------------------------
     def rows(self) -> list[int]:
         """Row ids with a directory, ascending (committed or not)."""
-        ids = (parse_row_name(n) for n in self.fs.listdir(self.rows_dir))
+        try:
+            names = self.fs.listdir(self.rows_dir)
+        except NotADirectoryError:
+            raise StoreFormatError(
+                f"store {self.path} is damaged: {self.rows_dir} is not a directory"
+            ) from None
+        except OSError as exc:
+            raise StoreFormatError(
+                f"the rows of store {self.path} cannot be listed ({self.rows_dir}: "
+                f"{exc.strerror or exc})"
+            ) from exc
+        ids = (parse_row_name(n) for n in names)
         return sorted(i for i in ids if i is not None)
 
     def row_dir(self, row: int) -> str:
@@ -135,7 +160,11 @@ class Store:
 
     def manifest_ranks(self, row: int) -> list[int]:
         """Ranks with a manifest file in ``row`` (valid or not)."""
-        ranks = (parse_manifest_name(n) for n in self.fs.listdir(self.manifests_dir(row)))
+        try:
+            names = self.fs.listdir(self.manifests_dir(row))
+        except NotADirectoryError:
+            return []  # a file where the row or its manifests directory belongs: no commit
+        ranks = (parse_manifest_name(n) for n in names)
         return sorted(r for r in ranks if r is not None)
 
     def read_manifest(self, row: int, rank: int) -> RankManifest:
