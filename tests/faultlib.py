@@ -27,6 +27,7 @@ import distckpt
 from distckpt.cli import EXIT_CODES, cli
 from distckpt.dist.election import row_status
 from distckpt.format import checked
+from distckpt.io.marks import bad_rows
 from distckpt.storage.filesystem import Buffer, LocalFileSystem
 from distckpt.storage.store import Store
 
@@ -363,7 +364,9 @@ def check_load(
         return "clear error", None
     except Exception as exc:
         return "internal error", f"{type(exc).__name__}: {exc}"
-    if row != chosen:
+    if row != chosen and not (row < chosen and chosen in bad_rows(Store(str(store)))):
+        # Only a fallback may read another row than the one elected: the damaged row was
+        # found by the load and marked bad (issue 14, point 5).
         return "wrong row", f"latest() said {chosen}, load() read {row}"
     if row not in expected:
         return "wrong row", f"elected row {row}, which was never saved"

@@ -17,6 +17,7 @@ import torch
 
 import distckpt
 from distckpt.errors import CheckpointError
+from distckpt.format import checked
 from distckpt.format.layout import MANIFESTS_DIR, ROWS_DIR, manifest_name, row_name
 from distckpt.io.globalio import array_path
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
@@ -59,7 +60,7 @@ def edit_entry(store: Path, name: str, **changes: Any) -> None:
     doc = json.loads(path.read_text())
     (entry,) = [a for a in doc["arrays"] if a["name"] == name]
     entry.update(changes)
-    path.write_text(json.dumps(doc))
+    path.write_bytes(checked.seal(doc))  # resealed: the checksum does not catch this edit
 
 
 def chunk_of(store: Path, name: str) -> Path:
