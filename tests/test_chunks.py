@@ -295,7 +295,7 @@ def test_load_and_verify_report_the_same_damaged_chunk(tmp_path, name):
         0,
         Store(tmp_path).row_dir(ROW),
         entry.array,
-        (0,) * (1 if entry.packed else len(entry.shape)),
+        (0,) * (1 if entry.packed or entry.ranged else len(entry.shape)),
         "",
         name,
     )
@@ -326,16 +326,15 @@ def test_load_and_verify_report_the_same_damaged_chunk(tmp_path, name):
     assert problem["problem"] == err.detail
 
 
-def test_a_damaged_global_chunk_is_named_by_load_and_verify(tmp_path):
+def test_a_damaged_global_piece_is_named_by_load_and_verify(tmp_path):
     distckpt.save({"w": distckpt.Sharded(torch.ones(4, 2), (4, 2), (0, 0))}, tmp_path, row=ROW)
-    (g,) = Store(tmp_path).read_manifest(ROW, 0).globals
-    ((index, _),) = g.chunks
-    path = Path(Store(tmp_path).row_dir(ROW), g.array, "c." + ".".join(map(str, index)))
+    index = (0,)
+    path = Path(Store(tmp_path).rank_dir(ROW, 0), "c.0")
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(CorruptChunkError) as info:
         distckpt.load({"w": torch.zeros(4, 2)}, tmp_path)
     err = info.value
-    assert (err.row, err.rank, err.array, err.chunk) == (ROW, 0, g.array, tuple(index))
+    assert (err.row, err.rank, err.array, err.chunk) == (ROW, 0, "rank_000000", tuple(index))
     assert (err.problem, err.tensor, err.path) == (CorruptChunkError.SIZE, "w", str(path))
     result = CliRunner().invoke(cli, ["verify", str(tmp_path), "--json"])
     (problem,) = json.loads(result.stdout)["problems"]

@@ -96,7 +96,13 @@ def workflow(tmp_path: Path) -> Path:
 def _chunk(path: Path, row: int, rank: int, name: str) -> Path:
     store = Store(path)
     entry = next(a for a in store.read_manifest(row, rank).arrays if a.name == name)
-    return Path(store.row_dir(row), entry.array, single_chunk_key(len(entry.shape)))
+    ndim = 1 if entry.ranged else len(entry.shape)  # format 2: the rank's one data array
+    return Path(store.row_dir(row), entry.array, single_chunk_key(ndim))
+
+
+def _offset(path: Path, row: int, rank: int, name: str) -> int:
+    """Where tensor ``name`` starts in its chunk file."""
+    return next(a for a in Store(path).read_manifest(row, rank).arrays if a.name == name).offset
 
 
 def _flip(file: Path, offset: int = 100) -> None:
@@ -158,7 +164,7 @@ def test_ls_lists_rows_with_step_size_and_age(single):
 
 def test_ls_json(multi):
     doc = json.loads(run("ls", multi, "--json").stdout)
-    assert doc["latest"] == 2 and doc["format"] == 1 and doc["lease"]["state"] == "free"
+    assert doc["latest"] == 2 and doc["format"] == 2 and doc["lease"]["state"] == "free"
     assert [r["row"] for r in doc["rows"]] == [0, 1, 2]
     row = doc["rows"][0]
     assert set(row) >= {
@@ -343,7 +349,7 @@ def test_latest_without_a_row_exits_3(tmp_path):
 def test_unreadable_stores_exit_4_on_every_command(single, tmp_path):
     root = single / "zarr.json"
     doc = json.loads(root.read_text())
-    doc["attributes"]["distckpt"]["format"] = 2
+    doc["attributes"]["distckpt"]["format"] = 3
     root.write_text(json.dumps(doc))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -353,7 +359,8 @@ def test_unreadable_stores_exit_4_on_every_command(single, tmp_path):
     for command in ("ls", "latest", "show", "verify", "gc", "lease"):
         result = run(command, single)
         assert result.exit_code == EXIT_STORE, (command, result.output)
-        assert "format version 2" in result.stderr and "upgrade distckpt" in result.stderr
+        assert "format version 3" in result.stderr and "upgrade distckpt" in result.stderr
+        assert "up to version 2" in result.stderr  # both versions named
         assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
         assert "Traceback" not in result.stderr
     assert run("latest", foreign).exit_code == EXIT_STORE
@@ -381,10 +388,12 @@ def test_show_describes_the_latest_row(single):
     assert "metadata   step=2  lr=0.1" in out
     assert "rank 0  (2 tensors" in out
     w = next(line for line in out.splitlines() if "model/w" in line).split()
-    assert w[:5] == ["model/w", str(BIG), "float32", "1.1", "MiB"] and w[5] == "own"
-    assert w[6] == "rank_000000/t00000-model%2Fw"
+    assert w[:5] == ["model/w", str(BIG), "float32", "1.1", "MiB"] and w[5] == "data"
+    entries = {a.name: a for a in Store(single).read_manifest(2, 0).arrays}
+    assert w[6] == f"rank_000000@{entries['model/w'].offset}"
     b = next(line for line in out.splitlines() if "model/b" in line).split()
-    assert b[:4] == ["model/b", "8", "float32", "32"] and b[5:] == ["packed", "@0"]
+    assert b[:4] == ["model/b", "8", "float32", "32"]
+    assert b[5:] == ["data", f"rank_000000@{entries['model/b'].offset}"]
 
 
 def test_show_lists_global_arrays_with_the_chunks_each_rank_wrote(tmp_path):
@@ -394,7 +403,7 @@ def test_show_lists_global_arrays_with_the_chunks_each_rank_wrote(tmp_path):
     out = run("show", path).stdout
     section = out.split("global arrays", 1)[1].splitlines()
     line = next(line for line in section if line.strip().startswith("w "))
-    assert line.split()[1:6] == ["6x8", "float32", "6x8", "1", "global/w"]
+    assert line.split()[1:6] == ["6x8", "float32", "-", "1", "rank_000000"]
     doc = json.loads(run("show", path, "--json").stdout)
     assert "1 global array, 192 B written" in out  # 6 x 8 float32
     verified = run("verify", path)
@@ -424,8 +433,8 @@ def test_show_rank_filter_and_json(multi):
     doc = json.loads(run("show", multi, "--json", "--rank", "0").stdout)
     assert doc["row"] == 2 and doc["world_size"] == 2 and [r["rank"] for r in doc["ranks"]] == [0]
     arrays = {a["name"]: a for a in doc["ranks"][0]["arrays"]}
-    assert arrays["big"]["storage"] == "own" and arrays["big"]["shape"] == [BIG]
-    assert arrays["x"]["storage"] == "packed" and arrays["x"]["array"] == "rank_000000/packed"
+    assert arrays["big"]["storage"] == "data" and arrays["big"]["shape"] == [BIG]
+    assert arrays["x"]["storage"] == "data" and arrays["x"]["array"] == "rank_000000"
     assert arrays["big"]["nbytes"] == BIG * 4 and arrays["big"]["dtype"] == "float32"
     bad = run("show", multi, "--rank", "5")
     assert bad.exit_code == EXIT_USAGE and "no rank 5" in bad.stderr
@@ -467,7 +476,7 @@ def test_verify_intact_rows(multi):
 
 def test_verify_reports_a_flipped_byte_in_an_own_array(multi):
     chunk = _chunk(multi, 2, 1, "big")
-    _flip(chunk)
+    _flip(chunk, _offset(multi, 2, 1, "big") + 100)
     result = run("verify", multi)
     assert result.exit_code == EXIT_CORRUPT
     assert "row 2, rank 1, array 'big': checksum mismatch (data corrupted)" in result.stdout
@@ -489,14 +498,11 @@ def test_verify_reports_a_flipped_byte_in_an_own_array(multi):
 
 
 def test_verify_reports_a_flipped_byte_in_the_packed_array_once(multi):
-    _flip(_chunk(multi, 1, 0, "x"), offset=2)
+    _flip(_chunk(multi, 1, 0, "x"), offset=_offset(multi, 1, 0, "x") + 2)
     result = run("verify", multi, "1")
     assert result.exit_code == EXIT_CORRUPT
     lines = [line for line in result.stdout.splitlines() if line.startswith("  ")]
-    assert lines == [
-        "  row 1, rank 0, array 'rank_000000/packed': chunk fails its checksum: corrupted "
-        "tensors ['x']"
-    ]
+    assert lines == ["  row 1, rank 0, array 'x': checksum mismatch (data corrupted)"]
     assert run("verify", multi).exit_code == 0  # row 2 is intact
 
 
@@ -506,10 +512,11 @@ def test_verify_reports_truncated_and_missing_chunks(multi):
     os.remove(_chunk(multi, 0, 1, "big"))
     result = run("verify", multi, "--all")
     assert result.exit_code == EXIT_CORRUPT
-    assert "row 0, rank 0, array 'big': chunk file has 1000 bytes, expected 1200004" in (
-        result.stdout
-    )
-    assert "row 0, rank 1, array 'big': chunk file is missing" in result.stdout
+    start = _offset(multi, 0, 0, "big")
+    beyond = f"bytes {start}..{start + BIG * 4} lie beyond the data array's 1000 bytes"
+    assert f"row 0, rank 0, array 'big': {beyond}" in result.stdout
+    # The whole file of rank 1 is gone: reported once, at the first tensor it held.
+    assert "row 0, rank 1, array 'x': chunk file is missing" in result.stdout
     assert "row 1: ok" in result.stdout and "row 2: ok" in result.stdout
     assert "2 problems in 1 of 3 rows" in result.stderr
 
@@ -536,7 +543,8 @@ def test_verify_reports_manifest_problems(multi):
     assert "state 'x': stored value at 'x' refers to tensor 7" in result.stdout
     # A deleted zarr.json breaks plain zarr readers even though the bytes are intact.
     os.remove(_chunk(multi, 0, 0, "big").parent / "zarr.json")
-    assert "row 0, rank 0, array 'big': zarr.json is missing" in run("verify", multi, "0").stdout
+    missing = "row 0, rank 0, array 'rank_000000': zarr.json is missing"
+    assert missing in run("verify", multi, "0").stdout
 
 
 def test_verify_all_skips_uncommitted_rows(multi):
@@ -620,7 +628,8 @@ def test_gc_removes_manifests_before_data(tmp_path, monkeypatch):
         mine = [(kind, p) for kind, p in events if name in p]
         kinds = [kind for kind, _ in mine]
         assert kinds[-1] == "rmtree" and kinds.count("rmtree") == 1, mine
-        assert all("/manifests/" in p for kind, p in mine if kind == "remove")
+        removed = [p for kind, p in mine if kind == "remove"]
+        assert all("/manifests/" in p or p.endswith("/index.json") for p in removed)
         assert len(kinds) >= 2 if row == 0 else len(kinds) >= 1
 
 

@@ -101,8 +101,10 @@ def test_manifest_is_the_last_file_written(tmp_path):
     distckpt.save(_big_state(), Store(tmp_path / "s", fs=fs))
     writes = [p for kind, p in fs.events if kind == "write"]
     manifest_writes = [i for i, p in enumerate(writes) if "/manifests/.rank_000000.json" in p]
-    assert len(manifest_writes) == 1
-    assert manifest_writes[0] == len(writes) - 1
+    index_writes = [i for i, p in enumerate(writes) if "/.index.json." in p]
+    assert len(manifest_writes) == 1 and len(index_writes) == 1
+    # The data, then the manifest (the rank's commit), then the row index (the whole row's).
+    assert (manifest_writes[0], index_writes[0]) == (len(writes) - 2, len(writes) - 1)
     final = os.path.join(tmp_path, "s", "rows", "000000000000", "manifests", "rank_000000.json")
     assert os.path.exists(final)
     leftovers = sorted(os.listdir(os.path.dirname(final)))
@@ -117,7 +119,9 @@ def test_delete_row_removes_manifests_before_data(tmp_path):
     delete_row(store, 0)
     kinds = [kind for kind, _ in fs.events]
     assert kinds.index("rmtree") > max(i for i, k in enumerate(kinds) if k == "remove")
-    assert all("/manifests/" in p for k, p in fs.events if k == "remove")
+    removed = [p for k, p in fs.events if k == "remove"]
+    assert removed[0].endswith("/index.json")  # the row index first: it says "committed"
+    assert all("/manifests/" in p for p in removed[1:])
     assert store.rows() == []
 
 

@@ -21,8 +21,9 @@ from multiproc import WORKERS, LaunchResult, run_torchrun
 import distckpt
 from distckpt import Store
 from distckpt.errors import CheckpointSerializationError, CorruptCheckpointError
+from distckpt.format.names import escape_component
 from distckpt.format.shards import Box, chunk_shape, plan_layouts
-from distckpt.io.globalio import array_path
+from distckpt.interchange import export_row
 from distckpt.io.verify import check_manifest, read_rank
 
 WORKER = WORKERS / "global_worker.py"
@@ -64,22 +65,23 @@ def test_two_ranks_save_one_three_and_four_restore(tmp_path):
     store = tmp_path / "store"
     saved = launch(2, store, "save").check()
     written, logical = written_bytes(saved)
-    assert written == logical  # each chunk once, no padding, no per-rank copies
+    assert written == logical  # each piece once, no per-rank copies
     who = writers(saved)
     assert len(who["model/b"]) == 1 and len(who["model/b2"]) == 1  # replicas written once
     assert who["model/b"] != who["model/b2"]  # ... and spread over the ranks
     assert who["model/w"] == [0, 1]
-    # Plain zarr readers see the full logical tensor.
-    row_dir = Store(store).row_dir(0)
+    # Plain zarr readers see the full logical tensor in the exported per-tensor view.
+    view = tmp_path / "view"
+    export_row(store, view, format="zarr")
     for name in ("w", "b2", "rep2d"):
         shape, dtype = worker.TENSORS[name]
         want = worker.full(name, shape, dtype).numpy()
-        path = Path(row_dir) / array_path(f"model/{name}")
+        path = view / escape_component(f"model/{name}")
         np.testing.assert_array_equal(np.asarray(zarr.open_array(str(path), mode="r")[...]), want)
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
         np.testing.assert_array_equal(ts.open(spec, read=True).result().read().result(), want)
     # bfloat16: raw 16-bit words, the true dtype in the attributes (as for rank arrays).
-    epath = Path(row_dir) / array_path("model/e")
+    epath = view / escape_component("model/e")
     bits = np.asarray(zarr.open_array(str(epath), mode="r")[...])
     want_e = worker.full("e", *worker.TENSORS["e"])
     assert torch.equal(
@@ -185,7 +187,7 @@ def test_one_rank_round_trip_into_explicit_shards_of_another_split(tmp_path):
     value = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     distckpt.save({"w": distckpt.Sharded(value, (4, 3), (0, 0))}, tmp_path)
     doc = json.loads(Path(Store(tmp_path).manifest_path(0, 0)).read_bytes())
-    assert doc["distckpt_manifest"] == 2 and doc["globals"][0]["name"] == "w"
+    assert doc["distckpt_manifest"] == 3 and doc["globals"][0]["name"] == "w"
     piece = distckpt.Sharded(torch.zeros(2, 2), (4, 3), (1, 1))
     plain = {"w": torch.zeros(4, 3)}
     distckpt.load({"w": piece}, tmp_path)
@@ -201,25 +203,37 @@ def test_a_save_whose_shards_leave_a_gap_is_refused(tmp_path):
     assert distckpt.latest(tmp_path) is None
 
 
-def test_a_corrupt_global_chunk_names_the_array_and_chunk(tmp_path):
+def _piece_file(store: Path) -> tuple[Path, int]:
+    """Rank 0's data array file of row 0 and the byte offset of its piece of 'w'."""
+    (g,) = Store(store).read_manifest(0, 0).globals
+    assert g.pieces is not None
+    (pc,) = g.pieces
+    return Path(Store(store).rank_dir(0, 0)) / "c.0", pc.offset
+
+
+def test_a_corrupt_global_piece_names_the_array_and_piece(tmp_path):
     distckpt.save({"w": distckpt.Sharded(torch.ones(4, 2), (4, 2), (0, 0))}, tmp_path)
-    chunk = Path(Store(tmp_path).row_dir(0)) / array_path("w") / "c.0.0"
-    data = bytearray(chunk.read_bytes())
-    data[0] ^= 1
-    chunk.write_bytes(bytes(data))
-    with pytest.raises(CorruptCheckpointError, match=r"global array 'w', chunk \(0, 0\).*checksum"):
+    data_file, offset = _piece_file(tmp_path)
+    data = bytearray(data_file.read_bytes())
+    data[offset] ^= 1
+    data_file.write_bytes(bytes(data))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"global array 'w', piece at \(0, 0\).*checksum"
+    ):
         distckpt.load({"w": torch.zeros(4, 2)}, tmp_path)
 
 
-def test_verify_rereads_the_global_chunks_each_rank_wrote(tmp_path):
+def test_verify_rereads_the_global_pieces_each_rank_wrote(tmp_path):
     distckpt.save({"w": distckpt.Sharded(torch.ones(4, 2), (4, 2), (0, 0))}, tmp_path)
     st = Store(tmp_path)
     manifest = st.read_manifest(0, 0)
     assert check_manifest(st, manifest) == [] and read_rank(st, manifest)[0] == []
-    chunk = Path(st.row_dir(0)) / array_path("w") / "c.0.0"
-    chunk.write_bytes(chunk.read_bytes()[:-1])
+    data_file, offset = _piece_file(tmp_path)
+    data = bytearray(data_file.read_bytes())
+    data[offset + 5] ^= 4
+    data_file.write_bytes(bytes(data))
     (problem,) = read_rank(st, manifest)[0]
-    assert problem.array == "w" and "chunk (0, 0)" in problem.problem
+    assert problem.array == "w" and "piece at (0, 0)" in problem.problem
 
 
 def test_empty_and_scalar_global_tensors_round_trip(tmp_path):
@@ -231,5 +245,8 @@ def test_empty_and_scalar_global_tensors_round_trip(tmp_path):
     target = {"empty": torch.ones(0, 4), "scalar": torch.tensor(0.0)}
     distckpt.load(target, tmp_path)
     assert target["empty"].shape == (0, 4) and target["scalar"].item() == 3.5
-    scalar = Path(Store(tmp_path).row_dir(0)) / array_path("scalar")
-    assert float(zarr.open_array(str(scalar), mode="r")[...]) == 3.5
+    (entry,) = [g for g in Store(tmp_path).read_manifest(0, 0).globals if g.name == "scalar"]
+    assert entry.pieces is not None
+    (pc,) = entry.pieces
+    data = zarr.open_array(Store(tmp_path).rank_dir(0, 0), mode="r")[...]
+    assert float(np.frombuffer(data[pc.offset : pc.offset + 4].tobytes(), np.float32)[0]) == 3.5

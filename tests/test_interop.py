@@ -1,18 +1,19 @@
 """Every array of a row is a valid zarr v3 array: zarr-python and tensorstore read the exact bytes.
 
+Format 2: a rank's tensors are byte ranges of its one data array (``rank_NNNNNN``, 1-D uint8);
+its attributes and the manifest agree on where each tensor lies.
+
 Arrays are found the documented way: through the rank manifest's ``arrays`` list, each entry
 naming its array directory relative to the row directory.
 """
 
 from __future__ import annotations
 
-import contextvars
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import crc32c
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -120,94 +121,55 @@ def saved(tmp_path_factory) -> SavedRow:
     return open_row(store, row, state)
 
 
-# -- large tensors: arrays of their own ------------------------------------------------------
+# -- the rank's data array ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("read", READERS)
+def _attrs(saved: SavedRow) -> dict:
+    doc = json.loads((saved.row_dir / rank_dir_name(0) / "zarr.json").read_text())
+    return {t["name"]: t for t in doc["attributes"]["distckpt"]["tensors"]}
+
+
+@pytest.fixture(scope="module")
+def data(saved: SavedRow) -> dict[str, np.ndarray]:
+    path = saved.row_dir / rank_dir_name(0)
+    return {"zarr": read_zarr(path), "tensorstore": read_tensorstore(path)}
+
+
+@pytest.mark.parametrize("read", ["zarr", "tensorstore"])
+@pytest.mark.parametrize("kind", ["large", "small"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_large_tensor_array_reads_back_exactly(saved, dtype, read):
-    name = f"large/{dtype_id(dtype)}"
-    want = saved.state["large"][dtype_id(dtype)]
-    path = saved.array_dir(name)
-    assert not saved.entry(name)["array"].endswith("/packed")
+def test_every_tensor_reads_back_exactly_from_its_range(saved, data, dtype, kind, read):
+    name = f"{kind}/{dtype_id(dtype)}"
+    want = saved.state[kind][dtype_id(dtype)]
+    m = saved.entry(name)
+    assert m["array"] == rank_dir_name(0)
+    t = _attrs(saved)[name]
+    # The manifest and the array's own attributes agree on where the tensor lies.
+    assert (t["offset"], t["nbytes"], t["dtype"]) == (m["offset"], m["nbytes"], dtype_id(dtype))
+    assert t["shape"] == list(want.shape)
+    piece = data[read][t["offset"] : t["offset"] + t["nbytes"]]
+    assert piece.tobytes() == raw(want)
+    got = as_torch(piece, torch.uint8, (-1,)).view(dtype).reshape(t["shape"])
+    assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
 
-    got = read(path)
-    assert got.shape == tuple(want.shape)
-    assert np.ascontiguousarray(got).tobytes() == raw(want)
-    assert torch.equal(
-        as_torch(got, dtype, want.shape).reshape(-1).view(torch.uint8),
-        want.reshape(-1).view(torch.uint8),
-    )
+
+def test_large_tensors_start_on_a_page(saved):
+    for dtype in DTYPES:
+        assert saved.entry(f"large/{dtype_id(dtype)}")["offset"] % 4096 == 0
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_array_document_declares_dtype_and_crc32c(saved, dtype):
-    name = f"large/{dtype_id(dtype)}"
-    doc = json.loads((saved.array_dir(name) / "zarr.json").read_text())
+def test_data_array_document_is_one_uint8_chunk_of_raw_bytes(saved, data):
+    doc = json.loads((saved.row_dir / rank_dir_name(0) / "zarr.json").read_text())
     assert doc["zarr_format"] == 3 and doc["node_type"] == "array"
-    assert doc["attributes"]["distckpt"]["dtype"] == dtype_id(dtype)
-    assert doc["attributes"]["distckpt"]["name"] == name
-    if dtype in NATIVE_ZARR_TYPES:
-        assert doc["data_type"] == NATIVE_ZARR_TYPES[dtype]
-    else:  # bfloat16, float8, ...: raw unsigned ints of the same width
-        assert doc["data_type"] == f"uint{8 * dtype.itemsize}"
-    assert "crc32c" in [c["name"] for c in doc["codecs"]]
-
-
-def test_every_array_in_the_manifest_declares_crc32c(saved):
-    arrays = {a["array"] for a in saved.manifest["arrays"]}
-    assert len(arrays) == len(DTYPES) + 1  # every large tensor, plus the pack
-    for array in arrays:
-        doc = json.loads((saved.row_dir / array / "zarr.json").read_text())
-        names = [c["name"] for c in doc["codecs"]]
-        assert names[-1] == "crc32c", f"{array}: {names}"
-
-
-def test_chunk_trailer_is_the_crc32c_of_the_data(saved):
-    """The zarr v3 crc32c codec: the last 4 bytes are the little-endian CRC-32C of the rest."""
-    name = "large/float32"
-    chunk = [p for p in saved.array_dir(name).rglob("*") if p.is_file() and p.name != "zarr.json"]
-    assert len(chunk) == 1
-    data = chunk[0].read_bytes()
-    assert data[:-4] == raw(saved.state["large"]["float32"])
-    assert int.from_bytes(data[-4:], "little") == crc32c.crc32c(data[:-4])
-
-
-# -- the packed array ------------------------------------------------------------------------
+    assert doc["data_type"] == "uint8" and doc["codecs"] == [{"name": "bytes"}]
+    assert doc["chunk_grid"]["configuration"]["chunk_shape"] == doc["shape"]
+    chunk = (saved.row_dir / rank_dir_name(0) / "c.0").read_bytes()
+    assert data["zarr"].tobytes() == data["tensorstore"].tobytes() == chunk
+    assert len(chunk) == doc["shape"][0]
 
 
 @pytest.mark.parametrize("read", READERS)
-def test_packed_array_locates_every_small_tensor(saved, read):
-    small = saved.state["small"]
-    packed_dirs = {saved.entry(f"small/{k}")["array"] for k in small}
-    assert len(packed_dirs) == 1
-    (packed,) = packed_dirs
-    assert packed.endswith("/packed")
-
-    doc = json.loads((saved.row_dir / packed / "zarr.json").read_text())
-    assert doc["data_type"] == "uint8" and len(doc["shape"]) == 1
-    index = {e["name"]: e for e in doc["attributes"]["distckpt"]["packed"]}
-    assert set(index) == {f"small/{k}" for k in small}
-
-    data = read(saved.row_dir / packed)
-    assert data.dtype == np.uint8 and data.ndim == 1
-    for key, want in small.items():
-        e = index[f"small/{key}"]
-        dtype = getattr(torch, e["dtype"])
-        assert dtype == want.dtype
-        assert e["shape"] == list(want.shape)
-        assert e["nbytes"] == want.numel() * want.element_size()
-        # The manifest and the array's own attributes agree on where the tensor lies.
-        m = saved.entry(f"small/{key}")
-        assert (m["offset"], m["nbytes"]) == (e["offset"], e["nbytes"])
-        piece = data[e["offset"] : e["offset"] + e["nbytes"]]
-        assert piece.tobytes() == raw(want)
-        got = as_torch(piece, torch.uint8, (-1,)).view(dtype).reshape(e["shape"])
-        assert torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
-
-
-@pytest.mark.parametrize("read", READERS)
-def test_packed_array_of_only_empty_tensors_is_valid(tmp_path, read):
+def test_a_row_of_only_empty_tensors_has_a_valid_empty_array(tmp_path, read):
     state = {"e": {"a": torch.empty(0, 3), "b": torch.empty(2, 0, dtype=torch.bfloat16)}}
     store = tmp_path / "s"
     row = open_row(store, distckpt.save(state, store), state)
@@ -215,59 +177,25 @@ def test_packed_array_of_only_empty_tensors_is_valid(tmp_path, read):
     assert got.shape == (0,)
 
 
-# -- 0-d and empty tensors as arrays of their own ------------------------------------------
-
-
-@dataclass
-class EdgeShapes:
-    scalar: torch.Tensor = field(default_factory=lambda: torch.tensor(3.25))
-    int_scalar: torch.Tensor = field(default_factory=lambda: torch.tensor(-7, dtype=torch.int64))
-    bf16_scalar: torch.Tensor = field(
-        default_factory=lambda: torch.tensor(-1.5, dtype=torch.bfloat16)
-    )
-    empty: torch.Tensor = field(default_factory=lambda: torch.empty(0, 3))
-    empty_mid: torch.Tensor = field(default_factory=lambda: torch.empty(3, 0, 2, dtype=torch.int16))
-    bool_vec: torch.Tensor = field(default_factory=lambda: torch.tensor([True, False, True]))
-
-
-def _save_edge_shapes(store: Path) -> int:
-    ckpt = distckpt.Checkpoint("edges", path=store, pack_threshold=0)  # every tensor its own array
-    with ckpt as session:
-        distckpt.bind_checkpoint_state(EdgeShapes(), state_id="edge")
-        entry = session.write()
-    assert entry is not None
-    return entry.row
-
-
-@pytest.fixture(scope="module")
-def edge_row(tmp_path_factory) -> SavedRow:
-    store = tmp_path_factory.mktemp("edges") / "store"
-    row = contextvars.copy_context().run(_save_edge_shapes, store)
-    values = EdgeShapes()
-    state = {f"edge/{k}": getattr(values, k) for k in values.__dataclass_fields__}
-    return open_row(store, row, state)
-
-
 @pytest.mark.parametrize("read", READERS)
-@pytest.mark.parametrize("field_name", list(EdgeShapes.__dataclass_fields__))
-def test_zero_dim_and_empty_tensors_are_valid_arrays(edge_row, field_name, read):
-    name = f"edge/{field_name}"
-    want = edge_row.state[name]
-    assert not edge_row.entry(name)["array"].endswith("/packed")
-    got = read(edge_row.array_dir(name))
-    assert got.shape == tuple(want.shape)
-    assert np.ascontiguousarray(got).tobytes() == raw(want)
-    assert torch.equal(as_torch(got, want.dtype, want.shape), want)
+def test_zero_dim_and_empty_tensors_read_back(tmp_path, read):
+    state = {
+        "scalar": torch.tensor(3.25),
+        "bf16_scalar": torch.tensor(-1.5, dtype=torch.bfloat16),
+        "empty_mid": torch.empty(3, 0, 2, dtype=torch.int16),
+        "bool_vec": torch.tensor([True, False, True]),
+    }
+    store = tmp_path / "s"
+    row = open_row(store, distckpt.save(state, store), state)
+    array = read(row.row_dir / rank_dir_name(0))
+    for name, want in state.items():
+        e = row.entry(name)
+        piece = array[e["offset"] : e["offset"] + e["nbytes"]]
+        assert piece.tobytes() == raw(want)
 
 
-def test_rank_group_lists_its_arrays(saved):
-    group = zarr.open_group(str(saved.row_dir / rank_dir_name(0)), mode="r")
-    members = {f"{rank_dir_name(0)}/{name}" for name, _ in group.arrays()}
-    assert members == {a["array"] for a in saved.manifest["arrays"]}
-
-
-@pytest.mark.filterwarnings("ignore:Object at rows is not recognized")
-def test_store_root_hierarchy_reaches_every_array(saved):
+@pytest.mark.filterwarnings("ignore:Object at")
+def test_store_root_hierarchy_reaches_every_data_array(saved):
     store = saved.row_dir.parent.parent
     root = zarr.open_group(str(store), mode="r")
     names = {name for name, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}

@@ -34,7 +34,8 @@ from distckpt.cli.common import (
 )
 from distckpt.cli.interchange import show_foreign
 from distckpt.dist.election import RowStatus, elect_offline, row_status
-from distckpt.format.manifest import RankManifest, is_packed
+from distckpt.format.layout import rank_dir_name
+from distckpt.format.manifest import RankManifest, is_data_array, is_packed
 from distckpt.io.globalio import written_nbytes
 from distckpt.io.marks import bad_rows, read_mark
 from distckpt.io.verify import Verification
@@ -240,6 +241,8 @@ def _choose_row(st: Store, attrs: dict[str, Any], row: int | None) -> int:
 
 
 def _storage(entry_array: str, offset: int) -> tuple[str, str]:
+    if is_data_array(entry_array):  # format 2: a byte range of the rank's data array
+        return "data", f"{entry_array}@{offset}"
     if is_packed(entry_array):
         return "packed", f"@{offset}"
     return "own", entry_array
@@ -280,8 +283,8 @@ def rank_detail(m: RankManifest) -> dict[str, Any]:
                 "shape": list(g.shape),
                 "dtype": g.dtype,
                 "chunk_shape": list(g.chunk_shape),
-                "chunks_written": len(g.chunks),
-                "array": g.array,
+                "chunks_written": len(g.chunks if g.pieces is None else g.pieces),
+                "array": g.array if g.pieces is None else rank_dir_name(m.rank),
             }
             for g in m.globals
         ],
@@ -353,7 +356,7 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
     first = _first(status)
     for m in shown:
         out("")
-        packed = sum(a.nbytes for a in m.arrays if a.packed)
+        packed = sum(a.nbytes for a in m.arrays if a.packed or a.ranged)
         shards = ""
         if m.globals:
             written = sum(written_nbytes(g) for g in m.globals)
@@ -388,15 +391,15 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
             ):
                 out(line)
         if m.globals:
-            out("  global arrays (sharded tensors; this rank's chunks of each):")
+            out("  global arrays (sharded tensors; this rank's chunks or pieces of each):")
             rows = [
                 [
                     g.name,
                     "x".join(str(d) for d in g.shape) or "scalar",
                     g.dtype,
                     "x".join(str(d) for d in g.chunk_shape) or "-",
-                    str(len(g.chunks)),
-                    g.array,
+                    str(len(g.chunks if g.pieces is None else g.pieces)),
+                    g.array if g.pieces is None else rank_dir_name(m.rank),
                 ]
                 for g in m.globals
             ]

@@ -75,7 +75,9 @@ def import_command(source: str, store: str, fmt: str | None, as_json: bool) -> N
         click.echo(f"note: {note}")
 
 
-@click.command("export", short_help="Write a row as a safetensors or torch.save file.")
+@click.command(
+    "export", short_help="Write a row as a safetensors or torch.save file, or a zarr view."
+)
 @click.argument("store", type=click.Path())
 @click.argument("dest", type=click.Path())
 @click.option(
@@ -101,8 +103,10 @@ def export_command(
     safetensors: every tensor under its dotted key (model.layer.weight), the row's full
     tree with its non-tensor values as JSON in the file's __metadata__ (so importing it
     gives the same row back). torch: a torch.save file of the row's state_dict that
-    torch.load(weights_only=True) reads. DEST is written to a temporary file and renamed,
-    so it appears complete or not at all.
+    torch.load(weights_only=True) reads. zarr: a directory holding one zarr v3 array per
+    logical tensor of its global shape, sharded tensors assembled (every rank's part;
+    --rank is not used). DEST is written to a temporary name and renamed, so it appears
+    complete or not at all.
     """
     from distckpt.interchange.api import export_row
 

@@ -3,7 +3,11 @@
 A row counts when every one of its ranks published a manifest that parses, validates and
 agrees with the others (world size, row, write count). Online, each rank reports the rows
 its own manifest commits, the reports are gathered, and all ranks elect the same newest row
-from the same data. Offline (CLI, no process group) all manifests of a shared store are read.
+from the same data. Each rank reads rows newest first and stops at the first row that has
+a row index (format 2: the coordinator published it once every rank had committed) and
+its own valid manifest, so an election costs a few manifest reads per rank, not one per
+row; only when the ranks' short reports share no row is every row read. Offline (CLI, no
+process group) all manifests of a shared store are read.
 A bad manifest makes its row uncommitted; it never raises out of the election. Every
 election takes ``skip``: rows not to elect even when committed (rows marked bad, see
 ``io.marks``); a row any rank skips is elected by none.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Container
 from dataclasses import dataclass
+from typing import Any
 
 from distckpt.dist import step
 from distckpt.dist.comm import Communicator
@@ -181,20 +186,66 @@ def elect(
     return same if newer is None else int(newer)
 
 
+def _recent_commits(
+    store: Store, rank: int, world_size: int, skip: Container[int] = ()
+) -> tuple[dict[int, int], int]:
+    """:func:`local_commits` from the newest row down to the first that has a row index
+    of this world size and write count and this rank's valid manifest; and that row (its
+    floor: the report is complete above it), or -1 when every row was read."""
+    out: dict[int, int] = {}
+    for row in reversed(store.rows()):
+        if row in skip:
+            continue
+        try:
+            manifest = store.read_manifest(row, rank)
+        except InvalidManifest as exc:
+            log.debug("row %d not committed by rank %d: %s", row, rank, exc)
+            continue
+        if manifest.world_size != world_size:
+            continue
+        out[row] = manifest.write_count
+        index = store.read_index(row)
+        if index is not None and (index.world_size, index.write_count) == (
+            world_size,
+            manifest.write_count,
+        ):
+            return out, row
+    return out, -1
+
+
 def _elect_same_size(store: Store, comm: Communicator, skip: Container[int] = ()) -> int | None:
+    where = f"cannot elect a row of {store.path}"
+
+    def recent() -> dict[str, Any]:
+        if store.root_attributes() is None:
+            return {"rows": {}, "floor": -1}
+        mine, floor = _recent_commits(store, comm.rank, comm.world_size, skip)
+        return {"rows": {str(r): c for r, c in mine.items()}, "floor": floor}
+
+    reports = step.gather(
+        comm, step.ELECT_SAME_SIZE, recent, context=where, fallback=StoreFormatError
+    )
+    # Every rank's report is complete for the rows at or above the highest floor.
+    floor = max(int(r["floor"]) for r in reports)
+    commits = [{k: c for k, c in r["rows"].items() if int(k) >= floor} for r in reports]
+    chosen = _newest_common(commits)
+    if chosen is not None or floor < 0:
+        return chosen
+
     def report() -> dict[str, int]:
         if store.root_attributes() is None:
             return {}
         mine = local_commits(store, comm.rank, comm.world_size, skip)
         return {str(r): c for r, c in mine.items()}
 
-    commits = step.gather(
-        comm,
-        step.ELECT_SAME_SIZE,
-        report,
-        context=f"cannot elect a row of {store.path}",
-        fallback=StoreFormatError,
-    )
+    # The short reports share no row (a rank's manifest of an indexed row is damaged):
+    # every rank reads all its rows, as without an index.
+    full = step.gather(comm, step.ELECT_SAME_SIZE, report, context=where, fallback=StoreFormatError)
+    return _newest_common(full)
+
+
+def _newest_common(commits: list[dict[str, int]]) -> int | None:
+    """The newest row every report lists, with one write count."""
     common = set(commits[0])
     for rows in commits[1:]:
         common &= set(rows)

@@ -28,16 +28,18 @@ from distckpt.errors import (
 )
 from distckpt.faults import fault_point
 from distckpt.format import tree as codec
-from distckpt.format.layout import GLOBAL_MANIFEST_VERSION
+from distckpt.format.layout import DATA_MANIFEST_VERSION
 from distckpt.format.manifest import InvalidManifest, RankManifest, StateRecord
 from distckpt.io import globalio
 from distckpt.io.commit import (
     RankWrite,
     prepare_row,
+    publish_index,
     publish_rank,
     retract_rank,
     write_rank,
 )
+from distckpt.io.dataio import build_index
 from distckpt.io.digests import state_digests
 from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
 from distckpt.io.marks import bad_rows
@@ -120,7 +122,7 @@ def build_manifest(
         states=states,
         metadata=codec.encode_metadata(content.metadata),
         globals=written.globals,
-        **({"format": GLOBAL_MANIFEST_VERSION} if written.globals else {}),
+        format=DATA_MANIFEST_VERSION,
     )
 
 
@@ -291,6 +293,14 @@ def save_row(
                 failed.add_note(str(exc))
         raise
     manifest = published[0]
+    if comm.is_coordinator:
+        # Every rank's manifest is published: the row index says so in one object. The row
+        # counts without it (readers fall back to the manifests), so a failure only warns.
+        index = build_index(chosen, comm.world_size, content.write_count, layouts)
+        try:
+            publish_index(store, index)
+        except (OSError, CheckpointError) as exc:
+            log.warning("row %d of %s: no row index written: %s", chosen, store.path, exc)
     fault_point("after_commit", rank=comm.rank, row=chosen)
     return manifest
 

@@ -253,3 +253,63 @@ def read_range(fs: ChunkFiles, ref: ChunkRef, entry: ArrayEntry, dest: memoryvie
     if _read(fs, ref, [dest], entry.offset) != entry.nbytes:
         raise ref.fail(CorruptChunkError.TRUNCATED, "packed chunk file is truncated")
     check(ref, dest, entry.crc32c)
+
+
+# -- format 2: byte ranges of a rank's data array, each with its own checksum ---------------------
+def span_size(fs: ChunkFiles, ref: ChunkRef) -> int:
+    """The data array's chunk size (a reader asks once per array, not once per tensor)."""
+    return _size(fs, ref)
+
+
+def _span_fits(ref: ChunkRef, offset: int, nbytes: int, size: int) -> None:
+    if offset + nbytes > size:
+        raise ref.fail(
+            CorruptChunkError.SIZE,
+            f"bytes {offset}..{offset + nbytes} lie beyond the data array's {size} bytes",
+        )
+
+
+def read_span(
+    fs: ChunkFiles,
+    ref: ChunkRef,
+    offset: int,
+    dest: memoryview,
+    crc: int | None,
+    *,
+    size: int,
+    verify: bool = True,
+) -> None:
+    """Fill ``dest`` with the bytes at ``offset`` of a data array of ``size`` bytes and,
+    unless ``verify`` is false (checked already), check them against ``crc``."""
+    dest = dest.cast("B") if dest.format != "B" else dest
+    _span_fits(ref, offset, len(dest), size)
+    if _read(fs, ref, [dest], offset) != len(dest):
+        raise ref.fail(CorruptChunkError.TRUNCATED, "data array file is truncated")
+    if verify:
+        check(ref, dest, crc)
+
+
+def verify_span(
+    fs: ChunkFiles,
+    ref: ChunkRef,
+    offset: int,
+    nbytes: int,
+    crc: int | None,
+    scratch: memoryview,
+    *,
+    size: int,
+) -> None:
+    """Check the ``nbytes`` at ``offset`` against ``crc`` without keeping them (streamed
+    through ``scratch``); with no checksum only that they lie inside the array."""
+    _span_fits(ref, offset, nbytes, size)
+    if crc is None:
+        return
+    running, done = 0, 0
+    while done < nbytes:
+        part = scratch[: min(len(scratch), nbytes - done)]
+        if _read(fs, ref, [part], offset + done) != len(part):
+            raise ref.fail(CorruptChunkError.TRUNCATED, "data array file is truncated")
+        running = checksum(part, running)
+        done += len(part)
+    if running != crc:
+        raise ref.fail(CorruptChunkError.CHECKSUM, "checksum mismatch (data corrupted)")

@@ -11,11 +11,20 @@ from typing import Any
 
 from distckpt.format.dtypes import DtypeSpec
 
-FORMAT_VERSION = 1  # major: a reader refuses anything newer
-# Manifests holding global (sharded) arrays say 2: a reader that predates them refuses the
-# row loudly instead of failing on a tree node it does not know. Other manifests stay 1.
+FORMAT_VERSION = 2  # major: a reader refuses anything newer (1: an array per large tensor)
+# Format 1 manifests said 1, or 2 when they held global (sharded) arrays. Format 2 rows
+# (every tensor and global piece of a rank in that rank's one data array) say 3, so code
+# that predates them refuses the row naming both versions instead of misreading it.
 GLOBAL_MANIFEST_VERSION = 2
-MANIFEST_VERSION = GLOBAL_MANIFEST_VERSION  # the newest manifest this reader understands
+DATA_MANIFEST_VERSION = 3
+MANIFEST_VERSION = DATA_MANIFEST_VERSION  # the newest manifest this reader understands
+ROW_INDEX = "index.json"  # rows/<row>/index.json: the coordinator's summary of a whole row
+ROW_INDEX_VERSION = 1
+# Byte alignment of each tensor in a rank's data array: large tensors start on a page (so a
+# reader may map or read them directly), small ones on 16 bytes (any dtype's alignment).
+PAGE_ALIGN = 4096
+SMALL_ALIGN = 16
+PAGE_ALIGN_FROM = 1 << 20
 GLOBAL_DIR = "global"
 ROWS_DIR = "rows"
 MANIFESTS_DIR = "manifests"
@@ -42,6 +51,24 @@ def parse_row_name(name: str) -> int | None:
 
 def rank_dir_name(rank: int) -> str:
     return f"rank_{rank:06d}"
+
+
+def parse_rank_dir_name(name: str) -> int | None:
+    """The rank of a ``rank_NNNNNN`` name (format 2: also the rank's data array)."""
+    if len(name) == 11 and name.startswith("rank_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def align_for(nbytes: int) -> int:
+    """The alignment of an item of ``nbytes`` in a rank's data array."""
+    return PAGE_ALIGN if nbytes >= PAGE_ALIGN_FROM else SMALL_ALIGN
+
+
+def aligned(offset: int, nbytes: int) -> int:
+    """Where an item of ``nbytes`` goes when the data array's bytes so far end at ``offset``."""
+    step = align_for(nbytes)
+    return -(-offset // step) * step
 
 
 def manifest_name(rank: int) -> str:
@@ -94,6 +121,28 @@ def array_document(
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": spec.fill_value,
         "codecs": codecs,
+        "attributes": attributes,
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def data_array_document(total: int, attributes: dict[str, Any]) -> bytes:
+    """Format 2: a rank's data array, a 1-D ``uint8`` array of one chunk of ``total`` bytes
+    holding every tensor and global piece the rank wrote, back to back (aligned).
+
+    No crc32c codec: each tensor's (each piece block's) own checksum is in the manifest, so
+    a reader checks exactly the ranges it reads instead of the whole chunk, and the writer
+    does not checksum every byte twice.
+    """
+    doc = {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [total],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, total)]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
+        "fill_value": 0,
+        "codecs": [{"name": "bytes"}],
         "attributes": attributes,
     }
     return json.dumps(doc, separators=(",", ":")).encode()

@@ -16,7 +16,13 @@ from typing import Any
 from distckpt.errors import CheckpointError, MalformedStateError, StoreFormatError
 from distckpt.format import checked
 from distckpt.format.dtypes import stored_itemsize
-from distckpt.format.layout import FORMAT_VERSION, MANIFEST_VERSION, PACKED_ARRAY, ROW_DIGITS
+from distckpt.format.layout import (
+    FORMAT_VERSION,
+    MANIFEST_VERSION,
+    PACKED_ARRAY,
+    ROW_DIGITS,
+    parse_rank_dir_name,
+)
 from distckpt.format.tree import check_tree
 
 Json = Any
@@ -37,6 +43,12 @@ def is_packed(array: str) -> bool:
     return array.endswith("/" + PACKED_ARRAY)
 
 
+def is_data_array(array: str) -> bool:
+    """Whether ``array`` is a rank's format-2 data array (``rank_NNNNNN``): one chunk holding
+    all the rank's bytes, read by ranges, each checked against its own checksum."""
+    return parse_rank_dir_name(array) is not None
+
+
 @dataclass(frozen=True)
 class ArrayEntry:
     """Where one saved tensor lives: a zarr array, and a byte range of its single chunk."""
@@ -54,6 +66,11 @@ class ArrayEntry:
         """Whether the tensor is a byte range of its rank's packed chunk (shared with other
         small tensors) rather than an array of its own."""
         return is_packed(self.array)
+
+    @property
+    def ranged(self) -> bool:
+        """Whether the tensor is a byte range of its rank's format-2 data array."""
+        return is_data_array(self.array)
 
     def to_json(self) -> Json:
         return {
@@ -95,6 +112,46 @@ class ArrayEntry:
 
 
 @dataclass(frozen=True)
+class PieceEntry:
+    """Format 2: one box of a global array that this rank wrote, C-ordered, at ``offset`` of
+    its data array. Checksummed in blocks of ``rows`` rows of dimension 0 (the last block may
+    be shorter), so a reader of part of the box reads and checks only the blocks it needs."""
+
+    offsets: tuple[int, ...]  # the box's start in the global index space
+    lengths: tuple[int, ...]
+    offset: int  # byte offset in the rank's data array
+    nbytes: int
+    rows: int  # rows of dimension 0 per checksum block (1 for a 0-d array)
+    crcs: tuple[int, ...]  # crc32c of each block
+
+    def to_json(self) -> Json:
+        return {
+            "offsets": list(self.offsets),
+            "lengths": list(self.lengths),
+            "offset": self.offset,
+            "nbytes": self.nbytes,
+            "rows": self.rows,
+            "crcs": list(self.crcs),
+        }
+
+    @staticmethod
+    def from_json(doc: Json) -> PieceEntry:
+        entry = PieceEntry(
+            offsets=tuple(_int_list(doc, "offsets")),
+            lengths=tuple(_int_list(doc, "lengths")),
+            offset=_typed(doc, "offset", int),
+            nbytes=_typed(doc, "nbytes", int),
+            rows=_typed(doc, "rows", int),
+            crcs=tuple(_int_list(doc, "crcs")),
+        )
+        if len(entry.offsets) != len(entry.lengths) or entry.rows < 1:
+            raise InvalidManifest("global piece has a bad box or block size")
+        if min((entry.offset, entry.nbytes, *entry.offsets, *entry.lengths), default=0) < 0:
+            raise InvalidManifest("global piece has a negative size or offset")
+        return entry
+
+
+@dataclass(frozen=True)
 class GlobalEntry:
     """A global (sharded) array a rank's state refers to, and the chunks this rank wrote.
 
@@ -109,9 +166,12 @@ class GlobalEntry:
     shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
     chunks: tuple[tuple[tuple[int, ...], int], ...] = ()  # (chunk index, crc32c) written here
+    # Format 2 (``array`` is "", ``chunk_shape`` and ``chunks`` empty): the boxes this rank
+    # wrote into its own data array. None: a format-1 chunked array.
+    pieces: tuple[PieceEntry, ...] | None = None
 
     def to_json(self) -> Json:
-        return {
+        doc = {
             "name": self.name,
             "array": self.array,
             "dtype": self.dtype,
@@ -119,6 +179,9 @@ class GlobalEntry:
             "chunk_shape": list(self.chunk_shape),
             "chunks": [[list(i), c] for i, c in self.chunks],
         }
+        if self.pieces is not None:
+            doc["pieces"] = [p.to_json() for p in self.pieces]
+        return doc
 
     @staticmethod
     def from_json(doc: Json) -> GlobalEntry:
@@ -127,6 +190,23 @@ class GlobalEntry:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int)):
                 raise InvalidManifest("global array chunk entries are not [index, crc32c]")
             chunks.append((tuple(_int_list({"i": item[0]}, "i")), item[1]))
+        pieces = doc.get("pieces") if isinstance(doc, dict) else None
+        if pieces is not None:
+            if not isinstance(pieces, list):
+                raise InvalidManifest("global array pieces are not a list")
+            entry = GlobalEntry(
+                name=_typed(doc, "name", str),
+                array="",
+                dtype=_typed(doc, "dtype", str),
+                shape=tuple(_int_list(doc, "shape")),
+                chunk_shape=(),
+                pieces=tuple(PieceEntry.from_json(p) for p in pieces),
+            )
+            if any(d < 0 for d in entry.shape):
+                raise InvalidManifest(f"global array {entry.name!r} has a negative size")
+            if any(len(p.lengths) != len(entry.shape) for p in entry.pieces or ()):
+                raise InvalidManifest(f"global array {entry.name!r}: a piece's rank differs")
+            return entry
         entry = GlobalEntry(
             name=_typed(doc, "name", str),
             array=_typed(doc, "array", str),

@@ -39,6 +39,8 @@ from distckpt.interchange.lightning import read_lightning
 from distckpt.interchange.records import Exported, Imported
 from distckpt.interchange.safetensors import read_safetensors, write_safetensors
 from distckpt.interchange.torchfile import read_torch, write_torch
+from distckpt.interchange.zarrview import ZARR as ZARR_VIEW
+from distckpt.interchange.zarrview import export_zarr
 from distckpt.logs import get_logger
 from distckpt.storage.store import Store
 
@@ -170,13 +172,17 @@ def export_row(
 
     ``safetensors``: tensors under dotted names, the row's whole tree (nesting, non-tensor
     values) as JSON in ``__metadata__``. ``torch``: a ``torch.save`` file that
-    ``torch.load(weights_only=True)`` reads. ``dest`` appears complete or not at all.
+    ``torch.load(weights_only=True)`` reads. ``zarr``: a directory, a zarr v3 group with
+    one array per logical tensor of its global shape (every rank's tensors; ``rank`` is
+    not used). ``dest`` appears complete or not at all.
     """
     if format not in EXPORT_FORMATS:
         raise ExportFormatError(
             f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}"
         )
     out = os.fspath(dest)
+    if format == ZARR_VIEW:
+        return export_zarr(store if isinstance(store, Store) else Store(store), out, row=row)
     chosen, tree = read_row(store, row, rank)
     if format == SAFETENSORS:
         count = write_safetensors(tree, out)

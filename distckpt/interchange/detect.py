@@ -20,8 +20,9 @@ LIGHTNING = "lightning"
 SAFETENSORS = "safetensors"
 DCP = "dcp"
 DISTCKPT = "distckpt"
+ZARR = "zarr"  # export only: a per-tensor zarr v3 view of a row (``zarrview``)
 IMPORT_FORMATS = (TORCH, LIGHTNING, SAFETENSORS, DCP)
-EXPORT_FORMATS = (SAFETENSORS, TORCH)
+EXPORT_FORMATS = (SAFETENSORS, TORCH, ZARR)
 
 DCP_METADATA = ".metadata"
 LIGHTNING_KEY = "pytorch-lightning_version"

@@ -15,9 +15,9 @@ from distckpt.errors import CheckpointWriteError
 from distckpt.faults import fault_point
 from distckpt.format.layout import ROW_DIGITS, ZARR_JSON, group_document
 from distckpt.format.manifest import MAX_ROW, ArrayEntry, GlobalEntry, RankManifest
+from distckpt.format.rowindex import RowIndex
 from distckpt.format.shards import GlobalLayout
-from distckpt.io.globalio import write_rank_globals
-from distckpt.io.rowio import write_rank_arrays, write_rank_group
+from distckpt.io.dataio import write_rank_data
 from distckpt.logs import get_logger
 from distckpt.plan.save import RankPlan
 from distckpt.storage.store import Store, utcnow
@@ -71,17 +71,15 @@ def write_rank(
     """Write this rank's data durably (files and directories fsynced): the first half of
     the rank's commit; :func:`publish_rank` is the second.
 
-    ``layouts`` (agreed by every rank) says which chunks of the global arrays this rank
-    writes. ``checksums`` applies to the rank's own arrays; global chunks are always
-    checksummed.
+    ``layouts`` (agreed by every rank) says which boxes of the global arrays this rank
+    writes. ``checksums`` applies to the rank's tensors; global pieces are always
+    checksummed. Everything goes into the rank's one data array (format 2, ``dataio``).
     """
     fault_point("before_data", rank=rank, row=row)
-    rank_dir = store.rank_dir(row, rank)
-    write_rank_group(store.fs, rank_dir, rank)
-    entries = write_rank_arrays(store.fs, store.row_dir(row), plan, checksums=checksums)
-    shards = write_rank_globals(store.fs, store.row_dir(row), plan, layouts or {}, rank)
-    store.fs.fsync_dir(rank_dir)
-    store.fs.fsync_dir(store.row_dir(row))
+    row_dir = store.row_dir(row)
+    entries, shards = write_rank_data(
+        store.fs, row_dir, plan, layouts or {}, rank, checksums=checksums
+    )
     fault_point("after_data", rank=rank, row=row)
     return RankWrite(row, rank, tuple(entries), tuple(shards))
 
@@ -103,6 +101,12 @@ def publish_rank(store: Store, written: RankWrite, manifest: RankManifest) -> No
     # replace a committed manifest (on object stores: a PUT with If-None-Match: *).
     store.fs.publish_exclusive(store.manifest_path(manifest.row, manifest.rank), manifest.to_json())
     fault_point("after_manifest", rank=manifest.rank, row=manifest.row)
+
+
+def publish_index(store: Store, index: RowIndex) -> None:
+    """The coordinator's row index, published atomically once every rank's manifest is:
+    its presence says the whole row committed (``election``'s fast path)."""
+    store.fs.atomic_write(store.index_path(index.row), index.to_json())
 
 
 def retract_rank(store: Store, row: int, rank: int) -> None:
@@ -132,7 +136,8 @@ def retract_rank(store: Store, row: int, rank: int) -> None:
 
 
 def delete_row(store: Store, row: int) -> None:
-    """Uncommit ``row`` (every manifest, durably) and only then delete its data.
+    """Uncommit ``row`` (its index, then every manifest, durably) and only then delete its
+    data.
 
     A row directory or manifest directory that is a symbolic link is removed as the link:
     nothing is ever deleted through a link, so a link out of the store leaves its target
@@ -144,6 +149,7 @@ def delete_row(store: Store, row: int) -> None:
         store.fs.rmtree(store.row_dir(row))
         store.fs.fsync_dir(store.rows_dir)
         return
+    store.fs.remove(store.index_path(row))
     for name in store.fs.listdir(mdir):
         store.fs.remove(os.path.join(mdir, name))
     if store.fs.exists(mdir):

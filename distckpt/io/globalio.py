@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,8 +20,14 @@ from distckpt.errors import CorruptCheckpointError, CorruptChunkError
 from distckpt.format import chunks
 from distckpt.format.chunks import ChunkRef
 from distckpt.format.dtypes import spec_for, stored_itemsize, torch_dtype
-from distckpt.format.layout import GLOBAL_DIR, ZARR_JSON, array_document, chunk_key
-from distckpt.format.manifest import GlobalEntry, InvalidManifest
+from distckpt.format.layout import (
+    GLOBAL_DIR,
+    ZARR_JSON,
+    array_document,
+    chunk_key,
+    rank_dir_name,
+)
+from distckpt.format.manifest import GlobalEntry, InvalidManifest, PieceEntry, RankManifest
 from distckpt.format.names import escape_component
 from distckpt.format.shards import (
     Box,
@@ -32,6 +39,7 @@ from distckpt.format.shards import (
     piece,
     plan_layouts,
 )
+from distckpt.io.dataio import block_ranges
 from distckpt.io.rowio import byte_view
 from distckpt.plan.save import PlannedShard, RankPlan
 from distckpt.storage.filesystem import FileSystem
@@ -129,13 +137,143 @@ def _write_region(
 
 @dataclass
 class GlobalReader:
-    """Reads regions of a row's global arrays; chunk checksums come from every manifest."""
+    """Reads regions of a row's global arrays.
+
+    Format 2 (pieces in each rank's data array): where every piece lies comes from the row
+    index (one read), or from every manifest when the row has no index; a piece's checksums
+    from its writer's manifest, read only when one of its blocks is. Format 1 (chunked
+    arrays): chunk checksums come from every manifest.
+    """
 
     store: Store
     row: int
     world_size: int
     _crcs: dict[str, dict[tuple[int, ...], int]] | None = field(default=None, repr=False)
     _writers: dict[tuple[str, tuple[int, ...]], int] = field(default_factory=dict, repr=False)
+    _pieces: dict[str, list[tuple[int, PieceEntry]]] | None = field(default=None, repr=False)
+    _owned: dict[int, dict[str, tuple[PieceEntry, ...]]] = field(default_factory=dict, repr=False)
+    _sizes: dict[int, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _manifest(self, rank: int) -> RankManifest:
+        try:
+            return self.store.read_manifest(self.row, rank)
+        except InvalidManifest as exc:
+            raise CorruptCheckpointError(
+                f"row {self.row}: manifest of saved rank {rank} is needed for the "
+                f"global arrays and is not valid: {exc}"
+            ) from exc
+
+    def pieces(self, name: str) -> list[tuple[int, PieceEntry]]:
+        """Every saved rank's pieces of global array ``name`` (checksums may be absent)."""
+        with self._lock:
+            if self._pieces is None:
+                table: dict[str, list[tuple[int, PieceEntry]]] = {}
+                index = self.store.read_index(self.row)
+                if index is not None and index.world_size == self.world_size:
+                    for key, g in index.globals.items():
+                        table[key] = [
+                            (p.rank, PieceEntry(*p.box, p.offset, p.nbytes, p.rows, ()))
+                            for p in g.pieces
+                        ]
+                else:
+                    for rank in range(self.world_size):
+                        owned = self._owned_by(rank)
+                        for key, held in owned.items():
+                            table.setdefault(key, []).extend((rank, p) for p in held)
+                self._pieces = table
+            return self._pieces.get(name, [])
+
+    def _owned_by(self, rank: int) -> dict[str, tuple[PieceEntry, ...]]:
+        """The pieces ``rank``'s manifest lists, by global array (its checksums)."""
+        owned = self._owned.get(rank)
+        if owned is None:
+            manifest = self._manifest(rank)
+            owned = {g.name: g.pieces for g in manifest.globals if g.pieces is not None}
+            self._owned[rank] = owned
+        return owned
+
+    def _crcs_of(self, rank: int, name: str, piece: PieceEntry) -> tuple[int, ...]:
+        if piece.crcs:
+            return piece.crcs
+        with self._lock:
+            owned = self._owned_by(rank)
+        for p in owned.get(name, ()):
+            if p.offsets == piece.offsets and p.lengths == piece.lengths:
+                return p.crcs
+        return ()
+
+    def _size(self, rank: int, ref: ChunkRef) -> int:
+        size = self._sizes.get(rank)
+        if size is None:
+            size = self._sizes[rank] = chunks.span_size(self.store.fs, ref)
+        return size
+
+    def _read_pieces(self, entry: GlobalEntry, box: Box, dest: torch.Tensor) -> None:
+        """Fill ``dest`` from the pieces overlapping ``box``: only the checksum blocks of
+        each piece that the region touches are read (straight into ``dest`` when they are
+        exactly a contiguous part of it) and checked."""
+        import torch
+
+        dtype = dest.dtype
+        itemsize = stored_itemsize(entry.dtype)
+        row_dir = self.store.row_dir(self.row)
+        covered = 0
+        for rank, pc in self.pieces(entry.name):
+            whole = Box(pc.offsets, pc.lengths)
+            overlap = whole.intersect(box)
+            if overlap is None or not overlap.numel:
+                continue
+            ref = ChunkRef(
+                store=self.store.path,
+                row=self.row,
+                rank=rank,
+                row_dir=row_dir,
+                array=rank_dir_name(rank),
+                chunk=(0,),
+                what=f"global array {entry.name!r}, piece at {pc.offsets}",
+                tensor=entry.name,
+            )
+            ranges = block_ranges(pc.lengths, itemsize, pc.rows)
+            if pc.lengths:
+                r0 = overlap.offsets[0] - pc.offsets[0]
+                r1 = r0 + overlap.lengths[0]
+                b0, b1 = r0 // pc.rows, -(-r1 // pc.rows)
+                row0, row1 = b0 * pc.rows, min(b1 * pc.rows, pc.lengths[0])
+                sub = Box((pc.offsets[0] + row0, *pc.offsets[1:]), (row1 - row0, *pc.lengths[1:]))
+            else:
+                b0, b1, sub = 0, 1, whole
+            crcs = self._crcs_of(rank, entry.name, pc)
+            if len(crcs) != len(ranges):
+                raise ref.fail(
+                    CorruptChunkError.UNLISTED,
+                    "the writer's manifest does not list this piece's checksums",
+                )
+            target = dest[overlap.slices(box.offsets)]
+            direct = overlap == sub and target.is_contiguous()
+            buf = target if direct else torch.empty(sub.lengths, dtype=dtype)
+            start = ranges[b0][0]
+            view = byte_view(buf)
+            chunks.read_span(
+                self.store.fs,
+                ref,
+                pc.offset + start,
+                view,
+                None,
+                size=self._size(rank, ref),
+                verify=False,
+            )
+            for b in range(b0, b1):
+                a, e = ranges[b]
+                chunks.check(ref, view[a - start : e - start], crcs[b])
+            if not direct:
+                target.copy_(buf[overlap.slices(sub.offsets)])
+            covered += overlap.numel
+        if covered != box.numel:
+            raise CorruptCheckpointError(
+                f"row {self.row}, global array {entry.name!r}: the saved pieces cover "
+                f"{covered} of the {box.numel} elements of region {box.offsets} {box.lengths}"
+            )
 
     def crcs(self, array: str) -> dict[tuple[int, ...], int]:
         if self._crcs is None:
@@ -164,6 +302,9 @@ class GlobalReader:
                 f"row {self.row}, global array {entry.name!r}: destination is "
                 f"{tuple(dest.shape)} {dest.dtype}, region is {box.lengths} {dtype}"
             )
+        if entry.pieces is not None:
+            self._read_pieces(entry, box, dest)
+            return
         crcs = self.crcs(entry.array)
         array_dir = os.path.join(self.store.row_dir(self.row), entry.array)
         for index in chunk_indices(box, entry.chunk_shape):
@@ -262,6 +403,8 @@ def fill(live: Any, saved: GlobalValue) -> None:
 def written_nbytes(entry: GlobalEntry) -> int:
     """Bytes of the chunks one rank wrote of a global array (chunks are never clipped: the
     grid divides the global shape)."""
+    if entry.pieces is not None:
+        return sum(p.nbytes for p in entry.pieces)
     itemsize = stored_itemsize(entry.dtype)
     return len(entry.chunks) * math.prod(entry.chunk_shape) * itemsize
 
@@ -285,7 +428,11 @@ def chunk_ref(
 def check_written_chunks(
     fs: FileSystem, row_dir: str, entry: GlobalEntry, *, store: str, row: int, rank: int
 ) -> list[CorruptChunkError]:
-    """Re-read the chunks one rank wrote (``entry.chunks``), streamed; an error per bad chunk."""
+    """Re-read the chunks one rank wrote (``entry.chunks``), streamed; an error per bad chunk
+    (format 2: see :func:`check_written_pieces`)."""
+    if entry.pieces is not None:
+        found = check_written_pieces(fs, row_dir, entry, store=store, row=row, rank=rank)
+        return [exc for _, exc in found]
     problems = []
     nbytes = written_nbytes(entry) // max(1, len(entry.chunks))
     scratch = memoryview(bytearray(min(nbytes, 8 << 20)))
@@ -295,4 +442,36 @@ def check_written_chunks(
             chunks.verify_chunk(fs, ref, nbytes, crc, scratch)
         except CorruptChunkError as exc:
             problems.append(exc)
+    return problems
+
+
+def check_written_pieces(
+    fs: FileSystem, row_dir: str, entry: GlobalEntry, *, store: str, row: int, rank: int
+) -> list[tuple[str, CorruptChunkError]]:
+    """Re-read the pieces one rank wrote, streamed: (which piece, error) per bad one."""
+    problems = []
+    itemsize = stored_itemsize(entry.dtype)
+    scratch = memoryview(bytearray(8 << 20))
+    size: int | None = None
+    for pc in entry.pieces or ():
+        ref = ChunkRef(
+            store=store,
+            row=row,
+            rank=rank,
+            row_dir=row_dir,
+            array=rank_dir_name(rank),
+            chunk=(0,),
+            what=f"global array {entry.name!r}, piece at {pc.offsets}",
+            tensor=entry.name,
+        )
+        ranges = block_ranges(pc.lengths, itemsize, pc.rows)
+        try:
+            if size is None:
+                size = chunks.span_size(fs, ref)
+            if len(ranges) != len(pc.crcs) or pc.nbytes != math.prod(pc.lengths) * itemsize:
+                raise ref.fail(CorruptChunkError.SIZE, "the piece's size or checksums are wrong")
+            for (a, e), crc in zip(ranges, pc.crcs, strict=True):
+                chunks.verify_span(fs, ref, pc.offset + a, e - a, crc, scratch, size=size)
+        except CorruptChunkError as exc:
+            problems.append((f"piece at {pc.offsets}", exc))
     return problems

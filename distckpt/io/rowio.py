@@ -234,6 +234,13 @@ class RankReader:
         self._entries = entries
         self._packs: dict[str, np.ndarray] = {}
         self._pack_lock = threading.Lock()  # reads may run on several threads
+        self._sizes: dict[str, int] = {}  # format 2: each data array's size, stat'ed once
+
+    def _size(self, entry: ArrayEntry) -> int:
+        size = self._sizes.get(entry.array)
+        if size is None:
+            size = self._sizes[entry.array] = chunks.span_size(self._fs, self.ref(entry))
+        return size
 
     def ref(self, entry: ArrayEntry) -> ChunkRef:
         """The chunk holding ``entry``'s bytes, for reads and errors about this tensor."""
@@ -243,7 +250,7 @@ class RankReader:
             rank=self._rank,
             row_dir=self._row_dir,
             array=entry.array,
-            chunk=(0,) if entry.packed else (0,) * len(entry.shape),
+            chunk=(0,) if entry.packed or entry.ranged else (0,) * len(entry.shape),
             what=f"array {entry.name!r}",
             tensor=entry.name,
         )
@@ -273,6 +280,13 @@ class RankReader:
                 f"manifest says {entry.nbytes} bytes, shape needs {expected}",
             )
         if entry.nbytes == 0:
+            return
+        if entry.ranged:
+            size = self._size(entry)
+            ref = self.ref(entry)
+            chunks.verify_span(
+                self._fs, ref, entry.offset, entry.nbytes, entry.crc32c, _scratch(), size=size
+            )
             return
         if entry.packed and self._ranged:
             self.read(entry)
@@ -310,7 +324,13 @@ class RankReader:
             )
         if expected == 0:
             return
-        if entry.packed:
+        if entry.ranged:
+            size = self._size(entry)
+            ref = self.ref(entry)
+            chunks.verify_span(
+                self._fs, ref, entry.offset, entry.nbytes, entry.crc32c, _scratch(), size=size
+            )
+        elif entry.packed:
             chunks.check(self.ref(entry), self._slice(entry).data, entry.crc32c)
         elif entry.crc32c is not None:
             chunks.verify_chunk(self._fs, self.ref(entry), entry.nbytes, entry.crc32c, _scratch())
@@ -340,7 +360,17 @@ class RankReader:
         if expected == 0:
             return out
         dest = byte_view(out)
-        if entry.packed and self._ranged:
+        if entry.ranged:
+            chunks.read_span(
+                self._fs,
+                self.ref(entry),
+                entry.offset,
+                dest,
+                entry.crc32c,
+                size=self._size(entry),
+                verify=not verified,
+            )
+        elif entry.packed and self._ranged:
             chunks.read_range(self._fs, self.ref(entry), entry, dest)
         elif entry.packed:
             out.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(self._slice(entry)))

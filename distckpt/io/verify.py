@@ -24,7 +24,7 @@ from distckpt.errors import CheckpointError, CorruptCheckpointError, CorruptChun
 from distckpt.format import tree as codec
 from distckpt.format.layout import ZARR_JSON, rank_dir_name
 from distckpt.format.manifest import InvalidManifest, RankManifest
-from distckpt.io.globalio import check_written_chunks, written_nbytes
+from distckpt.io.globalio import check_written_chunks, check_written_pieces, written_nbytes
 from distckpt.io.rowio import RankReader
 from distckpt.storage.store import Store
 
@@ -141,15 +141,19 @@ def check_manifest(store: Store, manifest: RankManifest) -> list[Problem]:
     prefix = rank_dir_name(rank) + "/"
     names: set[str] = set()
     packs: dict[str, int] = {}
+    for g in manifest.globals:  # format 2: pieces lie in the rank's data array
+        for pc in g.pieces or ():
+            array = rank_dir_name(rank)
+            packs[array] = max(packs.get(array, 0), pc.offset + pc.nbytes)
     for entry in manifest.arrays:
         if entry.name in names:
             out.append(Problem(row, rank, entry.name, "listed twice in the manifest"))
         names.add(entry.name)
-        if not entry.array.startswith(prefix):
+        if not entry.array.startswith(prefix) and entry.array != rank_dir_name(rank):
             out.append(
                 Problem(row, rank, entry.name, f"array {entry.array!r} lies outside {prefix}")
             )
-        if entry.packed:
+        if entry.packed or entry.ranged:
             packs[entry.array] = max(packs.get(entry.array, 0), entry.offset + entry.nbytes)
         else:
             out += _check_array_document(store, row, rank, entry.name, entry.array, entry.shape)
@@ -201,7 +205,8 @@ def read_rank(
             try:
                 reader.check(entry)
             except CorruptChunkError as exc:
-                if exc.tensor is None:
+                whole = (CorruptChunkError.MISSING, CorruptChunkError.UNREADABLE)
+                if exc.tensor is None or (entry.ranged and exc.problem in whole):
                     # The whole chunk is bad: report it once, not once per tensor in it.
                     failed_packs.add(entry.array)
                 problems.append(Problem.of_chunk(exc))
@@ -211,8 +216,14 @@ def read_rank(
             on_bytes(entry.nbytes)
     for g in manifest.globals:  # the chunks of global arrays this rank wrote
         count += 1
-        for bad in check_written_chunks(store.fs, row_dir, g, store=store.path, row=row, rank=rank):
-            problems.append(Problem.of_chunk(bad, prefix=f"chunk {bad.chunk}: "))
+        if g.pieces is not None:
+            found = check_written_pieces(store.fs, row_dir, g, store=store.path, row=row, rank=rank)
+            problems += [Problem.of_chunk(bad, prefix=f"{label}: ") for label, bad in found]
+        else:
+            for bad in check_written_chunks(
+                store.fs, row_dir, g, store=store.path, row=row, rank=rank
+            ):
+                problems.append(Problem.of_chunk(bad, prefix=f"chunk {bad.chunk}: "))
         if on_bytes is not None:
             on_bytes(written_nbytes(g))
     return problems, count

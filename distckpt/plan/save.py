@@ -1,8 +1,9 @@
 """Planning: turning live state into the list of arrays one rank writes for a row.
 
 Kept apart from the byte writing (rowio) and from the collective steps (engine) so each can
-be tested alone. Small tensors are packed into one array per rank per row, so the file count
-per rank stays bounded however many tensors a model has; large tensors get arrays of their own.
+be tested alone. Every tensor of a rank goes into the rank's one data array of the row
+(format 2), at an aligned offset, so the file count per rank is bounded however many
+tensors a model has.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from typing import TYPE_CHECKING, Any
 from distckpt.errors import CheckpointSerializationError
 from distckpt.format import tree as codec
 from distckpt.format.dtypes import DtypeSpec, spec_for
-from distckpt.format.layout import PACKED_ARRAY, rank_dir_name
-from distckpt.format.manifest import is_packed
-from distckpt.format.names import escape_component
+from distckpt.format.layout import aligned, rank_dir_name
+from distckpt.format.manifest import is_data_array, is_packed
 from distckpt.format.shards import Piece, piece
 from distckpt.plan.stateful import explain_unstorable, to_saved
 
@@ -33,8 +33,8 @@ class PlannedTensor:
     name: str
     tensor: torch.Tensor  # CPU, contiguous, conj/neg resolved
     spec: DtypeSpec
-    array: str  # array directory relative to the row
-    offset: int  # offset inside the packed chunk, 0 for an own array
+    array: str  # array directory relative to the row (format 2: the rank's data array)
+    offset: int  # offset among the rank's tensors in its data array (see ``RankPlan``)
 
     @property
     def nbytes(self) -> int:
@@ -43,6 +43,10 @@ class PlannedTensor:
     @property
     def packed(self) -> bool:
         return is_packed(self.array)
+
+    @property
+    def ranged(self) -> bool:
+        return is_data_array(self.array)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class PlannedShard:
 class RankPlan:
     states: dict[str, Any]  # state id -> encoded tree (JSON)
     tensors: tuple[PlannedTensor, ...]  # index = leaf id used in the trees
+    # Bytes of the tensors' region of the data array (aligned, padding included). The
+    # region starts after the rank's global pieces, on a page: offsets are relative to it.
     packed_nbytes: int
     shards: tuple[PlannedShard, ...] = ()  # index = {"global": i} id used in the trees
 
@@ -97,6 +103,7 @@ def plan_rank(
     stager: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
 ) -> RankPlan:
     """Objects with ``state_dict()``/``load_state_dict()`` are planned as their state dict.
+    ``pack_threshold`` is kept for callers of format 1; format 2 packs every tensor.
 
     ``stager(tensor, where)`` replaces :func:`stage` for every tensor the row will hold
     (leaves and global pieces alike): an asynchronous save copies each into its own
@@ -124,15 +131,12 @@ def plan_rank(
     rank_dir = rank_dir_name(rank)
     planned: list[PlannedTensor] = []
     offset = 0
-    for index, leaf in enumerate(leaves):
+    for leaf in leaves:
         name = codec.path_str(leaf.path)
         spec = spec_for(leaf.tensor.dtype, where=name)
         tensor = to_host(leaf.tensor, name)
         nbytes = tensor.numel() * spec.itemsize
-        if nbytes < pack_threshold:
-            planned.append(PlannedTensor(name, tensor, spec, f"{rank_dir}/{PACKED_ARRAY}", offset))
-            offset += nbytes
-        else:
-            array = f"{rank_dir}/t{index:05d}-{escape_component(name)}"
-            planned.append(PlannedTensor(name, tensor, spec, array, 0))
+        at = aligned(offset, nbytes)
+        planned.append(PlannedTensor(name, tensor, spec, rank_dir, at))
+        offset = at + nbytes
     return RankPlan(trees, tuple(planned), offset, tuple(shards))

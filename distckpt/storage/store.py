@@ -15,6 +15,7 @@ from distckpt.format import checked
 from distckpt.format.layout import (
     FORMAT_VERSION,
     MANIFESTS_DIR,
+    ROW_INDEX,
     ROWS_DIR,
     ZARR_JSON,
     group_document,
@@ -25,6 +26,7 @@ from distckpt.format.layout import (
     row_name,
 )
 from distckpt.format.manifest import InvalidManifest, RankManifest
+from distckpt.format.rowindex import RowIndex
 from distckpt.storage.filesystem import FileSystem
 from distckpt.storage.resolve import filesystem_for, store_path
 
@@ -190,6 +192,19 @@ class Store:
         while len(self._parsed) > _PARSED_MANIFESTS:
             self._parsed.popitem(last=False)
         return manifest
+
+    def index_path(self, row: int) -> str:
+        return os.path.join(self.row_dir(row), ROW_INDEX)
+
+    def read_index(self, row: int) -> RowIndex | None:
+        """The row's index (format 2), or None when it has none or it is not valid (then
+        the manifests say everything it would have said)."""
+        path = self.index_path(row)
+        try:
+            index = RowIndex.from_json(self.fs.read_bytes(path), where=path)
+        except (OSError, InvalidManifest):
+            return None
+        return index if index.row == row else None
 
     def disk_usage(self, row: int) -> int:
         """Bytes of the files of ``row`` (0 when it has no directory)."""

@@ -133,21 +133,22 @@ def check(target: dict[str, Any], world: int) -> list[str]:
 
 
 def report_layout(store: str, row: int) -> None:
-    """Coordinator: bytes written under global/ vs logical size; who wrote which array."""
+    """Coordinator: bytes of global pieces written vs logical size; who wrote which array."""
     st = distckpt.Store(store)
-    written = 0
-    for dirpath, _, files in os.walk(os.path.join(st.row_dir(row), "global")):
-        for f in files:
-            if f.startswith("c"):
-                written += os.path.getsize(os.path.join(dirpath, f)) - 4  # crc32c trailer
+    world = st.read_manifest(row, 0).world_size
+    written = sum(
+        p.nbytes
+        for r in range(world)
+        for g in st.read_manifest(row, r).globals
+        for p in g.pieces or ()
+    )
     logical = sum(math_prod(s) * d.itemsize for s, d in TENSORS.values())
     logical += math_prod(EXPLICIT[1]) * EXPLICIT[2].itemsize
     say(f"BYTES written={written} logical={logical}")
     writers: dict[str, set[int]] = {}
-    world = st.read_manifest(row, 0).world_size
     for r in range(world):
         for g in st.read_manifest(row, r).globals:
-            if g.chunks:
+            if g.pieces:
                 writers.setdefault(g.name, set()).add(r)
     for name, ranks in sorted(writers.items()):
         say(f"WRITERS key={name} ranks={sorted(ranks)}")

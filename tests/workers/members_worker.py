@@ -67,18 +67,37 @@ def weights() -> torch.Tensor:
 
 
 class CountingFS(LocalFileSystem):
+    """Counts the bytes read of the weights: format 2 keeps them as a byte range of a
+    rank's data array, so reads are matched by file and range (the manifests say where)."""
+
     def __init__(self) -> None:
         self.weight_bytes = 0
+        self.ranges: list[tuple[str, int, int]] = []  # (data file, start, end) of the weights
+
+    def _count(self, path: str, offset: int, n: int) -> None:
+        for file, start, end in self.ranges:
+            if path == file:
+                self.weight_bytes += max(0, min(end, offset + n) - max(start, offset))
 
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
-        if "weights" in path:
-            self.weight_bytes += len(out.cast("B"))
+        self._count(path, offset, len(out.cast("B")))
         return super().read_into(path, out, offset)
 
     def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
-        if "weights" in path:
-            self.weight_bytes += sum(len(p.cast("B")) for p in parts)
+        self._count(path, offset, sum(len(p.cast("B")) for p in parts))
         return super().read_into_parts(path, parts, offset)
+
+
+def weight_ranges(store: Store) -> list[tuple[str, int, int]]:
+    """Where the weights lie in every saved rank's data array of the newest row."""
+    out = []
+    row = store.rows()[-1]
+    for rank in store.manifest_ranks(row):
+        for a in store.read_manifest(row, rank).arrays:
+            if a.name.startswith("weights"):
+                path = os.path.join(store.row_dir(row), a.array, "c.0")
+                out.append((path, a.offset, a.offset + a.nbytes))
+    return out
 
 
 def main() -> int:
@@ -90,6 +109,8 @@ def main() -> int:
     ck = Checkpoint("members", path=store, comm=comm, mapping=MAPPING)
     fs = CountingFS()
     ck.store = Store(ck.path, fs=fs)
+    if mode != "write":
+        fs.ranges = weight_ranges(ck.store)
     status = 0
     with ck as session:
         noise = bind_checkpoint_state(Noise(), state_id="noise")

@@ -1,0 +1,121 @@
+"""The row index (format 2): ``rows/<row>/index.json``, one summary of a committed row.
+
+The coordinator publishes it atomically after every rank's manifest is published and the
+commit step agreed, so its presence means "every rank committed this row". It records what a
+reader of any rank's global pieces needs without opening every manifest: the world size, the
+write count, and for each global tensor where every rank's boxes lie in that rank's data
+array. Each piece's checksums stay in its writer's manifest (a reader opens the manifests
+of the ranks whose pieces it reads, not all of them). A missing or malformed index is never
+an error: readers fall back to the manifests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from distckpt.errors import StoreFormatError
+from distckpt.format.layout import ROW_INDEX_VERSION
+from distckpt.format.manifest import InvalidManifest
+
+
+@dataclass(frozen=True)
+class IndexedPiece:
+    """One box of a global tensor in ``rank``'s data array."""
+
+    rank: int
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    offset: int
+    nbytes: int
+    rows: int  # rows of dimension 0 per checksum block
+
+    @property
+    def box(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.offsets, self.lengths
+
+    def to_json(self) -> list[Any]:
+        box = [list(self.offsets), list(self.lengths)]
+        return [self.rank, *box, self.offset, self.nbytes, self.rows]
+
+    @staticmethod
+    def from_json(doc: Any) -> IndexedPiece:
+        if not (isinstance(doc, list) and len(doc) == 6):
+            raise InvalidManifest("index piece is not [rank, offsets, lengths, offset, size, rows]")
+        rank, offsets, lengths, offset, nbytes, rows = doc
+        ints = [rank, offset, nbytes, rows]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints):
+            raise InvalidManifest("index piece has a bad rank, offset, size or block")
+        for box in (offsets, lengths):
+            if not (isinstance(box, list) and all(isinstance(v, int) and v >= 0 for v in box)):
+                raise InvalidManifest("index piece has a bad box")
+        if len(offsets) != len(lengths) or rows < 1:
+            raise InvalidManifest("index piece has a bad box")
+        return IndexedPiece(rank, tuple(offsets), tuple(lengths), offset, nbytes, rows)
+
+
+@dataclass(frozen=True)
+class IndexedGlobal:
+    dtype: str
+    shape: tuple[int, ...]
+    pieces: tuple[IndexedPiece, ...]
+
+
+@dataclass(frozen=True)
+class RowIndex:
+    row: int
+    world_size: int
+    write_count: int
+    globals: dict[str, IndexedGlobal]
+
+    def to_json(self) -> bytes:
+        doc = {
+            "distckpt_row_index": ROW_INDEX_VERSION,
+            "row": self.row,
+            "world_size": self.world_size,
+            "write_count": self.write_count,
+            "globals": {
+                name: {
+                    "dtype": g.dtype,
+                    "shape": list(g.shape),
+                    "pieces": [p.to_json() for p in g.pieces],
+                }
+                for name, g in self.globals.items()
+            },
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @staticmethod
+    def from_json(data: bytes, *, where: str = "row index") -> RowIndex:
+        """Parse strictly: InvalidManifest if malformed, StoreFormatError if newer."""
+        try:
+            doc = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidManifest(f"{where} is not valid JSON ({exc})") from exc
+        if not isinstance(doc, dict):
+            raise InvalidManifest(f"{where} is not a JSON object")
+        version = doc.get("distckpt_row_index")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InvalidManifest(f"{where} has no version")
+        if version > ROW_INDEX_VERSION:
+            raise StoreFormatError(
+                f"{where} was written by row index version {version}; this distckpt reads up "
+                f"to version {ROW_INDEX_VERSION}: upgrade distckpt to read it"
+            )
+        try:
+            fields = [doc["row"], doc["world_size"], doc["write_count"]]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in fields):
+                raise InvalidManifest("row, world size or write count is not an integer")
+            globals_ = {}
+            for name, g in doc["globals"].items():
+                shape = tuple(int(d) for d in g["shape"])
+                pieces = tuple(IndexedPiece.from_json(p) for p in g["pieces"])
+                globals_[str(name)] = IndexedGlobal(str(g["dtype"]), shape, pieces)
+        except InvalidManifest as exc:
+            raise InvalidManifest(f"{where}: {exc}") from exc
+        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            raise InvalidManifest(f"{where}: malformed ({exc})") from exc
+        if fields[1] < 1:
+            raise InvalidManifest(f"{where}: world size {fields[1]}")
+        return RowIndex(fields[0], fields[1], fields[2], globals_)
