@@ -306,7 +306,10 @@ def test_load_and_verify_report_the_same_damaged_chunk(tmp_path, name):
         f.write(bytes([byte[0] ^ 0x20]))
 
     with pytest.raises(CorruptChunkError) as info:
-        distckpt.load({k: torch.zeros_like(v) for k, v in _state().items()}, tmp_path)
+        # fallback=False: raise without marking the row bad, so verify still reports it
+        distckpt.load(
+            {k: torch.zeros_like(v) for k, v in _state().items()}, tmp_path, fallback=False
+        )
     err = info.value
     assert (err.store, err.row, err.rank, err.array) == (str(tmp_path), ROW, 0, entry.array)
     assert (err.chunk, err.problem, err.path) == (ref.chunk, CorruptChunkError.CHECKSUM, ref.path)
@@ -332,7 +335,7 @@ def test_a_damaged_global_piece_is_named_by_load_and_verify(tmp_path):
     path = Path(Store(tmp_path).rank_dir(ROW, 0), "c.0")
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(CorruptChunkError) as info:
-        distckpt.load({"w": torch.zeros(4, 2)}, tmp_path)
+        distckpt.load({"w": torch.zeros(4, 2)}, tmp_path, fallback=False)
     err = info.value
     assert (err.row, err.rank, err.array, err.chunk) == (ROW, 0, "rank_000000", tuple(index))
     assert (err.problem, err.tensor, err.path) == (CorruptChunkError.SIZE, "w", str(path))

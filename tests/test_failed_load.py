@@ -19,7 +19,6 @@ import distckpt
 from distckpt.errors import CheckpointError
 from distckpt.format import checked
 from distckpt.format.layout import MANIFESTS_DIR, ROWS_DIR, manifest_name, row_name
-from distckpt.io.globalio import array_path
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 from distckpt.storage.store import Store
 
@@ -170,13 +169,15 @@ def test_failed_load_of_global_arrays_leaves_the_first_one_as_it_was(tmp_path):
         },
         store,
     )
-    chunk = Path(Store(store).row_dir(0)) / array_path("b") / "c.0.0"
-    flip(chunk, 0)
+    # Format 2: b's piece is a byte range of rank 0's data array.
+    (piece,) = next(g for g in Store(store).read_manifest(0, 0).globals if g.name == "b").pieces
+    chunk = Path(Store(store).rank_dir(0, 0)) / "c.0"
+    flip(chunk, piece.offset)
     live = {"a": torch.full((4, 3), 9.0), "b": torch.full((4, 2), 9.0)}
     with pytest.raises(CheckpointError, match="'b'"):
         distckpt.load(live, store, row=0)
     assert torch.equal(live["a"], torch.full((4, 3), 9.0))
     assert torch.equal(live["b"], torch.full((4, 2), 9.0))
-    flip(chunk, 0)  # repaired: the same live state now loads
+    flip(chunk, piece.offset)  # repaired: the same live state now loads
     distckpt.load(live, store, row=0)
     assert torch.equal(live["a"], first) and torch.equal(live["b"], second)

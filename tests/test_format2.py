@@ -24,6 +24,7 @@ from distckpt.cli import cli
 from distckpt.dist.comm import Communicator
 from distckpt.dist.election import elect
 from distckpt.errors import StoreFormatError
+from distckpt.format import checked
 from distckpt.format.layout import MANIFEST_VERSION
 from distckpt.format.manifest import RankManifest
 from distckpt.format.names import escape_component
@@ -252,4 +253,4 @@ def test_a_newer_manifest_version_is_refused_naming_both(tmp_path):
     doc["distckpt_manifest"] = MANIFEST_VERSION + 1
     both = rf"version {MANIFEST_VERSION + 1}.*version {MANIFEST_VERSION}"
     with pytest.raises(StoreFormatError, match=both):
-        RankManifest.from_json(json.dumps(doc).encode(), where=path)
+        RankManifest.from_json(checked.seal(doc), where=path)  # a newer writer seals too

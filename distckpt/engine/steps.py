@@ -43,7 +43,7 @@ from distckpt.io.dataio import build_index
 from distckpt.io.digests import state_digests
 from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
 from distckpt.io.marks import bad_rows
-from distckpt.io.removal import remove_own_part, remove_row_rest
+from distckpt.io.removal import remove_index, remove_own_part, remove_row_rest
 from distckpt.io.rowio import RankReader
 from distckpt.logs import get_logger
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD, RankPlan, plan_rank
@@ -587,7 +587,10 @@ def prune(store: Store, comm: Communicator, keep: int | RetentionPolicy | None) 
     where = f"cannot delete old rows of {store.path}"
 
     def choose() -> list[int]:
-        return rows_to_delete(store, keep, bad=bad_rows(store))
+        doomed = rows_to_delete(store, keep, bad=bad_rows(store))
+        for row in doomed:
+            remove_index(store, row)  # the fast path goes first; manifests follow
+        return doomed
 
     doomed = [int(r) for r in step.decide(comm, step.SAVE_RETAIN, choose, context=where)]
     if not doomed:

@@ -11,13 +11,13 @@ an error: readers fall back to the manifests.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from distckpt.errors import StoreFormatError
+from distckpt.format import checked
 from distckpt.format.layout import ROW_INDEX_VERSION
-from distckpt.format.manifest import InvalidManifest
+from distckpt.format.manifest import MAX_WORLD_SIZE, InvalidManifest
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,16 @@ class RowIndex:
                 for name, g in self.globals.items()
             },
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        return checked.seal(doc)  # self-verifying, as manifests are
 
     @staticmethod
     def from_json(data: bytes, *, where: str = "row index") -> RowIndex:
-        """Parse strictly: InvalidManifest if malformed, StoreFormatError if newer."""
+        """Parse strictly: InvalidManifest if malformed or failing its checksum (every
+        index carries one), StoreFormatError if newer."""
         try:
-            doc = json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidManifest(f"{where} is not valid JSON ({exc})") from exc
-        if not isinstance(doc, dict):
-            raise InvalidManifest(f"{where} is not a JSON object")
+            doc = checked.parse(data, require_checksum=True)
+        except checked.MalformedDocument as exc:
+            raise InvalidManifest(f"{where} {exc}") from exc
         version = doc.get("distckpt_row_index")
         if not isinstance(version, int) or isinstance(version, bool):
             raise InvalidManifest(f"{where} has no version")
@@ -116,6 +115,6 @@ class RowIndex:
             raise InvalidManifest(f"{where}: {exc}") from exc
         except (KeyError, AttributeError, TypeError, ValueError) as exc:
             raise InvalidManifest(f"{where}: malformed ({exc})") from exc
-        if fields[1] < 1:
+        if not 1 <= fields[1] <= MAX_WORLD_SIZE:
             raise InvalidManifest(f"{where}: world size {fields[1]}")
         return RowIndex(fields[0], fields[1], fields[2], globals_)

@@ -45,6 +45,14 @@ def linked_below(store: Store, path: str, checked: set[str] | None = None) -> st
     return None
 
 
+def remove_index(store: Store, row: int) -> None:
+    """The coordinator's first act on a row retention gives up: remove its row index, so
+    that no election takes the row's fast path while its ranks remove their parts."""
+    path = store.index_path(row)
+    if linked_below(store, path) is None:
+        store.fs.remove(path)
+
+
 def remove_own_part(store: Store, row: int, rank: int) -> int:
     """Remove rank ``rank``'s files of ``row``: its manifest (durably) first, then its rank
     directory and the global chunks its manifest lists. Returns the files and trees removed.
