@@ -63,8 +63,11 @@ if TYPE_CHECKING:
     from distckpt.session.checkpoint import (
         Checkpoint,
         CheckpointEntry,
+        CheckpointLevel,
         CheckpointSession,
+        LoadedState,
         NullCheckpoint,
+        PendingCheckpointState,
         default_checkpoint_path,
     )
     from distckpt.session.members import MemberMapping
@@ -104,8 +107,11 @@ __all__ = [
     "register_migration",
     "Checkpoint",
     "CheckpointEntry",
+    "CheckpointLevel",
     "CheckpointSession",
     "CheckpointState",
+    "LoadedState",
+    "PendingCheckpointState",
     "Communicator",
     "MPIComm",
     "MemberMapping",
@@ -235,8 +241,11 @@ _FROM = {
     "distckpt.session.checkpoint": (
         "Checkpoint",
         "CheckpointEntry",
+        "CheckpointLevel",
         "CheckpointSession",
+        "LoadedState",
         "NullCheckpoint",
+        "PendingCheckpointState",
         "default_checkpoint_path",
     ),
     "distckpt.session.members": ("MemberMapping",),
