@@ -578,3 +578,28 @@ def scenario_null(lib: Any, path: Path) -> dict[str, Any]:
 def test_null_checkpoint(libs, tmp_path):
     oracle, ours = run_both(libs, tmp_path, scenario_null)
     compare(oracle, ours)
+
+
+# -- objects of the two libraries do not mix ---------------------------------------------------
+
+
+def test_a_proxy_of_earth2studios_module_is_refused_naming_use_distckpt(libs, tmp_path):
+    oracle, ours = libs
+
+    def scenario() -> None:
+        foreign = oracle.CheckpointState(Toy(step=3))  # a component built before the swap
+        with ours.Checkpoint("mix", path=tmp_path / "a") as session:
+            for bind in (session.bind, ours.bind_checkpoint_state):
+                with pytest.raises(distckpt.ForeignCheckpointStateError, match="use_distckpt"):
+                    bind(foreign)
+            assert session.bound_states == {}
+        # states waiting on Earth2Studio's own Checkpoint would be left out of every row
+        oracle.Checkpoint("theirs", path=tmp_path / "theirs")
+        oracle.bind_checkpoint_state(Other())
+        mine = ours.Checkpoint("mix", path=tmp_path / "b")
+        with pytest.raises(distckpt.ForeignCheckpointStateError, match="use_distckpt") as info:
+            mine.__enter__()
+        assert info.value.state_id == f"{Other.__module__}.{Other.__qualname__}"
+        assert isinstance(info.value, distckpt.CheckpointError | TypeError)
+
+    contextvars.copy_context().run(scenario)

@@ -322,6 +322,7 @@ class Checkpoint:
 
     def __enter__(self) -> CheckpointSession:
         if not self._sessions:
+            check_no_foreign_pending()  # before the lease: nothing to undo
             # The writer lease, before anything is restored or written: a second job writing
             # this store is refused here (LeaseHeldError naming the holder).
             self.lease = engine.writer_lease(self.store, self.comm, self.name)
@@ -661,9 +662,10 @@ class CheckpointSession:
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> CheckpointSession:
+        if not self._tokens:
+            check_no_foreign_pending()
         self._tokens.append(_ACTIVE_SESSION.set(self))
         if len(self._tokens) == 1:  # outermost entry: adopt states bound while inactive
-            check_no_foreign_pending()
             pending = self.catalog._take_pending()
             late = [item.state_id for item in pending if not item.reusable]
             if late and self.exists:
