@@ -114,14 +114,13 @@ class CheckpointEntry:
 
 
 def row_metadata(view: engine.RowView | MappedView) -> dict[str, Any]:
-    """A row's metadata as written (``lead_time`` among it); rows written before
-    ``lead_time`` was kept in the metadata too get it appended from the manifest."""
+    """A row's metadata as Earth2Studio reports it: ``lead_time`` (kept apart in the
+    manifest, where tools read it) first, then the rest as written."""
+    lead_time = view.lead_time
     metadata = view.metadata
-    if "lead_time" not in metadata:
-        lead_time = view.lead_time
-        if lead_time is not None:
-            metadata["lead_time"] = lead_time
-    return metadata
+    if lead_time is None:
+        return metadata
+    return {"lead_time": lead_time, **{k: v for k, v in metadata.items() if k != "lead_time"}}
 
 
 @dataclass(frozen=True)
@@ -651,12 +650,13 @@ class CheckpointSession:
                 states[sid] = state_fields(instance)
                 schemas[sid] = schema_of(instance)
         metadata = dict(self._pending_metadata)
+        lead_time = metadata.pop("lead_time", None)  # the manifest keeps it apart
         return engine.RowContent(
             states=states,
             schemas=schemas,
             metadata=metadata,
             write_count=self._write_count,
-            lead_time=metadata.get("lead_time"),
+            lead_time=lead_time,
             level=cat.level,
         )
 
