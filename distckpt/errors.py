@@ -231,6 +231,16 @@ class LeaseLostError(LeaseHeldError):
     """This process's lease was taken over (or removed) since it was acquired."""
 
 
+class ForeignCheckpointStateError(CheckpointError, TypeError):
+    """A state proxy of Earth2Studio's own checkpoint module was handed to distckpt (its
+    component was built before ``use_distckpt()``); a TypeError too, as Earth2Studio raises
+    for a value it cannot bind."""
+
+    def __init__(self, message: str, state_id: str | None = None) -> None:
+        super().__init__(message)
+        self.state_id = state_id
+
+
 __all__ = [
     "CheckpointError",
     "CheckpointSerializationError",
@@ -242,6 +252,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CorruptChunkError",
     "ExportFormatError",
+    "ForeignCheckpointStateError",
     "ImportFormatError",
     "LeaseHeldError",
     "LeaseLostError",

@@ -141,7 +141,7 @@ def test_flush_interval_none_commits_only_on_flush(tmp_path):
         for i in range(4):
             assert session.write(lead_time=i) is None
         assert ck.catalog == ()
-        assert session.flush(note="end").metadata == {"note": "end"}
+        assert session.flush(note="end").metadata == {"lead_time": 3, "note": "end"}
 
 
 def test_overwrite_keeps_one_row_and_append_keeps_history(tmp_path):
@@ -262,7 +262,7 @@ def test_state_bound_before_the_session_is_restored_on_enter(tmp_path):
     with warnings.catch_warnings(record=True) as caught, ck:
         warnings.simplefilter("always")
         assert live.step == 4 and state.checkpoint_state_loaded
-    assert any("restored when the session was entered" in str(w.message) for w in caught)
+    assert any("restored late" in str(w.message) for w in caught)
 
 
 def test_reentering_a_session_rebinds_the_same_state(tmp_path):

@@ -280,25 +280,28 @@ def test_unsupported_value_raises_serialization_error(tmp_path, value):
         distckpt.save({"model": {"weird": value}}, tmp_path / "s")
 
 
-@pytest.mark.parametrize(
-    "meta",
-    [
-        {"probe": torch.ones(2)},
-        {"info": {"t": torch.zeros(1)}},
-        {"info": {"arr": np.ones(3)}},
-    ],
-    ids=["tensor", "nested_tensor", "ndarray"],
-)
-def test_metadata_holding_a_tensor_is_refused(tmp_path, meta):
-    store = tmp_path / "s"
-    with pytest.raises(distckpt.CheckpointError, match="metadata"):
-        distckpt.save({"x": torch.ones(1)}, store, **meta)
-    assert distckpt.latest(store) is None
+def test_metadata_holding_tensors_and_arrays_comes_back_with_type_dtype_and_values(tmp_path):
+    # Earth2Studio accepts them (write(mask=torch.tensor([True, False]), scores=...)).
+    meta = {
+        "mask": torch.tensor([True, False]),
+        "info": {"t": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)},
+        "scores": np.asarray([[0.25, -1.5]], dtype=np.float32),
+        "times": np.array(["2024-01-01T06", "2024-01-02T00"], dtype="datetime64[h]"),
+    }
+    distckpt.save({"x": torch.ones(1)}, tmp_path / "s", **meta)
+    back = distckpt.metadata(tmp_path / "s")
+    assert isinstance(back["mask"], torch.Tensor) and torch.equal(back["mask"], meta["mask"])
+    t = back["info"]["t"]
+    assert t.dtype == torch.bfloat16 and torch.equal(t, meta["info"]["t"])
+    for name in ("scores", "times"):
+        assert isinstance(back[name], np.ndarray) and back[name].dtype == meta[name].dtype
+        assert np.array_equal(back[name], meta[name])
 
 
-def test_metadata_holding_a_tensor_raises_serialization_error(tmp_path):
+def test_unstorable_metadata_raises_serialization_error_naming_its_path(tmp_path):
     with pytest.raises(distckpt.CheckpointSerializationError, match=re.escape("'info/t'")):
-        distckpt.save({"x": torch.ones(1)}, tmp_path / "s", info={"t": torch.zeros(1)})
+        distckpt.save({"x": torch.ones(1)}, tmp_path / "s", info={"t": object()})
+    assert distckpt.latest(tmp_path / "s") is None
 
 
 # -- loading never runs code from the checkpoint ---------------------------------------------

@@ -113,6 +113,9 @@ def encode(
             for f in dataclasses.fields(obj)
         ]
         return {"dataclass": {"type": qualified_name(type(obj)), "fields": fields}}
+    extra = encode_extra_kind(obj, path)
+    if extra is not None:
+        return extra
     raise CheckpointSerializationError(
         f"value of type {type(obj).__qualname__} at {path_str(path)!r} cannot be stored "
         "(supported: tensors, numpy arrays, dict/list/tuple, scalars, str, bytes, datetimes)"
@@ -259,25 +262,126 @@ def _decode_node(
         # Types are never imported from a checkpoint: fields come back as a dict and the
         # live object (if any) is filled in place by the binding layer.
         return {k: decode(v, get_leaf, get_global) for k, v in value["fields"]}
+    if tag in EXTRA_TAGS:
+        return decode_extra_kind(tag, value)
     raise CheckpointSerializationError(f"unknown stored value tag {tag!r}")
 
 
+# -- descriptor kinds: torch.device and numpy dtypes --------------------------------------
+#: Tags of the descriptor kinds (values that name a device or a dtype; no data).
+EXTRA_TAGS = frozenset(("device", "np_dtype"))
+
+
+def encode_extra_kind(obj: Any, path: Path) -> Json | None:
+    """A node for a ``torch.device`` or a ``numpy.dtype``; None for any other value.
+
+    Components keep these in their state (Earth2Studio's codec stores both), and they must
+    come back as the same type: a device as ``torch.device``, a dtype as ``numpy.dtype``.
+    """
+    if isinstance(obj, np.dtype):
+        if obj.hasobject or obj.fields is not None or obj.subdtype is not None:
+            raise CheckpointSerializationError(
+                f"numpy dtype {obj} at {path_str(path)!r} cannot be stored (plain dtypes only)"
+            )
+        return {"np_dtype": obj.str}
+    import torch
+
+    if isinstance(obj, torch.device):
+        return {"device": str(obj)}
+    return None
+
+
+def decode_extra_kind(tag: str, value: Json) -> Any:
+    """The value of a node made by :func:`encode_extra_kind`."""
+    if not isinstance(value, str):
+        raise CheckpointSerializationError(f"malformed {tag} node {value!r:.80}")
+    if tag == "np_dtype":
+        try:
+            dtype = np.dtype(value)
+        except TypeError as exc:
+            raise CheckpointSerializationError(f"unknown numpy dtype {value!r}") from exc
+        if dtype.hasobject:
+            raise CheckpointSerializationError(f"refusing object dtype {value!r}")
+        return dtype
+    import torch
+
+    try:
+        return torch.device(value)
+    except RuntimeError as exc:
+        raise CheckpointSerializationError(f"unknown device {value!r}") from exc
+
+
+# -- metadata: a tree whose tensors and arrays are kept inline -----------------------------
+#: Tag of a metadata node that holds tensors or arrays: ``[tree, [blob, ...]]``.
+INLINE_TAG = "with_arrays"
+
+
 def encode_metadata(metadata: dict[str, Any]) -> Json:
-    """Metadata is a tree without tensors: refuse tensors so it stays small and inline."""
+    """Metadata is a tree kept inline in the manifest; its tensors and arrays (small masks,
+    scores) are kept inline too, as raw little-endian bytes with dtype and shape."""
     leaves: list[Leaf] = []
     node = encode(dict(metadata), leaves)
-    if leaves:
-        raise CheckpointSerializationError(
-            f"metadata may not hold tensors (found one at {path_str(leaves[0].path)!r})"
-        )
-    return node
+    if not leaves:
+        return node
+    return {INLINE_TAG: [node, [_inline_blob(leaf) for leaf in leaves]]}
+
+
+def _inline_blob(leaf: Leaf) -> Json:
+    tensor = leaf.tensor.detach().cpu().contiguous()
+    if leaf.numpy:
+        array = tensor.numpy()
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        return ["numpy", array.dtype.newbyteorder("<").str, list(array.shape), _b64(data)]
+    import torch
+
+    raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    name = str(tensor.dtype).removeprefix("torch.")
+    return ["torch", name, list(tensor.shape), _b64(raw)]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _inline_leaf(blob: Json) -> Any:
+    """A tensor (torch imported only here) or an ndarray from an inline metadata blob."""
+    try:
+        kind, dtype_name, shape, data = blob
+        raw = base64.b64decode(data)
+        shape = tuple(int(n) for n in shape)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointSerializationError(f"malformed inline array {blob!r:.80}") from exc
+    if kind == "numpy":
+        dtype = np.dtype(dtype_name)
+        if dtype.hasobject:
+            raise CheckpointSerializationError(f"refusing object dtype {dtype_name!r}")
+        array = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return array.astype(dtype.newbyteorder("="))
+    if kind != "torch":
+        raise CheckpointSerializationError(f"malformed inline array kind {kind!r}")
+    import torch
+
+    from distckpt.format.dtypes import torch_dtype
+
+    dtype = torch_dtype(dtype_name)
+    buffer = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0)
+    return buffer.to(torch.uint8).view(dtype).reshape(shape).clone()
 
 
 def decode_metadata(node: Json) -> dict[str, Any]:
-    def no_leaf(index: int, numpy: bool) -> Any:
-        raise CheckpointSerializationError("metadata refers to a tensor")
+    blobs: list[Json] = []
+    if isinstance(node, dict) and INLINE_TAG in node:
+        try:
+            node, blobs = node[INLINE_TAG]
+        except (TypeError, ValueError) as exc:
+            raise CheckpointSerializationError("malformed metadata with arrays") from exc
 
-    value = decode(node, no_leaf)
+    def inline_leaf(index: int, numpy: bool) -> Any:
+        if not 0 <= index < len(blobs):
+            raise CheckpointSerializationError(f"metadata refers to a missing array {index}")
+        return _inline_leaf(blobs[index])
+
+    value = decode(node, inline_leaf)
     if not isinstance(value, dict):
         raise CheckpointSerializationError("stored metadata is not a mapping")
     return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
 import warnings
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -17,7 +18,11 @@ import torch
 
 from distckpt.engine import restore
 from distckpt.engine.steps import RowView, StateSchema
-from distckpt.errors import CheckpointStateCollision, CheckpointStateSchemaError
+from distckpt.errors import (
+    CheckpointStateCollision,
+    CheckpointStateSchemaError,
+    ForeignCheckpointStateError,
+)
 from distckpt.format.tree import qualified_name
 from distckpt.migrate.migrations import MigrationRegistry, default_registry, newer_version_error
 from distckpt.plan.stateful import is_stateful
@@ -108,23 +113,30 @@ def assign_fields(instance: Any, values: dict[str, Any]) -> None:
 
 
 class CheckpointState(Generic[T]):
-    """Proxy of a bound dataclass: attribute access goes to the dataclass itself."""
+    """Proxy of a bound dataclass: attribute access goes to the dataclass itself.
+
+    Constructed as Earth2Studio's is (``CheckpointState(MyState())``, unbound: level 0);
+    ``state_id`` defaults to the class's qualified name.
+    """
 
     __slots__ = ("_checkpoint", "_session", "_state", "_state_id", "_state_loaded")
 
     def __init__(
         self,
         state: T,
-        state_id: str,
         checkpoint: Checkpoint | None = None,
         session: CheckpointSession | None = None,
-        loaded: bool = False,
+        state_loaded: bool = False,
+        *,
+        state_id: str | None = None,
     ) -> None:
+        if isinstance(checkpoint, str):  # the old (state, state_id, ...) order
+            state_id, checkpoint = checkpoint, None
         object.__setattr__(self, "_state", state)
-        object.__setattr__(self, "_state_id", state_id)
+        object.__setattr__(self, "_state_id", state_id or qualified_name(type(state)))
         object.__setattr__(self, "_checkpoint", checkpoint)
         object.__setattr__(self, "_session", session)
-        object.__setattr__(self, "_state_loaded", loaded)
+        object.__setattr__(self, "_state_loaded", state_loaded)
 
     def _attach(
         self, checkpoint: Checkpoint | None, session: CheckpointSession | None, loaded: bool
@@ -133,10 +145,22 @@ class CheckpointState(Generic[T]):
         object.__setattr__(self, "_session", session)
         object.__setattr__(self, "_state_loaded", loaded)
 
+    def _bind_checkpoint(
+        self,
+        checkpoint: Checkpoint | None,
+        session: CheckpointSession | None = None,
+        state_loaded: bool = False,
+    ) -> None:
+        """Earth2Studio's name for :meth:`_attach` (its components never call it)."""
+        self._attach(checkpoint, session, state_loaded)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(object.__getattribute__(self, "_state"), name)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__slots__:
+            object.__setattr__(self, name, value)
+            return
         if name == "device" or name.startswith("checkpoint_"):
             raise AttributeError(f"{name!r} is read-only on a bound checkpoint state")
         setattr(self._state, name, value)
@@ -211,24 +235,60 @@ class CheckpointState(Generic[T]):
 
     @property
     def checkpoint_labels(self) -> dict[str, Any]:
-        return {}
+        return self._session.labels if self._session is not None else {}
 
     @property
     def checkpoint_metadata(self) -> dict[str, Any]:
         return self._session.metadata if self._session is not None else {}
 
 
-def _unwrap(state: Any) -> Any:
+def is_foreign_proxy(state: Any) -> bool:
+    """Whether ``state`` is Earth2Studio's own ``CheckpointState`` proxy (not ours)."""
+    kind = type(state)
+    return kind.__name__ == "CheckpointState" and kind.__module__.startswith("earth2studio")
+
+
+def foreign_proxy_error(state: Any) -> ForeignCheckpointStateError:
+    inner = getattr(state, "checkpoint_dataclass", None)
+    name = qualified_name(type(inner)) if inner is not None else "?"
+    return ForeignCheckpointStateError(
+        f"state {name!r} is bound to Earth2Studio's own checkpoint (an "
+        "earth2studio.utils.checkpoint.CheckpointState): its component was constructed "
+        "before distckpt.compat.earth2studio.use_distckpt() was called. Call use_distckpt() "
+        "first, then construct the component (inside `with checkpoint:`)",
+        state_id=name,
+    )
+
+
+def check_no_foreign_pending() -> None:
+    """Refuse to start a session while states wait on Earth2Studio's own ``Checkpoint``:
+    their components were built before ``use_distckpt()`` and would be silently left out
+    of every row."""
+    source = sys.modules.get("earth2studio.utils.checkpoint")
+    pending_var = getattr(source, "_PENDING_STATES", None)
+    if pending_var is None:
+        return
+    pending = pending_var.get()
+    if pending:
+        raise foreign_proxy_error(pending[0].state)
+
+
+def as_proxy(state: Any, state_id: str | None = None) -> CheckpointState[Any]:
+    """``state`` itself when it is one of our proxies, else a new unbound proxy of it."""
     if isinstance(state, CheckpointState):
-        return state.checkpoint_dataclass
+        return state
+    if is_foreign_proxy(state):
+        raise foreign_proxy_error(state)
     if not dataclasses.is_dataclass(state) or isinstance(state, type):
         raise TypeError(
             f"bind_checkpoint_state takes a dataclass instance, not {type(state).__qualname__}"
         )
-    return state
+    return CheckpointState(state, state_id=state_id)
 
 
-def bind_checkpoint_state(state: T, *, state_id: str | None = None) -> CheckpointState[T]:
+def bind_checkpoint_state(
+    state: T | CheckpointState[T], *, state_id: str | None = None
+) -> CheckpointState[T]:
     """Register a dataclass instance's fields as restartable state.
 
     A dataclass may define ``__checkpoint_save__()`` (called just before its fields are
@@ -239,17 +299,16 @@ def bind_checkpoint_state(state: T, *, state_id: str | None = None) -> Checkpoin
     this state. With a checkpoint constructed but no session entered yet, binding waits and
     restores when the session is entered. Without any checkpoint the proxy is inert
     (``checkpoint_enabled`` is False). ``state_id`` defaults to the class's qualified name;
-    give one to bind several instances of one class.
+    give one to bind several instances of one class. Binding a proxy again returns it.
     """
-    instance = _unwrap(state)
-    sid = state_id or qualified_name(type(instance))
+    proxy = as_proxy(state, state_id)
     session = _ACTIVE_SESSION.get()
     if session is not None:
-        return session.bind(instance, state_id=sid)
+        return session.bind(proxy)
     checkpoint = _CURRENT_CHECKPOINT.get()
     if checkpoint is not None:
-        return checkpoint.defer_bind(instance, sid)
-    return CheckpointState(instance, sid)
+        return checkpoint.defer_bind(proxy)
+    return proxy
 
 
 def restore_into(instance: Any, saved: dict[str, Any], device: torch.device) -> None:
@@ -310,10 +369,12 @@ def collision(state_id: str) -> CheckpointStateCollision:
     )
 
 
-def late_restore_warning(state_id: str) -> None:
+def late_restore_warning(state_ids: str) -> None:
     warnings.warn(
-        f"state {state_id!r} was bound before an existing checkpoint session was active; "
-        "it was restored when the session was entered",
+        f"Checkpoint state {state_ids} was bound before an existing checkpoint session was "
+        "active: its saved state is restored late, and constructor side effects that "
+        "depended on it are not replayed. Construct restartable components inside "
+        "`with checkpoint:` when state must be restored during initialization.",
         UserWarning,
         stacklevel=3,
     )

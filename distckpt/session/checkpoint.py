@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -26,8 +26,9 @@ from distckpt.dist.retention import KeepAll, KeepLatest, RetentionPolicy
 from distckpt.engine import hooks
 from distckpt.engine import steps as engine
 from distckpt.engine.asyncwrite import BackgroundWriter, Stager, StagingBuffers
-from distckpt.errors import CommunicatorError
-from distckpt.format.layout import row_name
+from distckpt.errors import CheckpointSerializationError, CommunicatorError
+from distckpt.format import tree as codec
+from distckpt.format.layout import ROWS_DIR, row_name
 from distckpt.format.manifest import RankManifest
 from distckpt.format.names import escape_component
 from distckpt.logs import get_logger
@@ -37,7 +38,9 @@ from distckpt.session.binding import (
     _ACTIVE_SESSION,
     _CURRENT_CHECKPOINT,
     CheckpointState,
+    as_proxy,
     bind_checkpoint_state,
+    check_no_foreign_pending,
     collision,
     late_restore_warning,
     read_saved_fields,
@@ -64,35 +67,82 @@ def default_checkpoint_path(name: str) -> Path:
 
 @dataclass(frozen=True)
 class CheckpointEntry:
-    """One committed row, as this rank sees it."""
+    """One committed row, as this rank sees it.
 
-    row: int
+    Earth2Studio's fields in its order; ``row`` (the row number in the store) and ``level``
+    (the level it was written at) are distckpt's.
+    """
+
     commit_id: str
-    lead_time: Any
+    labels: dict[str, Any]
+    metadata: dict[str, Any]
+    metadata_keys: tuple[str, ...]
     write_count: int
     saved_at: str
     rank: int
     world_size: int
-    level: int | None
     state_ids: tuple[str, ...]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    labels: dict[str, Any] = field(default_factory=dict)
+    row: int = -1
+    level: int | None = None
+
+    @property
+    def lead_time(self) -> Any:
+        """Forecast lead time metadata, when present."""
+        return self.metadata.get("lead_time")
+
+    @property
+    def artifacts(self) -> tuple[str, ...]:
+        """Earth2Studio's alias of ``metadata_keys``."""
+        return self.metadata_keys
 
     @staticmethod
     def from_view(view: engine.RowView | MappedView) -> CheckpointEntry:
         m = view.manifest
+        metadata = row_metadata(view)
         return CheckpointEntry(
-            row=m.row,
             commit_id=row_name(m.row),
-            lead_time=view.lead_time,
+            labels={},
+            metadata=metadata,
+            metadata_keys=tuple(metadata),
             write_count=m.write_count,
             saved_at=m.created,
             rank=m.rank,
             world_size=m.world_size,
-            level=m.level,
             state_ids=tuple(m.states),
-            metadata=view.metadata,
+            row=m.row,
+            level=m.level,
         )
+
+
+def row_metadata(view: engine.RowView | MappedView) -> dict[str, Any]:
+    """A row's metadata as Earth2Studio reports it: ``lead_time`` (kept apart in the
+    manifest, where tools read it) first, then the rest as written."""
+    lead_time = view.lead_time
+    metadata = view.metadata
+    if lead_time is None:
+        return metadata
+    return {"lead_time": lead_time, **{k: v for k, v in metadata.items() if k != "lead_time"}}
+
+
+@dataclass(frozen=True)
+class PendingCheckpointState:
+    """A state bound while no session of ``checkpoint`` was active: adopted (and restored)
+    when one is entered. ``reusable``: parked by a session's exit, so the next session may
+    bind another instance under the same id."""
+
+    checkpoint: Checkpoint
+    state_id: str
+    state: CheckpointState[Any]
+    reusable: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedState:
+    """A saved state of the selected row, waiting to be bound: ``path`` is the row's
+    directory in the store, ``manifest`` the state's record (tree, schema, fields)."""
+
+    path: Path
+    manifest: dict[str, Any]
 
 
 class Checkpoint:
@@ -157,7 +207,7 @@ class Checkpoint:
         self._writer: BackgroundWriter | None = None
         self.lease: lease.Lease | None = None  # held (coordinator) while a block is open
         self._sessions: list[CheckpointSession] = []
-        self._pending: list[tuple[CheckpointState[Any], bool]] = []
+        self._pending: list[PendingCheckpointState] = []
         _CURRENT_CHECKPOINT.set(self)
 
     @property
@@ -167,6 +217,12 @@ class Checkpoint:
     @property
     def world_size(self) -> int:
         return self.comm.world_size
+
+    @property
+    def rank_path(self) -> Path:
+        """The store's directory. Earth2Studio gives each rank a directory of its own; here
+        every rank writes its part of each row into the one store."""
+        return self.path
 
     # -- catalog ---------------------------------------------------------------------------
     @property
@@ -197,7 +253,7 @@ class Checkpoint:
             raise IndexError(f"no committed rows in {self.path}")
         entry = entries[row]
         manifest = self.store.read_manifest(entry.row, self.rank)
-        return CheckpointSession(self, entry, manifest)
+        return CheckpointSession(self, entry, manifest=manifest)
 
     def elect(self) -> CheckpointSession:
         """Collective: a session on the newest committed row, or a new session.
@@ -212,23 +268,34 @@ class Checkpoint:
         if mapped is not None:
             return CheckpointSession(self, CheckpointEntry.from_view(mapped), view=mapped)
         view = engine.RowView(self.store, self.store.read_manifest(row, self.rank))
-        return CheckpointSession(self, CheckpointEntry.from_view(view), view.manifest)
+        return CheckpointSession(self, CheckpointEntry.from_view(view), manifest=view.manifest)
 
-    def defer_bind(self, instance: Any, state_id: str) -> CheckpointState[Any]:
-        for waiting, _ in self._pending:
-            if waiting.checkpoint_dataclass is instance:
-                return waiting
-        proxy: CheckpointState[Any] = CheckpointState(instance, state_id, self)
-        self._pending.append((proxy, False))
+    def defer_bind(self, proxy: CheckpointState[Any]) -> CheckpointState[Any]:
+        """Keep ``proxy`` until a session is entered (returns the proxy already waiting
+        for the same instance, if any)."""
+        proxy._attach(self, None, False)
+        return self._buffer(proxy, reusable=False)
+
+    def _buffer(self, proxy: CheckpointState[Any], reusable: bool) -> CheckpointState[Any]:
+        sid = proxy.checkpoint_id
+        for index, item in enumerate(self._pending):
+            if item.state_id != sid:
+                continue
+            if item.state.checkpoint_dataclass is proxy.checkpoint_dataclass:
+                return item.state
+            if item.reusable:  # a new instance replaces the one a session parked
+                self._pending[index] = PendingCheckpointState(self, sid, proxy, reusable)
+                return proxy
+        self._pending.append(PendingCheckpointState(self, sid, proxy, reusable))
         return proxy
 
-    def _take_pending(self) -> list[tuple[CheckpointState[Any], bool]]:
+    def _take_pending(self) -> list[PendingCheckpointState]:
         pending, self._pending = self._pending, []
         return pending
 
     def _park(self, proxy: CheckpointState[Any]) -> None:
         proxy._attach(self, None, False)
-        self._pending.append((proxy, True))
+        self._buffer(proxy, reusable=True)
 
     @property
     def retention(self) -> RetentionPolicy:
@@ -261,10 +328,12 @@ class Checkpoint:
 
     def __enter__(self) -> CheckpointSession:
         if not self._sessions:
+            check_no_foreign_pending()  # before the lease: nothing to undo
             # The writer lease, before anything is restored or written: a second job writing
             # this store is refused here (LeaseHeldError naming the holder).
             self.lease = engine.writer_lease(self.store, self.comm, self.name)
-        session = self.active or self.elect()
+        active = self.active  # not `or`: a new session is falsy (it has no row yet)
+        session = active if active is not None else self.elect()
         self._sessions.append(session)
         return session.__enter__()
 
@@ -298,12 +367,34 @@ class Checkpoint:
         return "\n".join(lines)
 
 
-def _normalise_lead_time(value: Any) -> Any:
+def _normalise(value: Any) -> Any:
+    """Earth2Studio's normalisation of a metadata value: a one-element array becomes its
+    element, a one-element tensor a Python scalar (``lead_time=coords["lead_time"]``)."""
     if isinstance(value, np.ndarray) and value.size == 1:
-        return value.reshape(()).item() if value.dtype.kind not in "mM" else value.reshape(())[()]
+        return value.reshape(-1)[0]
     if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
+        return value.detach().cpu().reshape(-1)[0].item()
     return value
+
+
+def sanitize_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Normalised metadata, each value checked now: a value that cannot be stored fails at
+    ``write``, with the key named, not later at a flush."""
+    sanitized: dict[str, Any] = {}
+    for name, value in metadata.items():
+        if not isinstance(name, str):
+            raise CheckpointSerializationError(
+                f"Invalid checkpoint metadata key {name!r}; metadata keys must be strings."
+            )
+        value = _normalise(value)
+        try:
+            codec.encode_metadata({name: value})
+        except CheckpointSerializationError as exc:
+            raise CheckpointSerializationError(
+                f"Invalid checkpoint metadata {name!r}: {exc}"
+            ) from exc
+        sanitized[name] = value
+    return sanitized
 
 
 class CheckpointSession:
@@ -313,8 +404,8 @@ class CheckpointSession:
         self,
         catalog: Checkpoint,
         entry: CheckpointEntry | None = None,
-        manifest: RankManifest | None = None,
         *,
+        manifest: RankManifest | None = None,
         view: MappedView | None = None,
     ) -> None:
         self.catalog = catalog
@@ -326,7 +417,8 @@ class CheckpointSession:
             self._view = engine.RowView(catalog.store, manifest)
         self._write_count = entry.write_count if entry is not None else 0
         self._writes_since_start = 0
-        self._pending_lead_time: Any = None
+        # What the next row's metadata holds (as in Earth2Studio: starts empty, and what was
+        # written stays pending for the rows after it).
         self._pending_metadata: dict[str, Any] = {}
         self._dirty = False
         self._reusable: set[str] = set()
@@ -358,7 +450,8 @@ class CheckpointSession:
 
     @property
     def lead_time(self) -> Any:
-        return self._entry.lead_time if self._entry is not None else None
+        """Forecast lead time metadata of the selected row, when present."""
+        return self.metadata.get("lead_time")
 
     @property
     def level(self) -> int | None:
@@ -367,14 +460,39 @@ class CheckpointSession:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The selected row's metadata (this rank's), with its ``lead_time`` as
-        Earth2Studio's sessions report it; ``{}`` for a new session."""
+        """The selected row's metadata (this rank's), ``lead_time`` among it; ``{}`` for a
+        new session. A fresh copy each time, as Earth2Studio reads it from disk each time."""
         if self._entry is None:
             return {}
-        meta = dict(self._entry.metadata)
-        if self._entry.lead_time is not None:
-            meta.setdefault("lead_time", self._entry.lead_time)
-        return meta
+        return copy.deepcopy(self._entry.metadata)
+
+    @property
+    def artifacts(self) -> dict[str, Any]:
+        """Earth2Studio's alias of :attr:`metadata`."""
+        return self.metadata
+
+    def metadata_value(self, name: str) -> Any:
+        """One metadata value of the selected row (KeyError naming it when absent)."""
+        metadata = self.metadata
+        if name not in metadata:
+            raise KeyError(f"Metadata {name!r} not found in checkpoint session.")
+        return metadata[name]
+
+    def artifact(self, name: str) -> Any:
+        """Earth2Studio's alias of :meth:`metadata_value`."""
+        return self.metadata_value(name)
+
+    @property
+    def _loaded_states(self) -> dict[str, LoadedState]:
+        """The selected row's states this session would restore (none at level 0)."""
+        view = self._view
+        if view is None or self.catalog.level == 0:
+            return {}
+        directory = self.catalog.path / ROWS_DIR / row_name(view.row)
+        return {
+            sid: LoadedState(directory, {"state_id": sid, **record.to_json()})
+            for sid, record in view.manifest.states.items()
+        }
 
     @property
     def device(self) -> torch.device:
@@ -396,10 +514,13 @@ class CheckpointSession:
         self._write_count = int(value)
 
     # -- binding ---------------------------------------------------------------------------
-    def bind(
-        self, instance: Any, *, state_id: str, proxy: CheckpointState[Any] | None = None
-    ) -> CheckpointState[Any]:
-        """Register ``instance`` under ``state_id``; restore it if the selected row has it."""
+    def bind(self, state: Any, *, state_id: str | None = None) -> CheckpointState[Any]:
+        """Register a dataclass instance (or a proxy of one, which is returned); restore it
+        if the selected row has its state. ``state_id`` defaults to the proxy's or the
+        class's qualified name."""
+        proxy = as_proxy(state, state_id)
+        instance = proxy.checkpoint_dataclass
+        state_id = proxy.checkpoint_id
         existing = self.bound_states.get(state_id)
         if existing is not None:
             if existing.checkpoint_dataclass is instance:
@@ -416,27 +537,25 @@ class CheckpointSession:
             if hook is not None:
                 hook()
             loaded = True
-        if proxy is None:
-            proxy = CheckpointState(instance, state_id)
         proxy._attach(self.catalog, self, loaded)
         self.bound_states[state_id] = proxy
         return proxy
 
     # -- writing ---------------------------------------------------------------------------
-    def write(self, lead_time: Any = None, **metadata: Any) -> CheckpointEntry | None:
+    def write(self, **metadata: Any) -> CheckpointEntry | None:
         """Record a boundary; commits a row every ``flush_interval`` writes (collective).
 
         Subscribers of :mod:`distckpt.engine.hooks` (preemption) run once it returns."""
-        entry = self._write(lead_time, **metadata)
+        entry = self._write(**metadata)
         hooks.announce(hooks.Boundary(self.catalog.comm, getattr(entry, "row", None), self))
         return entry
 
-    def _write(self, lead_time: Any, **metadata: Any) -> CheckpointEntry | None:
+    def _write(self, **metadata: Any) -> CheckpointEntry | None:
+        sanitized = sanitize_metadata(metadata)
+        previous = (dict(self._pending_metadata), self._dirty)
         self._write_count += 1
         self._writes_since_start += 1
-        if lead_time is not None:
-            self._pending_lead_time = _normalise_lead_time(lead_time)
-        self._pending_metadata.update(metadata)
+        self._pending_metadata.update(sanitized)
         self._dirty = True
         interval = self.catalog.flush_interval
         if interval is not None and self._write_count % interval == 0:
@@ -446,16 +565,16 @@ class CheckpointSession:
                 # The boundary did not become a row: a retried write must count it again.
                 self._write_count -= 1
                 self._writes_since_start -= 1
+                self._pending_metadata, self._dirty = previous
                 raise
         return None
 
-    def flush(self, lead_time: Any = None, **metadata: Any) -> CheckpointEntry | None:
-        """Commit pending writes as a new row (collective; a no-op if no rank has any)."""
-        if lead_time is not None:
-            self._pending_lead_time = _normalise_lead_time(lead_time)
-            self._dirty = True
+    def flush(self, **metadata: Any) -> CheckpointEntry | None:
+        """Commit pending writes as a new row (collective; a no-op if no rank has any).
+
+        Metadata given here overrides the pending metadata for this row and after."""
         if metadata:
-            self._pending_metadata.update(metadata)
+            self._pending_metadata.update(sanitize_metadata(metadata))
             self._dirty = True
         comm = self.catalog.comm
         if not any(step.gather(comm, step.SESSION_PENDING, lambda: self._dirty)):
@@ -477,7 +596,6 @@ class CheckpointSession:
         )
         view = engine.RowView(cat.store, manifest)
         self._entry = CheckpointEntry.from_view(view)
-        self._pending_metadata = {}
         self._dirty = False
         return self._entry
 
@@ -522,7 +640,6 @@ class CheckpointSession:
             return job
 
         cat._background().submit(prepare)
-        self._pending_metadata = {}
         self._dirty = False
         return None
 
@@ -539,27 +656,31 @@ class CheckpointSession:
                     hook()
                 states[sid] = state_fields(instance)
                 schemas[sid] = schema_of(instance)
-        base = dict(self._entry.metadata) if self._entry is not None else {}
-        base.update(self._pending_metadata)
+        metadata = dict(self._pending_metadata)
+        lead_time = metadata.pop("lead_time", None)  # the manifest keeps it apart
         return engine.RowContent(
             states=states,
             schemas=schemas,
-            metadata=base,
+            metadata=metadata,
             write_count=self._write_count,
-            lead_time=self._pending_lead_time,
+            lead_time=lead_time,
             level=cat.level,
         )
 
     # -- context ---------------------------------------------------------------------------
     def __enter__(self) -> CheckpointSession:
+        if not self._tokens:
+            check_no_foreign_pending()
         self._tokens.append(_ACTIVE_SESSION.set(self))
         if len(self._tokens) == 1:  # outermost entry: adopt states bound while inactive
-            for proxy, reusable in self.catalog._take_pending():
-                if reusable:
-                    self._reusable.add(proxy.checkpoint_id)
-                elif self.exists:
-                    late_restore_warning(proxy.checkpoint_id)
-                self.bind(proxy.checkpoint_dataclass, state_id=proxy.checkpoint_id, proxy=proxy)
+            pending = self.catalog._take_pending()
+            late = [item.state_id for item in pending if not item.reusable]
+            if late and self.exists:
+                late_restore_warning(", ".join(late))
+            for item in pending:
+                self.bind(item.state)
+                if item.reusable:
+                    self._reusable.add(item.state_id)
         return self
 
     def __exit__(
@@ -586,7 +707,6 @@ class NullCheckpoint:
 
     exists = False
     lead_time = None
-    labels: dict[str, Any] = {}  # noqa: RUF012
     is_active = False
     device = torch.device("cpu")
     checkpoint_device = torch.device("cpu")
@@ -611,10 +731,14 @@ class NullCheckpoint:
     def metadata(self) -> dict[str, Any]:
         return {}
 
-    def write(self, lead_time: Any = None, **metadata: Any) -> None:
+    @property
+    def labels(self) -> dict[str, Any]:
+        return {}
+
+    def write(self, **metadata: Any) -> None:
         return None
 
-    def flush(self, lead_time: Any = None, **metadata: Any) -> None:
+    def flush(self, **metadata: Any) -> None:
         return None
 
     def __bool__(self) -> bool:
@@ -633,7 +757,9 @@ __all__ = [
     "CheckpointLevel",
     "CheckpointSession",
     "CheckpointState",
+    "LoadedState",
     "NullCheckpoint",
+    "PendingCheckpointState",
     "bind_checkpoint_state",
     "default_checkpoint_path",
 ]
