@@ -141,7 +141,7 @@ class LoadedState:
     """A saved state of the selected row, waiting to be bound: ``path`` is the row's
     directory in the store, ``manifest`` the state's record (tree, schema, fields)."""
 
-    path: Path
+    path: Path | str  # a string for object stores (an s3:// URL)
     manifest: dict[str, Any]
 
 
@@ -219,7 +219,7 @@ class Checkpoint:
         return self.comm.world_size
 
     @property
-    def rank_path(self) -> Path:
+    def rank_path(self) -> Path | str:
         """The store's directory. Earth2Studio gives each rank a directory of its own; here
         every rank writes its part of each row into the one store."""
         return self.path
@@ -488,7 +488,9 @@ class CheckpointSession:
         view = self._view
         if view is None or self.catalog.level == 0:
             return {}
-        directory = self.catalog.path / ROWS_DIR / row_name(view.row)
+        base = self.catalog.path
+        rows = f"{ROWS_DIR}/{row_name(view.row)}"
+        directory = f"{base}/{rows}" if isinstance(base, str) else base / rows
         return {
             sid: LoadedState(directory, {"state_id": sid, **record.to_json()})
             for sid, record in view.manifest.states.items()
