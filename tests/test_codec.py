@@ -155,11 +155,12 @@ def test_everything_round_trips_without_pickle(tmp_path, no_pickle):
 
 
 def test_store_holds_only_json_and_raw_chunks(tmp_path):
-    """Every file is a JSON document or a chunk of raw tensor bytes plus its CRC-32C."""
+    """Every file is a JSON document or raw tensor bytes: format 2 keeps a rank's tensors in
+    one data array, each a byte range whose CRC-32C the manifest records."""
     store = tmp_path / "s"
     row = distckpt.save(rich_state(), store, note=("a", 1))
     arrays = json.loads(manifest_path(store, row).read_text())["arrays"]
-    chunk_bytes = 0
+    data_files = []
     for path in store.rglob("*"):
         if not path.is_file():
             continue
@@ -167,9 +168,11 @@ def test_store_holds_only_json_and_raw_chunks(tmp_path):
         if path.suffix == ".json":
             json.loads(data)
         else:
-            assert int.from_bytes(data[-4:], "little") == crc32c.crc32c(data[:-4]), path
-            chunk_bytes += len(data) - 4
-    assert chunk_bytes == sum(a["nbytes"] for a in arrays)
+            data_files.append(data)
+    (data,) = data_files  # one rank, one data array
+    for a in arrays:
+        chunk = data[a["offset"] : a["offset"] + a["nbytes"]]
+        assert len(chunk) == a["nbytes"] and crc32c.crc32c(chunk) == a["crc32c"], a["name"]
 
 
 def test_metadata_round_trips_with_types_without_pickle(tmp_path, no_pickle):
