@@ -99,8 +99,8 @@ def assert_resumed_bit_exactly(result: LaunchResult, root: Path, ref: np.ndarray
 
 
 RELAUNCH = [
-    pytest.param("torchrun", 2, id="4to2-torchrun"),
-    pytest.param("torchrun", 8, id="4to8-torchrun"),
+    pytest.param("torchrun", 2, id="4to2-torchrun", marks=pytest.mark.long),
+    pytest.param("torchrun", 8, id="4to8-torchrun", marks=pytest.mark.long),
     pytest.param("mpiexec", 2, id="4to2-mpiexec", marks=needs_mpiexec),
 ]
 
@@ -150,6 +150,7 @@ def test_rank_private_state_refuses_to_move_and_weights_are_read_once(tmp_path):
 
 @multiproc
 @pytest.mark.timeout(int(4 * LAUNCH_TIMEOUT))
+@pytest.mark.long
 def test_killed_again_after_moving_finishes_on_an_uneven_number(reference, killed_on_4, tmp_path):
     """4 ranks killed, 2 ranks resume and are killed in turn (their first row committed),
     3 ranks finish: members move twice, the second time from a row written after a move."""
@@ -162,6 +163,7 @@ def test_killed_again_after_moving_finishes_on_an_uneven_number(reference, kille
 
 @multiproc
 @pytest.mark.timeout(int(3 * LAUNCH_TIMEOUT))
+@pytest.mark.long
 @pytest.mark.parametrize("level", [0, 1])
 def test_below_level_2_members_in_progress_rerun_on_their_new_rank(reference, tmp_path, level):
     """A level-0/1 row holds no rollout state: on 2 ranks the members that were in progress

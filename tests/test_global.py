@@ -61,6 +61,7 @@ def written_bytes(result: LaunchResult) -> tuple[int, int]:
 
 @multiproc
 @pytest.mark.timeout(TEST_TIMEOUT)
+@pytest.mark.long  # the 2->3 and 3->2 reshards of tests/test_format2.py run by default
 def test_two_ranks_save_one_three_and_four_restore(tmp_path):
     store = tmp_path / "store"
     saved = launch(2, store, "save").check()

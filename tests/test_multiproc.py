@@ -85,9 +85,9 @@ def written(tmp_path_factory: pytest.TempPathFactory):
 
 JOBS = [
     pytest.param("torchrun", 2, id="torchrun-2"),
-    pytest.param("torchrun", 4, id="torchrun-4"),
+    pytest.param("torchrun", 4, id="torchrun-4", marks=pytest.mark.long),
     pytest.param("mpiexec", 2, id="mpiexec-2", marks=needs_mpiexec),
-    pytest.param("mpiexec", 4, id="mpiexec-4", marks=needs_mpiexec),
+    pytest.param("mpiexec", 4, id="mpiexec-4", marks=[needs_mpiexec, pytest.mark.long]),
 ]
 
 

@@ -454,12 +454,22 @@ class Torture:
 
 # -- tests ----------------------------------------------------------------------------------------
 MATRIX = [
-    pytest.param(Config("torchrun", 2, 2), id="torchrun2-level2"),
-    pytest.param(Config("torchrun", 4, 1, batch_size=1), id="torchrun4-level1"),
-    pytest.param(Config("torchrun", 2, 0), id="torchrun2-level0"),
+    pytest.param(Config("torchrun", 2, 2), id="torchrun2-level2", marks=pytest.mark.long),
+    pytest.param(
+        Config("torchrun", 4, 1, batch_size=1), id="torchrun4-level1", marks=pytest.mark.long
+    ),
+    pytest.param(Config("torchrun", 2, 0), id="torchrun2-level0", marks=pytest.mark.long),
     pytest.param(Config("mpiexec", 2, 2), id="mpiexec2-level2", marks=needs_mpiexec),
-    pytest.param(Config("mpiexec", 4, 0, batch_size=1), id="mpiexec4-level0", marks=needs_mpiexec),
-    pytest.param(Config("torchrun", 2, 2, "persistence"), id="torchrun2-level2-persistence"),
+    pytest.param(
+        Config("mpiexec", 4, 0, batch_size=1),
+        id="mpiexec4-level0",
+        marks=[needs_mpiexec, pytest.mark.long],
+    ),
+    pytest.param(
+        Config("torchrun", 2, 2, "persistence"),
+        id="torchrun2-level2-persistence",
+        marks=pytest.mark.long,
+    ),
 ]
 
 
@@ -500,8 +510,12 @@ def test_killed_before_first_commit_starts_fresh(reference, tmp_path: Path) -> N
 
 MID_BATCH = [
     pytest.param(2, "after_commit", id="level2"),  # resumes inside the batch
-    pytest.param(1, "after_data", id="level1"),  # re-runs the batch, same perturbation draws
-    pytest.param(0, "after_output", id="level0"),  # re-runs the batch, re-seeded generators
+    pytest.param(
+        1, "after_data", id="level1", marks=pytest.mark.long
+    ),  # re-runs the batch, same perturbation draws
+    pytest.param(
+        0, "after_output", id="level0", marks=pytest.mark.long
+    ),  # re-runs the batch, re-seeded generators
 ]
 
 
