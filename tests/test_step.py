@@ -255,17 +255,27 @@ def test_one_rank_unable_to_read_fails_load_on_every_rank(tmp_path: Any) -> None
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize(
+    ("launcher", "nproc"),
+    [
+        *[pytest.param(launcher, 2, id=f"{launcher}-2") for launcher in LAUNCHERS],
+        *[
+            pytest.param(launcher, 4, id=f"{launcher}-4", marks=pytest.mark.long)
+            for launcher in LAUNCHERS
+        ],
+    ],
+)
 def test_real_ranks_raise_together_when_rank_1_fails_at_any_step(
-    tmp_path: Any, launcher: str
+    tmp_path: Any, launcher: str, nproc: int
 ) -> None:
-    """Every step of save and load, five ordinary errors on rank 1: one launch per world."""
-    result = launch(launcher, 2, WORKERS / "step_fault_worker.py", [str(tmp_path)], timeout=400)
+    """Every step of save and load, five ordinary errors on rank 1 only: one launch per
+    world; every rank raises the same error naming rank 1."""
+    result = launch(launcher, nproc, WORKERS / "step_fault_worker.py", [str(tmp_path)], timeout=600)
     assert result.returncode == 0, result.output
     expected = {(s, kind) for s in (*step.SAVE_STEPS, *step.LOAD_STEPS) for kind in FAULT_KINDS}
-    for rank in range(2):
+    for rank in range(nproc):
         report = json.loads((tmp_path / f"report_{rank}.json").read_text())
-        assert report["world_size"] == 2
+        assert report["world_size"] == nproc
         cases = report["cases"]
         assert {(c["step"], c["error"]) for c in cases} == expected
         for c in cases:
