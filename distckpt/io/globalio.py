@@ -154,20 +154,21 @@ class GlobalReader:
     _owned: dict[int, dict[str, tuple[PieceEntry, ...]]] = field(default_factory=dict, repr=False)
     _sizes: dict[int, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _handles: ReadHandles | None = field(default=None, repr=False)
+    # The data files' reads; pass the rank reader's handles to share its open files.
+    files: ReadHandles | None = field(default=None, repr=False)
 
     @property
     def _files(self) -> ReadHandles:
         """The data files' reads, each file opened once for the reader's life."""
         with self._lock:
-            if self._handles is None:
-                self._handles = self.store.fs.open_reads()
-            return self._handles
+            if self.files is None:
+                self.files = self.store.fs.open_reads()
+            return self.files
 
     def close(self) -> None:
         """Close the files this reader keeps open (also done when it is collected)."""
-        if self._handles is not None:
-            self._handles.close()
+        if self.files is not None:
+            self.files.close()
 
     def _manifest(self, rank: int) -> RankManifest:
         try:

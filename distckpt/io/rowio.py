@@ -222,14 +222,15 @@ class RankReader:
         entries: Sequence[ArrayEntry],
         store: str | None = None,
         ranged: bool = False,
+        files: ReadHandles | None = None,
     ) -> None:
         # ``ranged``: a packed entry is read by its own byte range and checksum, not with
         # its whole pack (a rank reading a few entries of another rank's data).
         self._ranged = ranged
         self._fs = fs
-        # Every size and byte range goes through one set of handles: a data file is opened
-        # once for the reader's life, not once per tensor read.
-        self._files: ReadHandles = fs.open_reads()
+        # Every size and byte range goes through one set of handles (``files``: shared with
+        # the row's global reader): a data file is opened once, not once per tensor read.
+        self._files: ReadHandles = files if files is not None else fs.open_reads()
         self._row_dir = row_dir
         self._store = store if store is not None else chunks.store_of(row_dir)
         self._row = row

@@ -279,13 +279,8 @@ class _LocalReadHandles(ReadHandles):
                 held[1] += 1
                 self._open.move_to_end(path)
                 return held[0]
-        fd = _open_regular(path)
-        with self._lock:
-            held = self._open.get(path)
-            if held is not None:  # another thread opened it meanwhile
-                os.close(fd)
-                held[1] += 1
-                return held[0]
+            # Opened under the lock: threads asking for the same file at once share one open.
+            fd = _open_regular(path)
             self._open[path] = [fd, 1]
             idle = [p for p, (_, users) in self._open.items() if not users]
             for p in idle[: max(0, len(self._open) - OPEN_FILES)]:
