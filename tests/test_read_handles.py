@@ -15,9 +15,11 @@ from test_format2 import save_threads
 
 import distckpt
 from distckpt import Store
+from distckpt.errors import CorruptChunkError
 from distckpt.storage import filesystem
 from distckpt.storage.counting import CountingFileSystem
 from distckpt.storage.filesystem import LocalFileSystem
+from distckpt.storage.memory import MemoryFileSystem
 
 ROWS = 7  # 4 + 3 rows at 2 ranks
 
@@ -104,3 +106,58 @@ def test_counting_backend_prices_a_reader_one_open_per_file():
     assert (spent.ops["opens"], spent.ops["stats"], spent.ops["bytes_read"]) == (1, 0, 64)
     fs.read_into("/s/c.0", memoryview(bytearray(8)))  # the file system itself: an open a read
     assert (fs.counts() - before).ops["opens"] == 2
+
+
+class _RemoteLike(MemoryFileSystem):
+    """A backend whose reads are remote requests: verified loads stage instead of
+    reading twice. Counts the data bytes read."""
+
+    stage_verified_reads = True  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_read = 0
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        n = super().read_into(path, out, offset)
+        self.data_read += n if path.endswith("/c.0") else 0
+        return n
+
+    def read_into_parts(self, path: str, parts: Any, offset: int = 0) -> int:
+        n = super().read_into_parts(path, parts, offset)
+        self.data_read += n if path.endswith("/c.0") else 0
+        return n
+
+
+def _model(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+
+
+def test_a_verified_load_from_a_remote_store_reads_each_byte_once():
+    fs = _RemoteLike()
+    store = Store("/jobs/run", fs=fs)
+    saved = _model(0)
+    distckpt.save({"model": saved}, store)
+    distckpt.storage.lease.release(store)
+    target = {"model": _model(1)}
+    fs.data_read = 0
+    distckpt.load(target, store)
+    assert all(torch.equal(target["model"][k], v) for k, v in saved.items())
+    assert fs.data_read == sum(v.numel() * 4 for v in saved.values())
+
+
+def test_a_staged_load_refuses_a_corrupt_row_before_touching_live_memory():
+    fs = _RemoteLike()
+    store = Store("/jobs/run", fs=fs)
+    distckpt.save({"model": _model(0)}, store)
+    distckpt.storage.lease.release(store)
+    path = next(p for p in fs._files if p.endswith("/c.0"))
+    data = bytearray(fs._files[path])
+    data[-5] ^= 0xFF  # the last tensor's last byte
+    fs._files[path] = bytes(data)
+    target = {"model": _model(1)}
+    before = {k: v.clone() for k, v in target["model"].items()}
+    with pytest.raises(CorruptChunkError):
+        distckpt.load(target, store, fallback=False)
+    assert all(torch.equal(target["model"][k], v) for k, v in before.items())

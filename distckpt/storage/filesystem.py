@@ -44,6 +44,13 @@ class FileSystem(ABC):
     #: object's ETag), so the writer lease needs no lock file around its changes.
     native_compare_and_swap: bool = False
 
+    @property
+    def stage_verified_reads(self) -> bool:
+        """Whether a verified load should read each byte once, into staging (checked
+        there, then copied into live memory), rather than stream a checksum pass and read
+        again: true where every read is a request to a remote store (no page cache)."""
+        return not self.real_directories
+
     # -- writing -----------------------------------------------------------------------------
     @abstractmethod
     def write_file(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> int:
