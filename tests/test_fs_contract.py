@@ -147,6 +147,32 @@ class TestFileSystemContract:
         assert fs.read_into_parts(path, [memoryview(c), memoryview(d)], 96) == 4
         assert bytes(c) + bytes(d[:1]) == data[96:]
 
+    def test_reader_handles_read_like_the_file_system_and_fail_alike(self, backend):
+        fs, root, _ = backend
+        path, other = os.path.join(root, "h.bin"), os.path.join(root, "h2.bin")
+        data = bytes(range(200))
+        fs.write_file(path, [data])
+        fs.write_file(other, [data[::-1]])
+        files = fs.open_reads()
+        try:
+            assert files.size(path) == 200
+            for offset, n in ((0, 10), (150, 80), (199, 1), (10, 0)):
+                out = bytearray(n)
+                got = files.read_into(path, memoryview(out), offset)
+                assert bytes(out[:got]) == data[offset : offset + n]
+            a, b = bytearray(3), bytearray(4)
+            assert files.read_into_parts(other, [memoryview(a), memoryview(b)], 196) == 4
+            assert bytes(a) + bytes(b[:1]) == data[::-1][196:]
+            with pytest.raises(FileNotFoundError):
+                files.size(os.path.join(root, "missing"))
+            with pytest.raises(FileNotFoundError):
+                files.read_into(os.path.join(root, "missing"), memoryview(bytearray(1)))
+        finally:
+            files.close()
+        out = bytearray(5)  # closed handles open the file again
+        assert files.read_into(path, memoryview(out), 5) == 5 and bytes(out) == data[5:10]
+        files.close()
+
     def test_read_into_a_typed_buffer(self, backend):
         fs, root, _ = backend
         path = os.path.join(root, "t.bin")

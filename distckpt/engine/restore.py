@@ -81,11 +81,15 @@ def execute(
     direct: dict[int, list[int]] = {}  # saved rank -> reads going straight into live memory
     fresh: dict[int, list[int]] = {}  # saved rank -> reads into new tensors
 
+    # Object stores: a verified load reads into staging once (verified there) and copies,
+    # instead of a checksum pass and a second read of every byte.
+    stage = not in_place and globals_.store.fs.stage_verified_reads
+
     def verify() -> None:
         for i, item in enumerate(reads):
             src = item.source
             if isinstance(src, ArrayRead):
-                into_live = item.dest == "live" and not src.numpy
+                into_live = item.dest == "live" and not src.numpy and not stage
                 straight = into_live and fits_directly(src.entry, at(live, item.path))
                 (direct if straight else fresh).setdefault(src.rank, []).append(i)
             elif item.dest == "live" and isinstance(src, BoxRead) and not in_place:

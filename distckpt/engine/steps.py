@@ -435,7 +435,8 @@ class RowView:
     def __init__(self, store: Store, manifest: RankManifest) -> None:
         self.store = store
         self.manifest = manifest
-        self._globals = GlobalReader(store, manifest.row, manifest.world_size)
+        files = store.fs.open_reads()  # one open per data file for both readers
+        self._globals = GlobalReader(store, manifest.row, manifest.world_size, files=files)
         self._reader = RankReader(
             store.fs,
             store.row_dir(manifest.row),
@@ -443,6 +444,7 @@ class RowView:
             rank=manifest.rank,
             entries=manifest.arrays,
             store=store.path,
+            files=files,
         )
 
     @property

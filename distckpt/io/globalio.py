@@ -42,7 +42,7 @@ from distckpt.format.shards import (
 from distckpt.io.dataio import block_ranges
 from distckpt.io.rowio import byte_view
 from distckpt.plan.save import PlannedShard, RankPlan
-from distckpt.storage.filesystem import FileSystem
+from distckpt.storage.filesystem import FileSystem, ReadHandles
 from distckpt.storage.store import Store
 
 if TYPE_CHECKING:
@@ -154,6 +154,21 @@ class GlobalReader:
     _owned: dict[int, dict[str, tuple[PieceEntry, ...]]] = field(default_factory=dict, repr=False)
     _sizes: dict[int, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # The data files' reads; pass the rank reader's handles to share its open files.
+    files: ReadHandles | None = field(default=None, repr=False)
+
+    @property
+    def _files(self) -> ReadHandles:
+        """The data files' reads, each file opened once for the reader's life."""
+        with self._lock:
+            if self.files is None:
+                self.files = self.store.fs.open_reads()
+            return self.files
+
+    def close(self) -> None:
+        """Close the files this reader keeps open (also done when it is collected)."""
+        if self.files is not None:
+            self.files.close()
 
     def _manifest(self, rank: int) -> RankManifest:
         try:
@@ -206,7 +221,7 @@ class GlobalReader:
     def _size(self, rank: int, ref: ChunkRef) -> int:
         size = self._sizes.get(rank)
         if size is None:
-            size = self._sizes[rank] = chunks.span_size(self.store.fs, ref)
+            size = self._sizes[rank] = chunks.span_size(self._files, ref)
         return size
 
     def _read_pieces(self, entry: GlobalEntry, box: Box, dest: torch.Tensor) -> None:
@@ -255,7 +270,7 @@ class GlobalReader:
             start = ranges[b0][0]
             view = byte_view(buf)
             chunks.read_span(
-                self.store.fs,
+                self._files,
                 ref,
                 pc.offset + start,
                 view,
@@ -338,7 +353,7 @@ class GlobalReader:
         expected = crcs.get(index)
         if expected is None:
             raise ref.fail(CorruptChunkError.UNLISTED, "no saved rank's manifest lists this chunk")
-        chunks.read_chunk(self.store.fs, ref, byte_view(out), expected)
+        chunks.read_chunk(self._files, ref, byte_view(out), expected)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from distckpt.format.dtypes import spec_for, stored_itemsize, torch_dtype
 from distckpt.format.layout import ZARR_JSON, array_document, group_document, single_chunk_key
 from distckpt.format.manifest import ArrayEntry
 from distckpt.plan.save import PlannedTensor, RankPlan
-from distckpt.storage.filesystem import FileSystem
+from distckpt.storage.filesystem import FileSystem, ReadHandles
 
 if TYPE_CHECKING:
     import torch
@@ -222,11 +222,15 @@ class RankReader:
         entries: Sequence[ArrayEntry],
         store: str | None = None,
         ranged: bool = False,
+        files: ReadHandles | None = None,
     ) -> None:
         # ``ranged``: a packed entry is read by its own byte range and checksum, not with
         # its whole pack (a rank reading a few entries of another rank's data).
         self._ranged = ranged
         self._fs = fs
+        # Every size and byte range goes through one set of handles (``files``: shared with
+        # the row's global reader): a data file is opened once, not once per tensor read.
+        self._files: ReadHandles = files if files is not None else fs.open_reads()
         self._row_dir = row_dir
         self._store = store if store is not None else chunks.store_of(row_dir)
         self._row = row
@@ -239,7 +243,7 @@ class RankReader:
     def _size(self, entry: ArrayEntry) -> int:
         size = self._sizes.get(entry.array)
         if size is None:
-            size = self._sizes[entry.array] = chunks.span_size(self._fs, self.ref(entry))
+            size = self._sizes[entry.array] = chunks.span_size(self._files, self.ref(entry))
         return size
 
     def ref(self, entry: ArrayEntry) -> ChunkRef:
@@ -285,7 +289,7 @@ class RankReader:
             size = self._size(entry)
             ref = self.ref(entry)
             chunks.verify_span(
-                self._fs, ref, entry.offset, entry.nbytes, entry.crc32c, _scratch(), size=size
+                self._files, ref, entry.offset, entry.nbytes, entry.crc32c, _scratch(), size=size
             )
             return
         if entry.packed and self._ranged:
@@ -297,7 +301,7 @@ class RankReader:
         if entry.crc32c is None:  # saved without checksums: the file size is what is left
             ref = self.ref(entry)
             try:
-                size = self._fs.size(ref.path)
+                size = self._files.size(ref.path)
             except OSError as exc:
                 kind = (
                     CorruptChunkError.MISSING
@@ -310,7 +314,7 @@ class RankReader:
                     CorruptChunkError.SIZE, f"chunk file has {size} bytes, expected {entry.nbytes}"
                 )
             return
-        chunks.verify_chunk(self._fs, self.ref(entry), entry.nbytes, entry.crc32c, _scratch())
+        chunks.verify_chunk(self._files, self.ref(entry), entry.nbytes, entry.crc32c, _scratch())
 
     def check(self, entry: ArrayEntry) -> None:
         """What :meth:`read` checks (shape and dtype against the byte count, the bytes
@@ -328,14 +332,16 @@ class RankReader:
             size = self._size(entry)
             ref = self.ref(entry)
             chunks.verify_span(
-                self._fs, ref, entry.offset, entry.nbytes, entry.crc32c, _scratch(), size=size
+                self._files, ref, entry.offset, entry.nbytes, entry.crc32c, _scratch(), size=size
             )
         elif entry.packed:
             chunks.check(self.ref(entry), self._slice(entry).data, entry.crc32c)
         elif entry.crc32c is not None:
-            chunks.verify_chunk(self._fs, self.ref(entry), entry.nbytes, entry.crc32c, _scratch())
+            chunks.verify_chunk(
+                self._files, self.ref(entry), entry.nbytes, entry.crc32c, _scratch()
+            )
         else:  # saved without checksums: the size is all there is to check
-            chunks.read_chunk(self._fs, self.ref(entry), memoryview(bytearray(expected)), None)
+            chunks.read_chunk(self._files, self.ref(entry), memoryview(bytearray(expected)), None)
 
     def read(
         self, entry: ArrayEntry, into: torch.Tensor | None = None, *, verified: bool = False
@@ -362,7 +368,7 @@ class RankReader:
         dest = byte_view(out)
         if entry.ranged:
             chunks.read_span(
-                self._fs,
+                self._files,
                 self.ref(entry),
                 entry.offset,
                 dest,
@@ -371,13 +377,13 @@ class RankReader:
                 verify=not verified,
             )
         elif entry.packed and self._ranged:
-            chunks.read_range(self._fs, self.ref(entry), entry, dest)
+            chunks.read_range(self._files, self.ref(entry), entry, dest)
         elif entry.packed:
             out.reshape(-1).view(torch.uint8).copy_(torch.from_numpy(self._slice(entry)))
             if not verified:
                 chunks.check(self.ref(entry), dest, entry.crc32c)
         else:
-            chunks.read_chunk(self._fs, self.ref(entry), dest, entry.crc32c, verify=not verified)
+            chunks.read_chunk(self._files, self.ref(entry), dest, entry.crc32c, verify=not verified)
         return out
 
     def read_many(
@@ -402,6 +408,10 @@ class RankReader:
             if entry.packed:
                 self.verify(entry)
 
+    def close(self) -> None:
+        """Close the files this reader keeps open (also done when it is collected)."""
+        self._files.close()
+
     def _slice(self, entry: ArrayEntry) -> np.ndarray:
         """The entry's bytes in the packed chunk (read once, checked whole)."""
         pack = self._pack(entry)
@@ -417,7 +427,7 @@ class RankReader:
             pack = self._packs.get(entry.array)
             if pack is None:
                 members = [e for e in self._entries if e.array == entry.array]
-                data = chunks.read_packed(self._fs, self._pack_ref(entry.array), members)
+                data = chunks.read_packed(self._files, self._pack_ref(entry.array), members)
                 pack = np.frombuffer(data, dtype=np.uint8)
                 self._packs[entry.array] = pack
             return pack

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from distckpt.storage.filesystem import Buffer, _write_error
+from distckpt.storage.filesystem import Buffer, ReadHandles, _write_error
 from distckpt.storage.memory import MemoryFileSystem
 
 # The operations counted, in the order reports show them.
@@ -114,10 +114,13 @@ class CountingFileSystem(MemoryFileSystem):
         with self._lock:
             self._ops.update(ops)
 
-    def _read(self, path: str, n: int) -> None:
+    def _read(self, path: str, n: int, *, opened: bool = False) -> None:
         with self._lock:
-            self._ops.update(opens=1, bytes_read=n)
+            self._ops.update(opens=int(not opened), bytes_read=n)
             self._reads[self._classify(path)] += 1
+
+    def open_reads(self) -> ReadHandles:
+        return _CountingReads(self)
 
     # -- writing -----------------------------------------------------------------------------
     def write_file(self, path: str, parts: Sequence[Buffer], *, durable: bool = True) -> int:
@@ -165,23 +168,27 @@ class CountingFileSystem(MemoryFileSystem):
             self._read(path, len(data))
         return bytes(len(data)) if isinstance(data, _Hole) else data
 
-    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+    def read_into(
+        self, path: str, out: memoryview, offset: int = 0, *, opened: bool = False
+    ) -> int:
         out = out.cast("B")
         with self._lock:
             data = self._file(path)
             n = max(0, min(len(out), len(data) - offset))
-            self._read(path, n)
+            self._read(path, n, opened=opened)
         if isinstance(data, _Hole):
             out[:n] = bytes(n)
         else:
             out[:n] = data[offset : offset + n]
         return n
 
-    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+    def read_into_parts(
+        self, path: str, parts: Sequence[memoryview], offset: int = 0, *, opened: bool = False
+    ) -> int:
         got = 0
         with self._lock:
             data = self._file(path)
-            self._read(path, 0)
+            self._read(path, 0, opened=opened)
         for part in parts:
             view = part.cast("B")
             n = max(0, min(len(view), len(data) - offset - got))
@@ -255,3 +262,37 @@ class CountingFileSystem(MemoryFileSystem):
     def fsync_dirs(self, paths: Sequence[str]) -> None:
         for path in paths:
             self.fsync_dir(path)
+
+
+class _CountingReads(ReadHandles):
+    """What the local backend's reader-scoped handles cost: one open per file on its
+    first size or read (no stat: ``fstat`` of the open file), none for later reads."""
+
+    fs: CountingFileSystem
+
+    def __init__(self, fs: CountingFileSystem) -> None:
+        super().__init__(fs)
+        self._opened: set[str] = set()
+
+    def _open(self, path: str) -> None:
+        with self.fs._lock:
+            self.fs._file(path)  # a missing file fails as the open does
+            p = self.fs._norm(path)
+            if p not in self._opened:
+                self._opened.add(p)
+                self.fs._ops.update(opens=1)
+
+    def size(self, path: str) -> int:
+        self._open(path)
+        return MemoryFileSystem.size(self.fs, path)
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        self._open(path)
+        return self.fs.read_into(path, out, offset, opened=True)
+
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        self._open(path)
+        return self.fs.read_into_parts(path, parts, offset, opened=True)
+
+    def close(self) -> None:
+        self._opened.clear()

@@ -13,8 +13,11 @@ import hashlib
 import os
 import shutil
 import stat
+import threading
 import uuid
+import weakref
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +43,13 @@ class FileSystem(ABC):
     #: True where :meth:`write_if_version` is atomic by itself (a conditional PUT on the
     #: object's ETag), so the writer lease needs no lock file around its changes.
     native_compare_and_swap: bool = False
+
+    @property
+    def stage_verified_reads(self) -> bool:
+        """Whether a verified load should read each byte once, into staging (checked
+        there, then copied into live memory), rather than stream a checksum pass and read
+        again: true where every read is a request to a remote store (no page cache)."""
+        return not self.real_directories
 
     # -- writing -----------------------------------------------------------------------------
     @abstractmethod
@@ -156,6 +166,13 @@ class FileSystem(ABC):
                 break
         return got
 
+    def open_reads(self) -> ReadHandles:
+        """A reader-scoped view for the reads of one load: each file is opened once for
+        all the sizes and byte ranges asked of it (a parallel filesystem's metadata server
+        pays per open), instead of once per read. The default opens nothing itself and
+        passes every call on (object stores: each read is one ranged GET anyway)."""
+        return ReadHandles(self)
+
     # -- inspecting --------------------------------------------------------------------------
     @abstractmethod
     def size(self, path: str) -> int:
@@ -217,6 +234,108 @@ class FileSystem(ABC):
         """Make the entries of several directories durable (in any order)."""
         for path in paths:
             self.fsync_dir(path)
+
+
+class ReadHandles:
+    """The reads of one reader (sizes and byte ranges of data files), by path.
+
+    This default passes each call to its file system. Backends whose reads cost an open
+    keep the files open until :meth:`close` (or until the handles are collected), so a
+    load opens each data file it reads once. Files must not be replaced while a reader
+    holds them (a committed row's files never are).
+    """
+
+    def __init__(self, fs: FileSystem) -> None:
+        self.fs = fs
+
+    def size(self, path: str) -> int:
+        return self.fs.size(path)
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        return self.fs.read_into(path, out, offset)
+
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        return self.fs.read_into_parts(path, parts, offset)
+
+    def close(self) -> None:
+        """Release what the handles hold; later reads open files again."""
+
+
+_READS = ("size", "read_into", "read_into_parts")
+
+# Files a local reader keeps open at once (format 2 reads one data file per saved rank;
+# format 1 rows have a file per tensor, each read once or twice, so a small LRU serves both).
+OPEN_FILES = 64
+
+
+class _LocalReadHandles(ReadHandles):
+    """Local files opened once (``O_NOFOLLOW``, regular files only, as every read here),
+    sized by ``fstat`` and read by ``preadv`` on the kept descriptor; safe across threads:
+    a descriptor in use is never closed (least recently used idle ones are)."""
+
+    def __init__(self, fs: FileSystem) -> None:
+        super().__init__(fs)
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, users]
+        self._finalizer = weakref.finalize(self, _close_all, self._open, self._lock)
+
+    def _acquire(self, path: str) -> int:
+        with self._lock:
+            held = self._open.get(path)
+            if held is not None:
+                held[1] += 1
+                self._open.move_to_end(path)
+                return held[0]
+            # Opened under the lock: threads asking for the same file at once share one open.
+            fd = _open_regular(path)
+            self._open[path] = [fd, 1]
+            idle = [p for p, (_, users) in self._open.items() if not users]
+            for p in idle[: max(0, len(self._open) - OPEN_FILES)]:
+                os.close(self._open.pop(p)[0])
+        return fd
+
+    def _release(self, path: str) -> None:
+        with self._lock:
+            self._open[path][1] -= 1
+
+    def size(self, path: str) -> int:
+        fd = self._acquire(path)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            self._release(path)
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        return self.read_into_parts(path, [out], offset)
+
+    def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
+        fd = self._acquire(path)
+        try:
+            return _preadv_all(fd, parts, offset)
+        finally:
+            self._release(path)
+
+    def close(self) -> None:
+        _close_all(self._open, self._lock)
+
+
+def _close_all(files: OrderedDict[str, list[int]], lock: threading.Lock) -> None:
+    with lock:
+        while files:
+            os.close(files.popitem()[1][0])
+
+
+def _preadv_all(fd: int, parts: Sequence[memoryview], offset: int) -> int:
+    """Fill ``parts`` from ``offset`` (fewer bytes only at the end of the file)."""
+    views = [p.cast("B") for p in parts if len(p.cast("B"))]
+    got = 0
+    while views:
+        n = os.preadv(fd, views, offset + got)
+        if n == 0:
+            break
+        got += n
+        _advance(views, n)
+    return got
 
 
 def _advance(views: list[memoryview], n: int) -> None:
@@ -320,35 +439,24 @@ class LocalFileSystem(FileSystem):
             os.close(fd)
 
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
-        out = out.cast("B")
         fd = _open_regular(path)
         try:
-            got = 0
-            while got < len(out):
-                n = os.preadv(fd, [out[got:]], offset + got)
-                if n == 0:
-                    break
-                got += n
-            return got
+            return _preadv_all(fd, [out], offset)
         finally:
             os.close(fd)
 
     def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
-        views = [p.cast("B") for p in parts if len(p.cast("B"))]
-        total = sum(len(v) for v in views)
         fd = _open_regular(path)
         try:
-            got = 0
-            while views:
-                n = os.preadv(fd, views, offset + got)
-                if n == 0:
-                    break
-                got += n
-                _advance(views, n)
-            assert got <= total
-            return got
+            return _preadv_all(fd, parts, offset)
         finally:
             os.close(fd)
+
+    def open_reads(self) -> ReadHandles:
+        cls = type(self)
+        if any(getattr(cls, m) is not getattr(LocalFileSystem, m) for m in _READS):
+            return ReadHandles(self)  # a subclass that watches or alters reads sees each one
+        return _LocalReadHandles(self)
 
     def size(self, path: str) -> int:
         return os.stat(path).st_size

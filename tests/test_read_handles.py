@@ -1,0 +1,163 @@
+"""A load opens each data file it reads once, however many tensors and pieces it reads
+(format 2: one data file per saved rank), and the reader's handles stay correct when
+many files and threads share them."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_format2 import save_threads
+
+import distckpt
+from distckpt import Store
+from distckpt.errors import CorruptChunkError
+from distckpt.storage import filesystem
+from distckpt.storage.counting import CountingFileSystem
+from distckpt.storage.filesystem import LocalFileSystem
+from distckpt.storage.memory import MemoryFileSystem
+
+ROWS = 7  # 4 + 3 rows at 2 ranks
+
+
+def _sharded(rank: int, world: int, n: int) -> dict[str, Any]:
+    step = -(-ROWS // world)
+    a, b = min(ROWS, rank * step), min(ROWS, (rank + 1) * step)
+    out: dict[str, Any] = {}
+    for i in range(n):
+        full = torch.arange(ROWS * 5, dtype=torch.float32).reshape(ROWS, 5) + i
+        out[f"p{i}"] = distckpt.Sharded(full[a:b].clone(), (ROWS, 5), (a, 0))
+    return {"model": out}
+
+
+def _count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    opened: list[str] = []
+    real = filesystem._open_regular
+
+    def counting(path: str) -> int:
+        opened.append(path)
+        return real(path)
+
+    monkeypatch.setattr(filesystem, "_open_regular", counting)
+    return opened
+
+
+def test_a_load_opens_each_data_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    n = 30
+    save_threads(tmp_path / "s", 2, lambda r: _sharded(r, 2, n))
+    opened = _count_opens(monkeypatch)
+    target = {"model": {f"p{i}": torch.zeros(ROWS, 5) for i in range(n)}}
+    distckpt.load(target, Store(tmp_path / "s"))  # 1 rank: every piece of both writers
+    for i in range(n):
+        assert torch.equal(target["model"][f"p{i}"], _sharded(0, 1, n)["model"][f"p{i}"].local)
+    data = [p for p in opened if p.endswith(os.sep + "c.0")]
+    assert sorted(data) == sorted(
+        os.path.join(Store(tmp_path / "s").row_dir(0), f"rank_{r:06d}", "c.0") for r in (0, 1)
+    )
+
+
+def test_local_handles_keep_few_files_open_and_share_them_across_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(filesystem, "OPEN_FILES", 4)
+    fs = LocalFileSystem()
+    paths = [str(tmp_path / f"f{i}") for i in range(12)]
+    for i, p in enumerate(paths):
+        fs.write_file(p, [bytes([i]) * 4096], durable=False)
+    files = fs.open_reads()
+    errors: list[BaseException] = []
+
+    def read(k: int) -> None:
+        try:
+            for j in range(200):
+                i = (k * 7 + j) % len(paths)
+                out = bytearray(16)
+                assert files.read_into(paths[i], memoryview(out), j) == 16
+                assert out == bytes([i]) * 16
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors
+    # idle files beyond the limit were closed; those in use by a thread never were
+    assert len(files._open) <= 4  # type: ignore[attr-defined]
+    files.close()
+    assert not files._open  # type: ignore[attr-defined]
+
+
+def test_counting_backend_prices_a_reader_one_open_per_file():
+    fs = CountingFileSystem()
+    fs.makedirs("/s")
+    fs.write_file("/s/c.0", [bytes(64)])
+    before = fs.counts()
+    files = fs.open_reads()
+    assert files.size("/s/c.0") == 64
+    for offset in range(0, 64, 8):
+        files.read_into("/s/c.0", memoryview(bytearray(8)), offset)
+    spent = fs.counts() - before
+    assert (spent.ops["opens"], spent.ops["stats"], spent.ops["bytes_read"]) == (1, 0, 64)
+    fs.read_into("/s/c.0", memoryview(bytearray(8)))  # the file system itself: an open a read
+    assert (fs.counts() - before).ops["opens"] == 2
+
+
+class _RemoteLike(MemoryFileSystem):
+    """A backend whose reads are remote requests: verified loads stage instead of
+    reading twice. Counts the data bytes read."""
+
+    stage_verified_reads = True  # type: ignore[assignment]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_read = 0
+
+    def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
+        n = super().read_into(path, out, offset)
+        self.data_read += n if path.endswith("/c.0") else 0
+        return n
+
+    def read_into_parts(self, path: str, parts: Any, offset: int = 0) -> int:
+        n = super().read_into_parts(path, parts, offset)
+        self.data_read += n if path.endswith("/c.0") else 0
+        return n
+
+
+def _model(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+
+
+def test_a_verified_load_from_a_remote_store_reads_each_byte_once():
+    fs = _RemoteLike()
+    store = Store("/jobs/run", fs=fs)
+    saved = _model(0)
+    distckpt.save({"model": saved}, store)
+    distckpt.storage.lease.release(store)
+    target = {"model": _model(1)}
+    fs.data_read = 0
+    distckpt.load(target, store)
+    assert all(torch.equal(target["model"][k], v) for k, v in saved.items())
+    assert fs.data_read == sum(v.numel() * 4 for v in saved.values())
+
+
+def test_a_staged_load_refuses_a_corrupt_row_before_touching_live_memory():
+    fs = _RemoteLike()
+    store = Store("/jobs/run", fs=fs)
+    distckpt.save({"model": _model(0)}, store)
+    distckpt.storage.lease.release(store)
+    path = next(p for p in fs._files if p.endswith("/c.0"))
+    data = bytearray(fs._files[path])
+    data[-5] ^= 0xFF  # the last tensor's last byte
+    fs._files[path] = bytes(data)
+    target = {"model": _model(1)}
+    before = {k: v.clone() for k, v in target["model"].items()}
+    with pytest.raises(CorruptChunkError):
+        distckpt.load(target, store, fallback=False)
+    assert all(torch.equal(target["model"][k], v) for k, v in before.items())
