@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.scale import METADATA_OPS, format_scale_table, sampled_ranks, simulate
+from benchmarks.scale import METADATA_OPS, _report, format_scale_table, sampled_ranks, simulate
+from distckpt.io import globalio
+from distckpt.io.dataio import piece_slots, slots_by_rank
 from distckpt.storage.counting import CountingFileSystem
 
 
@@ -59,3 +61,17 @@ def test_counting_backend_keeps_sizes_not_bytes() -> None:
     fs.rmtree("/s")
     after = fs.counts().ops
     assert (after["unlinks"], after["rmdirs"]) == (2, 2) and fs.files() == 0
+
+
+def test_row_index_slots_in_one_pass_match_each_ranks_own() -> None:
+    # the coordinator's row index (all ranks' slots in one pass) must say exactly where
+    # each rank's own writer put its pieces: uneven torch splits, ranks holding nothing
+    keys = [("a", (10, 3)), ("b", (4097,)), ("c", (3, 5))]
+    world = 7
+    reports = [[_report(k, s, r, world) for k, s in keys] for r in range(world)]
+    layouts = globalio.layouts(reports)
+    together = slots_by_rank(layouts)
+    for rank in range(world):
+        assert together.get(rank, []) == piece_slots(layouts, rank), rank
+    # torch splits 10 rows by 2 and 3 by 1: rank 6 holds only the last 581 of 4097
+    assert [(s.key, s.box.lengths) for s in piece_slots(layouts, 6)] == [("b", (581,))]
