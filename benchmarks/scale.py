@@ -7,15 +7,18 @@ machine by launching 10,000 ranks, so the ranks are played in turn over a
 - state: the 291 parameters of Llama-2-7B (fp32) with AdamW's ``exp_avg`` and ``exp_avg_sq``,
   every one ``Shard(0)`` over N ranks as torch splits it (``Sharded`` pieces whose local
   tensors are meta tensors: shapes without memory), plus one ``step`` per parameter;
-- the real planner (``plan_rank``, then ``globalio.layouts``: the cover check and chunk
-  grid every rank computes from everyone's boxes), the real writer and commit
-  (``prepare_row``, ``write_rank``, ``build_manifest``, ``publish_rank``), the real
-  election (``local_commits``: each rank's share of ``elect``) and the real load planner
-  (``open_part``, ``saved_tree``, ``plan_load``, and the manifests a ``GlobalReader`` reads
-  for the chunk checksums);
-- not run: computing bytes and checksums (the writer's ``byte_view`` and ``chunks.encode``
-  are replaced by a view of zeros of the right length, and crc 0) and reading data (the
-  chunks a load would open are counted from the plan, not opened).
+- the real planner (``plan_rank``, then ``globalio.layouts``: the cover check every rank
+  computes from everyone's boxes), the real format-2 writer and commit (``prepare_row``,
+  ``write_rank`` -> ``dataio.write_rank_data``, ``build_manifest``, ``publish_rank``, then
+  the coordinator's ``build_index`` and ``publish_index``), the real election
+  (``engine.choose_row`` of each rank, through a communicator that plays the ranks in
+  turn) and the real load (``distckpt.load`` of each rank's live state: election, the
+  open of its part, the load plan, verification and reads through ``GlobalReader`` and
+  ``RankReader``) and retention (``remove_index``, ``remove_own_part``, ``remove_row_rest``);
+- not run: computing bytes and checksums (the writer's ``byte_view`` and ``checksum`` give
+  untouched zero pages of the right length and crc 0) and moving data at load (each read
+  of a byte range is counted as the open the local backend makes for it, nothing is
+  copied or checked), so a rank's live pieces can be meta tensors.
 
 Where N is large, ``sample`` ranks (rank 0, the coordinator, and others evenly spread) are
 simulated and the job's totals extrapolated from them (each sampled rank stands for the
