@@ -7,15 +7,18 @@ machine by launching 10,000 ranks, so the ranks are played in turn over a
 - state: the 291 parameters of Llama-2-7B (fp32) with AdamW's ``exp_avg`` and ``exp_avg_sq``,
   every one ``Shard(0)`` over N ranks as torch splits it (``Sharded`` pieces whose local
   tensors are meta tensors: shapes without memory), plus one ``step`` per parameter;
-- the real planner (``plan_rank``, then ``globalio.layouts``: the cover check and chunk
-  grid every rank computes from everyone's boxes), the real writer and commit
-  (``prepare_row``, ``write_rank``, ``build_manifest``, ``publish_rank``), the real
-  election (``local_commits``: each rank's share of ``elect``) and the real load planner
-  (``open_part``, ``saved_tree``, ``plan_load``, and the manifests a ``GlobalReader`` reads
-  for the chunk checksums);
-- not run: computing bytes and checksums (the writer's ``byte_view`` and ``chunks.encode``
-  are replaced by a view of zeros of the right length, and crc 0) and reading data (the
-  chunks a load would open are counted from the plan, not opened).
+- the real planner (``plan_rank``, then ``globalio.layouts``: the cover check every rank
+  computes from everyone's boxes), the real format-2 writer and commit (``prepare_row``,
+  ``write_rank`` -> ``dataio.write_rank_data``, ``build_manifest``, ``publish_rank``, then
+  the coordinator's ``build_index`` and ``publish_index``), the real election
+  (``engine.choose_row`` of each rank, through a communicator that plays the ranks in
+  turn) and the real load (``distckpt.load`` of each rank's live state: election, the
+  open of its part, the load plan, verification and reads through ``GlobalReader`` and
+  ``RankReader``) and retention (``remove_index``, ``remove_own_part``, ``remove_row_rest``);
+- not run: computing bytes and checksums (the writer's ``byte_view`` and ``checksum`` give
+  untouched zero pages of the right length and crc 0) and moving data at load (each read
+  of a byte range is counted as the open the local backend makes for it, nothing is
+  copied or checked), so a rank's live pieces can be meta tensors.
 
 Where N is large, ``sample`` ranks (rank 0, the coordinator, and others evenly spread) are
 simulated and the job's totals extrapolated from them (each sampled rank stands for the
@@ -32,6 +35,7 @@ metadata file per checkpoint, each rank reads ``.metadata`` and its own file at 
 from __future__ import annotations
 
 import contextlib
+import mmap
 import os
 import re
 import subprocess
@@ -45,18 +49,21 @@ from unittest import mock
 
 import torch
 
-from distckpt.dist.election import local_commits
+from distckpt.dist.comm import Communicator
 from distckpt.engine import steps as engine
+from distckpt.engine.api import load as distckpt_load
 from distckpt.engine.steps import RowContent, build_manifest
-from distckpt.format.layout import MANIFESTS_DIR
-from distckpt.format.shards import Box, GlobalLayout, Sharded, chunk_indices
-from distckpt.io import globalio
-from distckpt.io.commit import prepare_row, publish_rank, write_rank
-from distckpt.io.globalio import GlobalReader, shard_report
-from distckpt.io.removal import remove_own_part, remove_row_rest
-from distckpt.plan.load import ArrayRead, BoxRead, plan_load, saved_tree
+from distckpt.format import chunks
+from distckpt.format.layout import MANIFESTS_DIR, ROW_INDEX
+from distckpt.format.shards import Box, GlobalLayout, Sharded
+from distckpt.io import dataio, globalio
+from distckpt.io.commit import prepare_row, publish_index, publish_rank, write_rank
+from distckpt.io.dataio import build_index
+from distckpt.io.globalio import shard_report
+from distckpt.io.removal import remove_index, remove_own_part, remove_row_rest
 from distckpt.plan.save import plan_rank
 from distckpt.storage import lease
+from distckpt.storage import store as store_mod
 from distckpt.storage.counting import OPERATIONS, CountingFileSystem, OpCounts
 from distckpt.storage.store import Store
 
@@ -175,30 +182,94 @@ def sampled_ranks(world: int, sample: int) -> dict[int, float]:
 
 @contextlib.contextmanager
 def no_bytes() -> Iterator[None]:
-    """The writer without computing bytes: a view of zeros of each chunk's length, crc 0."""
-    zeros = memoryview(bytearray(8 << 20))
+    """The format-2 writer and readers without bytes: views of zeros of each tensor's
+    length (meta tensors have no memory), crc 0, and reads of data ranges counted (one
+    open each, as the local backend opens per read) but not copied or checked."""
+    zeros = [memoryview(mmap.mmap(-1, 8 << 20))]  # anonymous pages: never touched
 
     def view(tensor: torch.Tensor) -> memoryview:
         n = tensor.numel() * tensor.element_size()
-        return zeros[:n] if n <= len(zeros) else memoryview(bytearray(n))
+        if n > len(zeros[0]):
+            zeros[0] = memoryview(mmap.mmap(-1, n))
+        return zeros[0][:n]
 
-    def encode(parts: Any, *, checked: bool = True) -> tuple[list[Any], int | None]:
-        return [*parts, zeros[:4]] if checked else list(parts), 0 if checked else None
+    def read_span(fs: Any, ref: Any, offset: int, dest: memoryview, crc: Any, **kw: Any) -> None:
+        fs.read_into(ref.path, memoryview(bytearray(0)), offset)
+
+    def verify_span(
+        fs: Any, ref: Any, offset: int, nbytes: int, crc: Any, scratch: memoryview, **kw: Any
+    ) -> None:
+        for done in range(0, nbytes, len(scratch)):  # one read per scratch buffer, as streamed
+            fs.read_into(ref.path, memoryview(bytearray(0)), offset + done)
 
     with (
+        mock.patch.object(dataio, "byte_view", view),
+        mock.patch.object(dataio, "checksum", lambda data, value=0: 0),
         mock.patch.object(globalio, "byte_view", view),
-        mock.patch.object(globalio.chunks, "encode", encode),
+        mock.patch.object(chunks, "read_span", read_span),
+        mock.patch.object(chunks, "verify_span", verify_span),
+        mock.patch.object(chunks, "check", lambda ref, data, crc: None),
+        _parsed_once(),
     ):
         yield
 
 
+@contextlib.contextmanager
+def _parsed_once() -> Iterator[None]:
+    """Each row index document parsed once for the whole simulation (every rank reads and
+    counts it; at 10,000 ranks parsing it again per simulated rank would take hours)."""
+    real = store_mod.RowIndex.from_json
+    cache: dict[int, tuple[bytes, Any]] = {}
+
+    def from_json(raw: bytes, *, where: str = "") -> Any:
+        hit = cache.get(id(raw))
+        if hit is None or hit[0] is not raw:
+            hit = cache[id(raw)] = (raw, real(raw, where=where))
+        return hit[1]
+
+    with mock.patch.object(store_mod.RowIndex, "from_json", staticmethod(from_json)):
+        yield
+
+
+class _Replay(Communicator):
+    """Rank ``rank`` of a job played in turn: gathers see every rank agree with this one,
+    broadcasts replay, in order, what the root sent when it ran the same steps first."""
+
+    def __init__(self, rank: int, world_size: int, sent: list[bytes]) -> None:
+        self._rank, self._size, self._sent, self._next = rank, world_size, sent, 0
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._size
+
+    def barrier(self) -> None:
+        pass
+
+    def allgather_bytes(self, data: bytes) -> list[bytes]:
+        return [data] * self._size
+
+    def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        if self._rank == root:
+            assert data is not None
+            self._sent.append(data)
+            return data
+        self._next += 1
+        return self._sent[self._next - 1]
+
+
 def _classify(path: str) -> str:
     parent = os.path.basename(os.path.dirname(path))
-    return "manifest" if parent == MANIFESTS_DIR else os.path.basename(path)[:9]
+    if parent == MANIFESTS_DIR:
+        return "manifest"
+    return "index" if os.path.basename(path) == ROW_INDEX else os.path.basename(path)[:9]
 
 
 def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) -> dict[str, Any]:
-    """One checkpoint of the 7B state at ``world`` ranks: save, elect, plan a load, delete.
+    """One checkpoint of the 7B state at ``world`` ranks: save, elect, load, delete.
 
     ``layers`` below 32 shrinks the model (tests). Returns the record of the run.
     """
@@ -236,9 +307,18 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
             built = build_manifest(plan, written, RowContent(state, {}, {}), world_size=world)
             publish_rank(store, written, built)
             save[rank] = fs.counts() - before
-    files_after_ranks = fs.files()
-    lease.release(store)
-    elect, load, data_opens, elect_s = _load_side(store, ranks, world, shapes, exact)
+        # the coordinator's row index, once every rank committed (built from the layouts)
+        before = fs.counts()
+        start = time.process_time()
+        index = build_index(0, world, 0, layouts)
+        index_s = time.process_time() - start
+        publish_index(store, index)
+        coordinator_extra = coordinator_extra + (fs.counts() - before)
+        index_bytes = fs.size(store.index_path(0))
+        del index
+        files_after_ranks = fs.files()
+        lease.release(store)
+        elect, load, elect_s, load_s = _load_side(store, ranks, world, shapes)
     delete = _delete(store, ranks)
     return _record(
         world,
@@ -249,10 +329,12 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
         elect,
         load,
         delete,
-        data_opens=data_opens,
         plan_s=plan_s + sum(own_plan_s) / len(own_plan_s),
         plan_extrapolated=plan_extrapolated,
         elect_s=elect_s,
+        load_cpu_s=load_s,
+        index_build_s=index_s,
+        index_bytes=index_bytes,
         files_written_by_ranks=files_after_ranks - files_before_ranks,
         files_left=fs.files(),
         wall_s=time.perf_counter() - wall,
@@ -271,46 +353,34 @@ def _load_side(
     ranks: dict[int, float],
     world: int,
     shapes: list[tuple[str, tuple[int, ...]]],
-    exact: bool,
-) -> tuple[dict[int, OpCounts], dict[int, OpCounts], dict[int, int], float]:
-    """Each simulated rank's election share and load planning, as a fresh process would."""
+) -> tuple[dict[int, OpCounts], dict[int, OpCounts], float, float]:
+    """Each simulated rank's election (``choose_row``) and whole ``distckpt.load`` of its
+    live state, as a fresh process would (nothing cached): the election, the open of its
+    part, the load plan, the verification and the reads of every range it needs."""
     fs = store.fs
     assert isinstance(fs, CountingFileSystem)
     elect: dict[int, OpCounts] = {}
     load: dict[int, OpCounts] = {}
-    data_opens: dict[int, int] = {}
-    cpu = []
+    elect_cpu, load_cpu = [], []
+    sent_elect: list[bytes] = []
+    sent_load: list[bytes] = []
     for rank in ranks:
         own = Store(store.path, fs)  # a process of its own: nothing cached
         before = fs.counts()
         start = time.process_time()
-        committed = local_commits(own, rank, world)
-        cpu.append(time.process_time() - start)
-        assert committed == {0: 0}, committed
+        chosen = engine.choose_row(own, _Replay(rank, world, sent_elect), None)
+        elect_cpu.append(time.process_time() - start)
+        assert chosen == 0, chosen
         elect[rank] = fs.counts() - before
-        before = fs.counts()
-        view = engine.open_part(own, 0, rank)
-        saved = saved_tree(dict.fromkeys(view.manifest.states, view.manifest))
+        own = Store(store.path, fs)
         live = fsdp_state(rank, world, shapes)
-        plan = plan_load(saved, live)
-        if rank == 0 and exact:  # the reader's checksum table: every rank reads the same
-            reader = GlobalReader(own, 0, world)
-            for g in view.manifest.globals:
-                reader.crcs(g.array)
+        before = fs.counts()
+        start = time.process_time()
+        got = distckpt_load(live, own, comm=_Replay(rank, world, sent_load))
+        load_cpu.append(time.process_time() - start)
+        assert got == 0, got
         load[rank] = fs.counts() - before
-        data_opens[rank] = data_files_read(plan.reads)
-    return elect, load, data_opens, sum(cpu) / len(cpu)
-
-
-def data_files_read(reads: Any) -> int:
-    """Data files a load of ``reads`` opens: each chunk of a global box, each own array once."""
-    chunks = sum(
-        len(chunk_indices(item.source.box, item.source.entry.chunk_shape))
-        for item in reads
-        if isinstance(item.source, BoxRead)
-    )
-    arrays = {item.source.entry.array for item in reads if isinstance(item.source, ArrayRead)}
-    return chunks + len(arrays)
+    return elect, load, sum(elect_cpu) / len(elect_cpu), sum(load_cpu) / len(load_cpu)
 
 
 def _delete(store: Store, ranks: dict[int, float]) -> dict[int, OpCounts]:
@@ -319,14 +389,16 @@ def _delete(store: Store, ranks: dict[int, float]) -> dict[int, OpCounts]:
     fs = store.fs
     assert isinstance(fs, CountingFileSystem)
     out = {}
+    before = fs.counts()
+    remove_index(store, 0)  # the coordinator, first: the row stops being indexed
+    first = fs.counts() - before
     for rank in ranks:
         before = fs.counts()
         remove_own_part(store, 0, rank)
         out[rank] = fs.counts() - before
     before = fs.counts()
     remove_row_rest(store, 0)
-    rest = fs.counts() - before
-    out[-1] = rest
+    out[-1] = (fs.counts() - before) + first
     return out
 
 
@@ -371,17 +443,12 @@ def _record(
 ) -> dict[str, Any]:
     saved = {k: _total(save, ranks, k) + coordinator.ops[k] for k in OPERATIONS}
     loaded = {k: _total(load, ranks, k) for k in OPERATIONS}
-    # Every rank's GlobalReader reads every manifest for the chunk checksums: measured on
-    # rank 0 when all manifests exist (the same code runs on every rank), else N from it.
-    reader_reads = (load[0].reads.get("manifest", 0) - 1) if exact else world
-    others = world - 1 if exact else world
-    loaded["opens"] += others * reader_reads
-    # and the data files the load plan reads (counted from the plan, not opened)
-    loaded["opens"] += sum(extra["data_opens"][r] * w for r, w in ranks.items())
     elected = {k: _total(elect, ranks, k) for k in OPERATIONS}
     deleted = {k: _total(delete, ranks, k) + delete[-1].ops[k] for k in OPERATIONS}
-    manifest_reads_load = sum(load[r].reads.get("manifest", 0) * w for r, w in ranks.items())
-    manifest_reads_load += others * reader_reads
+
+    def reads(per_rank: dict[int, OpCounts], kind: str) -> float:
+        return sum(per_rank[r].reads.get(kind, 0) * w for r, w in ranks.items())
+
     return {
         "case": "scale",
         "tool": "distckpt",
@@ -396,17 +463,19 @@ def _record(
         "save_rank_max": {k: max(save[r].ops[k] for r in ranks) for k in OPERATIONS},
         "coordinator_extra": coordinator.ops,
         "elect": elected,
-        "elect_manifest_reads": sum(
-            elect[r].reads.get("manifest", 0) * w for r, w in ranks.items()
-        ),
+        "elect_manifest_reads": reads(elect, "manifest"),
+        "elect_index_reads": reads(elect, "index"),
+        "elect_ops": sum(elected[k] for k in METADATA_OPS),
         "load": loaded,
         "load_ops": sum(loaded[k] for k in METADATA_OPS),
-        "load_manifest_reads": manifest_reads_load,
-        "load_data_opens": sum(extra["data_opens"][r] * w for r, w in ranks.items()),
+        "load_manifest_reads": reads(load, "manifest"),
+        "load_index_reads": reads(load, "index"),
+        "load_data_opens": reads(load, "c.0"),
+        "load_rank_max": {k: max(load[r].ops[k] for r in ranks) for k in OPERATIONS},
         "delete": deleted,
         "delete_ops": sum(deleted[k] for k in METADATA_OPS),
         "delete_rank_max_unlinks": max(delete[r].ops["unlinks"] for r in ranks),
-        **{k: v for k, v in extra.items() if k != "data_opens"},
+        **extra,
     }
 
 
@@ -568,9 +637,9 @@ def format_scale_table(records: list[dict[str, Any]]) -> str:
     """One markdown row per tool and rank count: per checkpoint, and per rank."""
     head = (
         "| ranks | tool | save ops / ckpt | files created | dirs created | opens | fsyncs "
-        "| renames | stats | files / rank (max) | manifest reads: election / load "
-        "| load ops / ckpt | delete ops / ckpt (max unlinks / rank) | planning CPU / rank "
-        "| election CPU / rank | MDS s: save / load |"
+        "| renames | stats | files / rank (max) | manifest + index reads: election / load "
+        "| load ops / ckpt (max / rank) | delete ops / ckpt (max unlinks / rank) "
+        "| planning CPU / rank | election CPU / rank | MDS s: save / load |"
     )
     lines = [head, "| " + " | ".join(["---"] * (head.count("|") - 1)) + " |"]
     for r in sorted(records, key=lambda r: (r["ranks"], r["tool"] != "distckpt")):
@@ -578,19 +647,24 @@ def format_scale_table(records: list[dict[str, Any]]) -> str:
         mark = " (est.)" if r.get("extrapolated") else ""
         if r["tool"] == "distckpt":
             per_rank = _n(r["save_rank_max"]["creates"])
-            reads = f"{_n(r['elect_manifest_reads'])} / {_n(r['load_manifest_reads'])}"
+            reads = (
+                f"{_n(r['elect_manifest_reads'])} + {_n(r['elect_index_reads'])} / "
+                f"{_n(r['load_manifest_reads'])} + {_n(r['load_index_reads'])}"
+            )
+            load = f"{_n(r['load_ops'])} ({_n(sum(r['load_rank_max'][k] for k in METADATA_OPS))})"
             delete = f"{_n(r['delete_ops'])} ({_n(r['delete_rank_max_unlinks'])})"
             plan = f"{r['plan_s']:.2f} s" + (" (est.)" if r["plan_extrapolated"] else "")
             elect = f"{r['elect_s'] * 1000:.0f} ms"
         else:
             per_rank = _n(r["files_rank_max"])
             reads = "- / " + _n(r["ranks"])
+            load = f"{_n(r['load_ops'])} ({_n(r['load_ops'] / r['ranks'])})"
             delete = _n(r["delete_ops"])
             plan, elect = "-", "-"
         lines.append(
             f"| {r['ranks']:,} | {r['tool']}{mark} | {_n(r['save_ops'])} | {_n(s['creates'])} "
             f"| {_n(s['mkdirs'])} | {_n(s['opens'])} | {_n(s['fsyncs'])} | {_n(s['renames'])} "
-            f"| {_n(s['stats'])} | {per_rank} | {reads} | {_n(r['load_ops'])} | {delete} "
+            f"| {_n(s['stats'])} | {per_rank} | {reads} | {load} | {delete} "
             f"| {plan} | {elect} | {r['save_mds_s']:.1f} / {r['load_mds_s']:.1f} |"
         )
     return "\n".join(lines)

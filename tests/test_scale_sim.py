@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.scale import METADATA_OPS, format_scale_table, sampled_ranks, simulate
+from benchmarks.scale import METADATA_OPS, _report, format_scale_table, sampled_ranks, simulate
+from distckpt.io import globalio
+from distckpt.io.dataio import piece_slots, slots_by_rank
 from distckpt.storage.counting import CountingFileSystem
 
 
@@ -18,15 +20,18 @@ def full() -> dict:
 def test_counts_are_consistent(full: dict) -> None:
     world = 8
     by_ranks = full["save_by_ranks"]
-    assert full["files_written_by_ranks"] == by_ranks["creates"] - by_ranks["unlinks"]
-    assert full["files_written_by_ranks"] > world * full["tensors"]  # chunks of every tensor
-    # election: each rank reads its own manifest; load: its own, then every manifest
-    assert full["elect_manifest_reads"] == world
-    assert full["load_manifest_reads"] == world + world * world
-    # the load planner reads every chunk once (Shard(0) at the same world size) plus each
-    # rank's packed array of step counters
-    chunk_files = full["files_written_by_ranks"] - 4 * world  # rank group, pack, 2 documents
-    assert full["load_data_opens"] == chunk_files - full["tensors"] + world
+    # format 2: each rank creates its data array's zarr.json and c.0 and its manifest, in
+    # one directory of its own, however many tensors it saves (9 global, 3 own here)
+    assert full["save_rank_max"]["creates"] == 3 and full["save_rank_max"]["mkdirs"] == 1
+    assert full["files_written_by_ranks"] == by_ranks["creates"] - by_ranks["unlinks"] + 1
+    # election: one manifest and one row index read per rank, not one per row or rank
+    assert full["elect_manifest_reads"] == world and full["elect_index_reads"] == world
+    # load: O(1) manifest and index reads per rank (not every rank's manifest)
+    assert full["load_manifest_reads"] <= 3 * world and full["load_index_reads"] <= 2 * world
+    # every rank reads its piece of each global tensor once, and verifies then reads each
+    # of its own tensors (one step counter per parameter)
+    own = full["tensors"] // 3
+    assert full["load_data_opens"] == world * (full["tensors"] + 2 * own)
     assert full["files_left"] == 2  # retention removed the row: the store's documents remain
     assert full["save_mds_s"] > 0 and not full["extrapolated"]
     assert "| 8 | distckpt |" in format_scale_table([full | {"load_mds_s": 0.0}])
@@ -39,6 +44,7 @@ def test_sampled_ranks_extrapolate_to_the_full_count(full: dict) -> None:
     for op in METADATA_OPS:  # bytes read (documents with timestamps, ...) are not estimated
         assert sampled["save"][op] == pytest.approx(full["save"][op]), op
         assert sampled["load"][op] == pytest.approx(full["load"][op]), op
+        assert sampled["elect"][op] == pytest.approx(full["elect"][op]), op
     weights = sampled_ranks(10_000, 64)
     assert len(weights) == 64 and weights[0] == 1 and sum(weights.values()) == 10_000
 
@@ -55,3 +61,17 @@ def test_counting_backend_keeps_sizes_not_bytes() -> None:
     fs.rmtree("/s")
     after = fs.counts().ops
     assert (after["unlinks"], after["rmdirs"]) == (2, 2) and fs.files() == 0
+
+
+def test_row_index_slots_in_one_pass_match_each_ranks_own() -> None:
+    # the coordinator's row index (all ranks' slots in one pass) must say exactly where
+    # each rank's own writer put its pieces: uneven torch splits, ranks holding nothing
+    keys = [("a", (10, 3)), ("b", (4097,)), ("c", (3, 5))]
+    world = 7
+    reports = [[_report(k, s, r, world) for k, s in keys] for r in range(world)]
+    layouts = globalio.layouts(reports)
+    together = slots_by_rank(layouts)
+    for rank in range(world):
+        assert together.get(rank, []) == piece_slots(layouts, rank), rank
+    # torch splits 10 rows by 2 and 3 by 1: rank 6 holds only the last 581 of 4097
+    assert [(s.key, s.box.lengths) for s in piece_slots(layouts, 6)] == [("b", (581,))]

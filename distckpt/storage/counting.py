@@ -55,6 +55,15 @@ class OpCounts:
     ops: dict[str, int]
     reads: dict[str, int] = field(default_factory=dict)
 
+    def __add__(self, other: OpCounts) -> OpCounts:
+        return OpCounts(
+            {k: self.ops.get(k, 0) + other.ops.get(k, 0) for k in OPERATIONS},
+            {
+                k: self.reads.get(k, 0) + other.reads.get(k, 0)
+                for k in set(self.reads) | set(other.reads)
+            },
+        )
+
     def __sub__(self, other: OpCounts) -> OpCounts:
         return OpCounts(
             {k: self.ops.get(k, 0) - other.ops.get(k, 0) for k in OPERATIONS},
