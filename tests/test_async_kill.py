@@ -75,6 +75,7 @@ def test_async_saver_with_a_dtensor_killed_mid_row_torchrun(tmp_path):
 
 
 @multiproc
+@pytest.mark.long  # the torchrun AsyncSaver case runs by default
 def test_async_session_with_a_dtensor_killed_mid_row_mpiexec(tmp_path):
     killed_then_finished(tmp_path, "mpiexec", 2, "session", "after_manifest@0:2")
 

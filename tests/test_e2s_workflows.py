@@ -87,7 +87,9 @@ LONG = {
         resume_fails="ValueError: Attempting to set a selection",
     ),
 }
-CASES = [pytest.param(c, id=n) for n, c in DEFAULT.items()] + [
+# Every case is long: a relaunched Earth2Studio workflow imports earth2studio.run in each
+# process (minutes on 2 cores); tests/test_earth2studio.py runs its ensemble in-process.
+CASES = [pytest.param(c, id=n, marks=pytest.mark.long) for n, c in DEFAULT.items()] + [
     pytest.param(c, id=n, marks=pytest.mark.long) for n, c in LONG.items()
 ]
 

@@ -101,7 +101,7 @@ def assert_resumed_bit_exactly(result: LaunchResult, root: Path, ref: np.ndarray
 RELAUNCH = [
     pytest.param("torchrun", 2, id="4to2-torchrun", marks=pytest.mark.long),
     pytest.param("torchrun", 8, id="4to8-torchrun", marks=pytest.mark.long),
-    pytest.param("mpiexec", 2, id="4to2-mpiexec", marks=needs_mpiexec),
+    pytest.param("mpiexec", 2, id="4to2-mpiexec", marks=[needs_mpiexec, pytest.mark.long]),
 ]
 
 
