@@ -15,7 +15,7 @@ election takes ``skip``: rows not to elect even when committed (rows marked bad,
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +123,17 @@ def local_commits(
 ) -> dict[int, int]:
     """Rows this rank's own manifest commits at ``world_size`` (not in ``skip``): row ->
     write count."""
-    out: dict[int, int] = {}
-    for row in store.rows():
+    return {
+        row: m.write_count for row, m in _own_manifests(store, store.rows(), rank, world_size, skip)
+    }
+
+
+def _own_manifests(
+    store: Store, rows: Iterable[int], rank: int, world_size: int, skip: Container[int]
+) -> Iterator[tuple[int, RankManifest]]:
+    """This rank's valid manifests of ``rows`` (in their order) at ``world_size``, skipping
+    the rows in ``skip``: what each rank reports to an election."""
+    for row in rows:
         if row in skip:
             continue
         try:
@@ -133,8 +142,7 @@ def local_commits(
             log.debug("row %d not committed by rank %d: %s", row, rank, exc)
             continue
         if manifest.world_size == world_size:
-            out[row] = manifest.write_count
-    return out
+            yield row, manifest
 
 
 def newest_committed_after(
@@ -193,16 +201,7 @@ def _recent_commits(
     of this world size and write count and this rank's valid manifest; and that row (its
     floor: the report is complete above it), or -1 when every row was read."""
     out: dict[int, int] = {}
-    for row in reversed(store.rows()):
-        if row in skip:
-            continue
-        try:
-            manifest = store.read_manifest(row, rank)
-        except InvalidManifest as exc:
-            log.debug("row %d not committed by rank %d: %s", row, rank, exc)
-            continue
-        if manifest.world_size != world_size:
-            continue
+    for row, manifest in _own_manifests(store, reversed(store.rows()), rank, world_size, skip):
         out[row] = manifest.write_count
         index = store.read_index(row)
         if index is not None and (index.world_size, index.write_count) == (
