@@ -239,16 +239,7 @@ class GlobalReader:
             overlap = whole.intersect(box)
             if overlap is None or not overlap.numel:
                 continue
-            ref = ChunkRef(
-                store=self.store.path,
-                row=self.row,
-                rank=rank,
-                row_dir=row_dir,
-                array=rank_dir_name(rank),
-                chunk=(0,),
-                what=f"global array {entry.name!r}, piece at {pc.offsets}",
-                tensor=entry.name,
-            )
+            ref = piece_ref(self.store.path, self.row, rank, row_dir, entry.name, pc.offsets)
             ranges = block_ranges(pc.lengths, itemsize, pc.rows)
             if pc.lengths:
                 r0 = overlap.offsets[0] - pc.offsets[0]
@@ -469,16 +460,7 @@ def check_written_pieces(
     scratch = memoryview(bytearray(8 << 20))
     size: int | None = None
     for pc in entry.pieces or ():
-        ref = ChunkRef(
-            store=store,
-            row=row,
-            rank=rank,
-            row_dir=row_dir,
-            array=rank_dir_name(rank),
-            chunk=(0,),
-            what=f"global array {entry.name!r}, piece at {pc.offsets}",
-            tensor=entry.name,
-        )
+        ref = piece_ref(store, row, rank, row_dir, entry.name, pc.offsets)
         ranges = block_ranges(pc.lengths, itemsize, pc.rows)
         try:
             if size is None:
@@ -490,3 +472,20 @@ def check_written_pieces(
         except CorruptChunkError as exc:
             problems.append((f"piece at {pc.offsets}", exc))
     return problems
+
+
+def piece_ref(
+    store: str, row: int, rank: int, row_dir: str, name: str, offsets: tuple[int, ...]
+) -> ChunkRef:
+    """Where a format-2 piece of global array ``name`` lies: a byte range of ``rank``'s data
+    array (its one chunk), named in errors by the piece's offsets."""
+    return ChunkRef(
+        store=store,
+        row=row,
+        rank=rank,
+        row_dir=row_dir,
+        array=rank_dir_name(rank),
+        chunk=(0,),
+        what=f"global array {name!r}, piece at {offsets}",
+        tensor=name,
+    )
