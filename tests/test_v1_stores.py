@@ -1,7 +1,8 @@
-"""Stores written by release 0.1 (format 1) keep loading, electing and showing.
+"""Stores written by earlier releases keep loading, electing and showing.
 
-The fixtures in tests/data/v1/ were written by ``tests/data/make_v1_stores.py`` with that
-release and are kept byte for byte; the expected values are rebuilt by ``v1_states``.
+tests/data/v1/ (format 1, release 0.1) and tests/data/v2/ (format 2: one data array per rank
+per row) were written by ``tests/data/make_v1_stores.py`` with the code of their format and
+are kept byte for byte; the expected values are rebuilt by ``v1_states``.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ sys.path.insert(0, str(DATA))
 import v1_states as v1  # noqa: E402
 
 
-@pytest.fixture
-def stores(tmp_path: Path) -> Path:
-    """A copy of the fixtures: readers may take the lease or write bookkeeping files."""
-    shutil.copytree(DATA / "v1", tmp_path / "v1")
-    return tmp_path / "v1"
+@pytest.fixture(params=["v1", "v2"])
+def stores(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A copy of one format's fixtures: readers may take the lease or write bookkeeping
+    files."""
+    shutil.copytree(DATA / request.param, tmp_path / request.param)
+    return tmp_path / request.param
 
 
 def _cli(*args: str) -> tuple[int, str]:

@@ -1,6 +1,7 @@
-"""Writes the v1 store fixtures in tests/data/v1/ (run once, with the release that wrote v1).
+"""Writes the old-format store fixtures (run once per format, with the code that wrote it).
 
-    torchrun --nproc-per-node=2 tests/data/make_v1_stores.py tests/data/v1
+    torchrun --nproc-per-node=2 tests/data/make_v1_stores.py tests/data/v1   # release 0.1
+    torchrun --nproc-per-node=2 tests/data/make_v1_stores.py tests/data/v2   # format 2
 
 ``train``: two rows of a 2-rank functional-API job (own and packed arrays, a bfloat16 tensor,
 JSON-like values, a rank-private state and a global sharded tensor). ``session``: three writes
