@@ -54,11 +54,19 @@ from distckpt.engine import steps as engine
 from distckpt.engine.api import load as distckpt_load
 from distckpt.engine.steps import RowContent, build_manifest
 from distckpt.format import chunks
-from distckpt.format.layout import MANIFESTS_DIR, ROW_INDEX
+from distckpt.format.layout import DATA_ARRAY, MANIFESTS_DIR, ROW_INDEX, shared_length
 from distckpt.format.shards import Box, GlobalLayout, Sharded
 from distckpt.io import dataio, globalio
-from distckpt.io.commit import prepare_row, publish_index, publish_rank, write_rank
-from distckpt.io.dataio import build_index
+from distckpt.io.commit import (
+    DataShape,
+    open_row_here,
+    prepare_row,
+    publish_index,
+    publish_rank,
+    seal_row,
+    write_rank,
+)
+from distckpt.io.dataio import bound_bytes, build_index
 from distckpt.io.globalio import shard_report
 from distckpt.io.removal import remove_index, remove_own_part, remove_row_rest
 from distckpt.plan.save import plan_rank
@@ -265,6 +273,8 @@ def _classify(path: str) -> str:
     parent = os.path.basename(os.path.dirname(path))
     if parent == MANIFESTS_DIR:
         return "manifest"
+    if parent == DATA_ARRAY:
+        return "data"
     return "index" if os.path.basename(path) == ROW_INDEX else os.path.basename(path)[:9]
 
 
@@ -290,7 +300,8 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
         guard = lease.hold(store)
         guard.refresh()
         store.rows()
-        prepare_row(store, 0)
+        data = DataShape(world, *shared_length(_most_bytes(world, shapes)))
+        prepare_row(store, 0, data)
         coordinator_extra = fs.counts() - before
         files_before_ranks = fs.files()
         for rank in ranks:
@@ -300,18 +311,19 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
             own_plan_s.append(time.process_time() - start)
             assert shard_report(plan) == [_report(k, s, rank, world) for k, s in keys]
             before = fs.counts()
-            if rank != 0:
-                store.create("scale")
-                fs.makedirs(store.manifests_dir(0))
-            written = write_rank(store, plan, 0, rank, layouts)
+            made_here = rank != 0 and open_row_here(store, 0, "scale", data)
+            written = write_rank(store, plan, 0, rank, layouts, data)
             built = build_manifest(plan, written, RowContent(state, {}, {}), world_size=world)
             publish_rank(store, written, built)
+            if made_here:
+                seal_row(store, 0)
             save[rank] = fs.counts() - before
         # the coordinator's row index, once every rank committed (built from the layouts)
         before = fs.counts()
         start = time.process_time()
         index = build_index(0, world, 0, layouts)
         index_s = time.process_time() - start
+        seal_row(store, 0)
         publish_index(store, index)
         coordinator_extra = coordinator_extra + (fs.counts() - before)
         index_bytes = fs.size(store.index_path(0))
@@ -341,6 +353,13 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
         cpu_s=time.process_time() - cpu,
         tensors=len(keys),
     )
+
+
+def _most_bytes(world: int, shapes: list[tuple[str, tuple[int, ...]]]) -> int:
+    """The largest rank's bound (``dataio.bound_bytes``), as the save's gather finds it:
+    rank 0 holds the most of every ``Shard(0)`` split."""
+    state = fsdp_state(0, world, shapes)
+    return bound_bytes(plan_rank(state, rank=0, stager=lambda t, where: t))
 
 
 def _layer(name: str) -> int:
@@ -470,7 +489,7 @@ def _record(
         "load_ops": sum(loaded[k] for k in METADATA_OPS),
         "load_manifest_reads": reads(load, "manifest"),
         "load_index_reads": reads(load, "index"),
-        "load_data_opens": reads(load, "c.0"),
+        "load_data_opens": reads(load, "data"),
         "load_rank_max": {k: max(load[r].ops[k] for r in ranks) for k in OPERATIONS},
         "delete": deleted,
         "delete_ops": sum(deleted[k] for k in METADATA_OPS),

@@ -98,8 +98,8 @@ class Distckpt(Tool):
 
         store = Store(path)
         row = store.rows()[-1]
-        rank_dir = os.path.relpath(store.rank_dir(row, ctx.rank), path)
-        return count_files(path, under=rank_dir) + 1, count_files(path)  # + its manifest
+        own = int(os.path.exists(store.data_file(row, ctx.rank)))
+        return own + 1, count_files(path)  # its shard of the row's data array + its manifest
 
     def cleanup(self, ctx: Ctx, path: str) -> None:
         if ctx.rank == 0:

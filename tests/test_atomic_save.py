@@ -1,7 +1,7 @@
 """A save commits its row on every rank or on none, and says which.
 
 A save that raises leaves the previously elected row the elected one (what was published is
-retracted, also when the failure came after the manifest's rename); row ids are allocated
+retracted, also when the failure came after the manifest was created); row ids are allocated
 under the writer lease, so two writers are never given the same row; a transient failure
 while the lease is published does not lock the same process out of its own lease.
 """
@@ -58,6 +58,23 @@ class FsyncFailsAfterRename(LocalFileSystem):
         super().fsync_dir(path)
 
 
+class FailsAfterCreate(LocalFileSystem):
+    """EIO from ``create_exclusive`` of a file named like ``target`` after the file was
+    created and written (its fsync failed and the name could not be taken back), ``times``
+    times: the manifest is visible although its publish raised."""
+
+    def __init__(self, target: str, times: int = 1_000_000) -> None:
+        self.target = target
+        self.times = times
+        self.failed = 0
+
+    def create_exclusive(self, path: str, data: bytes) -> None:
+        super().create_exclusive(path, data)
+        if re.search(self.target, path) and self.failed < self.times:
+            self.failed += 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+
+
 def state(value: float) -> dict[str, Any]:
     return {"w": torch.full((8,), value), "step": int(value)}
 
@@ -65,10 +82,10 @@ def state(value: float) -> dict[str, Any]:
 MANIFEST = rf"/{MANIFESTS_DIR}/rank_\d+\.json$"
 
 
-def test_eio_on_the_fsync_after_the_manifest_rename_leaves_the_previous_row_elected(tmp_path):
+def test_eio_after_the_manifest_is_created_leaves_the_previous_row_elected(tmp_path):
     for value in (0.0, 1.0):
         distckpt.save(state(value), tmp_path)
-    fs = FsyncFailsAfterRename(MANIFEST)
+    fs = FailsAfterCreate(MANIFEST)
     with pytest.raises(CheckpointWriteError, match=r"row 2 .*was not committed"):
         distckpt.save(state(2.0), Store(tmp_path, fs=fs))
     assert fs.failed == 1
@@ -80,12 +97,12 @@ def test_eio_on_the_fsync_after_the_manifest_rename_leaves_the_previous_row_elec
 
 
 def test_a_commit_failing_on_one_rank_is_retracted_on_every_rank(tmp_path):
-    """Rank 1's manifest rename succeeds, its fsync fails: both ranks raise, and neither
+    """Rank 1's manifest is created, then its publish fails: both ranks raise, and neither
     rank's manifest of the row stays (the row is not elected)."""
 
     def body(c: Communicator) -> Any:
         distckpt.save(state(c.rank), tmp_path, comm=c)
-        fs = FsyncFailsAfterRename(MANIFEST) if c.rank == 1 else LocalFileSystem()
+        fs = FailsAfterCreate(MANIFEST) if c.rank == 1 else LocalFileSystem()
         try:
             distckpt.save(state(10.0 + c.rank), Store(tmp_path, fs=fs), comm=c)
         except CheckpointError as exc:

@@ -295,7 +295,7 @@ def test_load_and_verify_report_the_same_damaged_chunk(tmp_path, name):
         0,
         Store(tmp_path).row_dir(ROW),
         entry.array,
-        (0,) * (1 if entry.packed or entry.ranged else len(entry.shape)),
+        (0, 0),  # rank 0's shard of the row's data array
         "",
         name,
     )
@@ -331,13 +331,13 @@ def test_load_and_verify_report_the_same_damaged_chunk(tmp_path, name):
 
 def test_a_damaged_global_piece_is_named_by_load_and_verify(tmp_path):
     distckpt.save({"w": distckpt.Sharded(torch.ones(4, 2), (4, 2), (0, 0))}, tmp_path, row=ROW)
-    index = (0,)
-    path = Path(Store(tmp_path).rank_dir(ROW, 0), "c.0")
-    path.write_bytes(path.read_bytes()[:-1])
+    index = (0, 0)  # rank 0's shard of the row's data array
+    path = Path(Store(tmp_path).data_file(ROW, 0))
+    path.write_bytes(path.read_bytes()[:16])  # the piece's 32 bytes are cut short
     with pytest.raises(CorruptChunkError) as info:
         distckpt.load({"w": torch.zeros(4, 2)}, tmp_path, fallback=False)
     err = info.value
-    assert (err.row, err.rank, err.array, err.chunk) == (ROW, 0, "rank_000000", tuple(index))
+    assert (err.row, err.rank, err.array, err.chunk) == (ROW, 0, "data", index)
     assert (err.problem, err.tensor, err.path) == (CorruptChunkError.SIZE, "w", str(path))
     result = CliRunner().invoke(cli, ["verify", str(tmp_path), "--json"])
     (problem,) = json.loads(result.stdout)["problems"]

@@ -29,7 +29,7 @@ from distckpt.cli import (
 )
 from distckpt.dist.election import elect_offline, row_status
 from distckpt.format import checked
-from distckpt.format.layout import single_chunk_key
+from distckpt.format.layout import FORMAT_VERSION, single_chunk_key
 from distckpt.storage.lease import LEASE_FILE, Lease
 from distckpt.storage.store import Store
 
@@ -96,8 +96,9 @@ def workflow(tmp_path: Path) -> Path:
 def _chunk(path: Path, row: int, rank: int, name: str) -> Path:
     store = Store(path)
     entry = next(a for a in store.read_manifest(row, rank).arrays if a.name == name)
-    ndim = 1 if entry.ranged else len(entry.shape)  # format 2: the rank's one data array
-    return Path(store.row_dir(row), entry.array, single_chunk_key(ndim))
+    if entry.array == "data":  # the rank's shard of the row's data array
+        return Path(store.data_file(row, rank))
+    return Path(store.row_dir(row), entry.array, single_chunk_key(len(entry.shape)))
 
 
 def _offset(path: Path, row: int, rank: int, name: str) -> int:
@@ -164,7 +165,9 @@ def test_ls_lists_rows_with_step_size_and_age(single):
 
 def test_ls_json(multi):
     doc = json.loads(run("ls", multi, "--json").stdout)
-    assert doc["latest"] == 2 and doc["format"] == 2 and doc["lease"]["state"] == "free"
+    assert (
+        doc["latest"] == 2 and doc["format"] == FORMAT_VERSION and doc["lease"]["state"] == "free"
+    )
     assert [r["row"] for r in doc["rows"]] == [0, 1, 2]
     row = doc["rows"][0]
     assert set(row) >= {
@@ -349,7 +352,8 @@ def test_latest_without_a_row_exits_3(tmp_path):
 def test_unreadable_stores_exit_4_on_every_command(single, tmp_path):
     root = single / "zarr.json"
     doc = json.loads(root.read_text())
-    doc["attributes"]["distckpt"]["format"] = 3
+    newer = FORMAT_VERSION + 1
+    doc["attributes"]["distckpt"]["format"] = newer
     root.write_text(json.dumps(doc))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -359,8 +363,8 @@ def test_unreadable_stores_exit_4_on_every_command(single, tmp_path):
     for command in ("ls", "latest", "show", "verify", "gc", "lease"):
         result = run(command, single)
         assert result.exit_code == EXIT_STORE, (command, result.output)
-        assert "format version 3" in result.stderr and "upgrade distckpt" in result.stderr
-        assert "up to version 2" in result.stderr  # both versions named
+        assert f"format version {newer}" in result.stderr and "upgrade distckpt" in result.stderr
+        assert f"up to version {FORMAT_VERSION}" in result.stderr  # both versions named
         assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
         assert "Traceback" not in result.stderr
     assert run("latest", foreign).exit_code == EXIT_STORE
@@ -390,10 +394,10 @@ def test_show_describes_the_latest_row(single):
     w = next(line for line in out.splitlines() if "model/w" in line).split()
     assert w[:5] == ["model/w", str(BIG), "float32", "1.1", "MiB"] and w[5] == "data"
     entries = {a.name: a for a in Store(single).read_manifest(2, 0).arrays}
-    assert w[6] == f"rank_000000@{entries['model/w'].offset}"
+    assert w[6] == f"data@{entries['model/w'].offset}"
     b = next(line for line in out.splitlines() if "model/b" in line).split()
     assert b[:4] == ["model/b", "8", "float32", "32"]
-    assert b[5:] == ["data", f"rank_000000@{entries['model/b'].offset}"]
+    assert b[5:] == ["data", f"data@{entries['model/b'].offset}"]
 
 
 def test_show_lists_global_arrays_with_the_chunks_each_rank_wrote(tmp_path):
@@ -403,7 +407,7 @@ def test_show_lists_global_arrays_with_the_chunks_each_rank_wrote(tmp_path):
     out = run("show", path).stdout
     section = out.split("global arrays", 1)[1].splitlines()
     line = next(line for line in section if line.strip().startswith("w "))
-    assert line.split()[1:6] == ["6x8", "float32", "-", "1", "rank_000000"]
+    assert line.split()[1:6] == ["6x8", "float32", "-", "1", "data"]
     doc = json.loads(run("show", path, "--json").stdout)
     assert "1 global array, 192 B written" in out  # 6 x 8 float32
     verified = run("verify", path)
@@ -434,7 +438,7 @@ def test_show_rank_filter_and_json(multi):
     assert doc["row"] == 2 and doc["world_size"] == 2 and [r["rank"] for r in doc["ranks"]] == [0]
     arrays = {a["name"]: a for a in doc["ranks"][0]["arrays"]}
     assert arrays["big"]["storage"] == "data" and arrays["big"]["shape"] == [BIG]
-    assert arrays["x"]["storage"] == "data" and arrays["x"]["array"] == "rank_000000"
+    assert arrays["x"]["storage"] == "data" and arrays["x"]["array"] == "data"
     assert arrays["big"]["nbytes"] == BIG * 4 and arrays["big"]["dtype"] == "float32"
     bad = run("show", multi, "--rank", "5")
     assert bad.exit_code == EXIT_USAGE and "no rank 5" in bad.stderr
@@ -490,7 +494,7 @@ def test_verify_reports_a_flipped_byte_in_an_own_array(multi):
             "rank": 1,
             "array": "big",
             "problem": "checksum mismatch (data corrupted)",
-            "chunk": [0],
+            "chunk": [1, 0],  # rank 1's shard of the row's data array
             "kind": "checksum",
             "path": str(chunk),
         }
@@ -512,9 +516,11 @@ def test_verify_reports_truncated_and_missing_chunks(multi):
     os.remove(_chunk(multi, 0, 1, "big"))
     result = run("verify", multi, "--all")
     assert result.exit_code == EXIT_CORRUPT
-    start = _offset(multi, 0, 0, "big")
-    beyond = f"bytes {start}..{start + BIG * 4} lie beyond the data array's 1000 bytes"
-    assert f"row 0, rank 0, array 'big': {beyond}" in result.stdout
+    manifest = Store(multi).read_manifest(0, 0)
+    short = f"the file is 1000 bytes, its writer's manifest says {manifest.data_bytes}"
+    # A shard of the wrong size: reported once, at the first tensor it held.
+    first = manifest.arrays[0].name
+    assert f"row 0, rank 0, array '{first}': {short}" in result.stdout
     # The whole file of rank 1 is gone: reported once, at the first tensor it held.
     assert "row 0, rank 1, array 'x': chunk file is missing" in result.stdout
     assert "row 1: ok" in result.stdout and "row 2: ok" in result.stdout
@@ -543,7 +549,7 @@ def test_verify_reports_manifest_problems(multi):
     assert "state 'x': stored value at 'x' refers to tensor 7" in result.stdout
     # A deleted zarr.json breaks plain zarr readers even though the bytes are intact.
     os.remove(_chunk(multi, 0, 0, "big").parent / "zarr.json")
-    missing = "row 0, rank 0, array 'rank_000000': zarr.json is missing"
+    missing = "row 0, rank 0, array 'data': zarr.json is missing"
     assert missing in run("verify", multi, "0").stdout
 
 

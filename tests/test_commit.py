@@ -97,18 +97,30 @@ def test_manifest_is_the_last_file_written(tmp_path):
             self.events.append(("write", path))
             return super().write_file(path, parts, durable=durable)
 
+        def create_exclusive(self, path, data):
+            self.events.append(("write", path))
+            return super().create_exclusive(path, data)
+
+        def fsync_dirs(self, paths):
+            self.events.extend(("fsync_dir", p) for p in paths)
+            return super().fsync_dirs(paths)
+
     fs = Order()
     distckpt.save(_big_state(), Store(tmp_path / "s", fs=fs))
     writes = [p for kind, p in fs.events if kind == "write"]
-    manifest_writes = [i for i, p in enumerate(writes) if "/manifests/.rank_000000.json" in p]
-    index_writes = [i for i, p in enumerate(writes) if "/.index.json." in p]
-    assert len(manifest_writes) == 1 and len(index_writes) == 1
-    # The data, then the manifest (the rank's commit), then the row index (the whole row's).
-    assert (manifest_writes[0], index_writes[0]) == (len(writes) - 2, len(writes) - 1)
     final = os.path.join(tmp_path, "s", "rows", "000000000000", "manifests", "rank_000000.json")
-    assert os.path.exists(final)
+    index_writes = [i for i, p in enumerate(writes) if "/.index.json." in p]
+    # The data (fsynced), then the manifest under its final name (the rank's commit), then
+    # the row index (the whole row's).
+    assert writes[-2:] == [final, writes[index_writes[0]]] and len(index_writes) == 1
+    data = Store(tmp_path / "s").data_file(0, 0)
+    assert writes.index(data) < writes.index(final)
+    # Between the last commit and the index, the coordinator makes the entries durable.
+    events = fs.events[fs.events.index(("write", final)) :]
+    synced = [p for kind, p in events if kind == "fsync_dir"]
+    assert synced[:2] == [os.path.dirname(data), os.path.dirname(final)]
     leftovers = sorted(os.listdir(os.path.dirname(final)))
-    assert leftovers == ["rank_000000.json", "zarr.json"]  # the temp file was renamed away
+    assert leftovers == ["rank_000000.json", "zarr.json"]
 
 
 def test_delete_row_removes_manifests_before_data(tmp_path):
@@ -186,16 +198,19 @@ def test_a_store_handle_sees_a_manifest_that_changed_on_disk(tmp_path):
 
 def _write_one_rank(tmp_path, checksums: bool):
     from distckpt.engine.steps import RowContent
-    from distckpt.io.commit import prepare_row, write_rank
+    from distckpt.format.layout import shared_length
+    from distckpt.io.commit import DataShape, prepare_row, write_rank
+    from distckpt.io.dataio import bound_bytes
     from distckpt.plan.save import plan_rank
 
     store = Store(tmp_path / "store")
     store.create("")
-    prepare_row(store, 0)
     states = {"model": {"w": torch.arange(1 << 19, dtype=torch.float32)}, "opt": [torch.ones(3)]}
     plan = plan_rank(states, rank=0)
+    data = DataShape(1, *shared_length(bound_bytes(plan)))
+    prepare_row(store, 0, data)
     content = RowContent(states=states, schemas={}, metadata={"step": 3}, versions={"opt": 2})
-    return store, plan, content, write_rank(store, plan, 0, 0, checksums=checksums)
+    return store, plan, content, write_rank(store, plan, 0, 0, {}, data, checksums=checksums)
 
 
 @pytest.mark.parametrize("checksums", [True, False])

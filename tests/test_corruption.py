@@ -13,12 +13,12 @@ import torch
 import distckpt
 from distckpt.format import checked
 from distckpt.format.layout import (
+    DATA_ARRAY,
     FORMAT_VERSION,
     MANIFEST_VERSION,
     MANIFESTS_DIR,
     ROWS_DIR,
     manifest_name,
-    rank_dir_name,
     row_name,
 )
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
@@ -110,7 +110,7 @@ def test_flipped_byte_in_own_array_chunk(store, where):
 @pytest.mark.parametrize("name", ["model/first", "model/second", "model/last"])
 def test_flipped_byte_in_packed_chunk_names_the_tensor_hit(store, name):
     e = entry(store, name)
-    assert e["array"] == rank_dir_name(0)  # format 2: every tensor in the rank's data array
+    assert e["array"] == DATA_ARRAY  # every tensor in the rank's shard of the data array
     flip_byte(chunk_file(store, name), e["offset"] + e["nbytes"] // 2)
     with pytest.raises(distckpt.CorruptCheckpointError) as info:
         distckpt.load({}, store)
@@ -128,16 +128,10 @@ def test_truncated_chunk(store, name, keep):
     os.truncate(chunk, new_size)
     with pytest.raises(distckpt.CorruptCheckpointError) as info:
         distckpt.load({}, store)
-    # Format 2's data array has no trailer: a tensor ending past new_size lost bytes; the
-    # error must name one of those (all the rank's tensors share the one file).
-    array = entry(store, name)["array"]
-    damaged = [
-        a["name"]
-        for a in manifest(store)["arrays"]
-        if a["array"] == array and a["offset"] + a["nbytes"] > new_size
-    ]
-    assert damaged
-    assert any(f"'{d}'" in str(info.value) for d in damaged), str(info.value)
+    # The manifest records the shard's size, so any cut is refused (also one that only
+    # takes the shard index off the end), naming a tensor of the file (all the rank's).
+    names = [a["name"] for a in manifest(store)["arrays"]]
+    assert any(f"'{n}'" in str(info.value) for n in names), str(info.value)
     assert_names_culprit(info.value, "model/")
 
 
@@ -294,8 +288,8 @@ def test_load_of_missing_store_is_not_a_format_error(tmp_path):
     assert distckpt.latest(tmp_path / "nothing_here") is None
 
 
-def test_rank_directory_is_where_the_manifest_says(store):
-    """The damage above hit real files: every array lies in this rank's directory."""
+def test_data_array_is_where_the_manifest_says(store):
+    """The damage above hit real files: every tensor lies in the row's data array."""
     for a in manifest(store)["arrays"]:
-        assert a["array"] == rank_dir_name(0)
+        assert a["array"] == DATA_ARRAY
         assert (row_dir(store) / a["array"] / "zarr.json").is_file()

@@ -169,9 +169,9 @@ def test_failed_load_of_global_arrays_leaves_the_first_one_as_it_was(tmp_path):
         },
         store,
     )
-    # Format 2: b's piece is a byte range of rank 0's data array.
+    # b's piece is a byte range of rank 0's shard of the row's data array.
     (piece,) = next(g for g in Store(store).read_manifest(0, 0).globals if g.name == "b").pieces
-    chunk = Path(Store(store).rank_dir(0, 0)) / "c.0"
+    chunk = Path(Store(store).data_file(0, 0))
     flip(chunk, piece.offset)
     live = {"a": torch.full((4, 3), 9.0), "b": torch.full((4, 2), 9.0)}
     with pytest.raises(CheckpointError, match="'b'"):

@@ -236,8 +236,7 @@ def test_requeued_slurm_job_finishes_despite_a_damaged_newest_row(tmp_path):
     for step in range(2):
         distckpt.save({"w": torch.full((16,), float(step + 1)), "step": step}, slurm.ckpt)
     distckpt.storage.lease.release(slurm.ckpt)
-    rank_dir = Path(Store(slurm.ckpt).rank_dir(1, 0))
-    (packed,) = [p for p in rank_dir.rglob("c*") if p.is_file()]
+    packed = Path(Store(slurm.ckpt).data_file(1, 0))
     data = bytearray(packed.read_bytes())
     data[0] ^= 0xFF
     packed.write_bytes(bytes(data))

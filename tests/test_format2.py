@@ -1,5 +1,6 @@
-"""Format 2: files per rank bounded, the README's plain-zarr recipe, the zarr export view, the
-row index and the election's bounded manifest reads (all in one process, no launches)."""
+"""The data array of a row (format 3): files per rank bounded, the README's plain-zarr recipe,
+the zarr export view, the row index and the election's bounded manifest reads (all in one
+process, no launches)."""
 
 from __future__ import annotations
 
@@ -130,12 +131,13 @@ def test_files_per_rank_stay_bounded_however_many_tensors_and_shards(tmp_path):
         store = Store(tmp_path / f"s{tensors}")
         save_threads(store.path, 3, lambda r, n=tensors: _state(r, 3, n))
         row_dir = Path(store.row_dir(0))
-        for rank in range(3):
-            assert sorted(os.listdir(row_dir / f"rank_{rank:06d}")) == ["c.0", "zarr.json"]
-        # Per row: the row's zarr.json, index.json, manifests/zarr.json; per rank 3 files.
+        shards = [f"c.{rank}.0" for rank in range(3)]
+        assert sorted(os.listdir(row_dir / "data")) == [*shards, "zarr.json"]
+        # Per row: the row's zarr.json, index.json, manifests/zarr.json, data/zarr.json; per
+        # rank 2 files (its shard and its manifest); no directory per rank.
         files = [f for _, _, names in os.walk(row_dir) for f in names]
         dirs = [d for _, names, _ in os.walk(row_dir) for d in names]
-        assert (len(files), len(dirs)) == (3 + 3 * 3, 1 + 3)
+        assert (len(files), sorted(dirs)) == (4 + 3 * 2, ["data", "manifests"])
 
 
 def _recipe() -> str:
@@ -157,23 +159,29 @@ def test_the_readme_recipe_reads_every_tensor_with_zarr_alone(tmp_path):
     np.testing.assert_array_equal(scope["global_tensor"]("model/w"), _full("w").numpy())
     np.testing.assert_array_equal(scope["global_tensor"]("model/v"), _full("v").numpy())
     for rank in (0, 1):
-        got = scope["tensor"]("model/t5", f"rank_{rank:06d}")
+        got = scope["tensor"]("model/t5", rank)
         np.testing.assert_array_equal(got, np.full((4, 4), 5.0 + rank, dtype=np.float32))
-    big = scope["tensor"]("model/big", "rank_000001")
+    big = scope["tensor"]("model/big", 1)
     np.testing.assert_array_equal(big, np.arange(300_000, dtype=np.float32) + 1)
     bits = scope["tensor"]("model/half").view(np.uint16)  # bfloat16 (ml_dtypes) or raw words
     assert torch.equal(torch.from_numpy(bits.copy()).view(torch.bfloat16), torch.arange(6.0))
 
 
-def test_zarr_and_tensorstore_read_a_data_array_alike(tmp_path):
+def test_zarr_and_tensorstore_read_the_data_array_alike(tmp_path):
     store = Store(tmp_path / "store")
     save_threads(store.path, 2, lambda r: _state(r, 2, 8))
-    path = store.rank_dir(0, 1)
+    path = store.data_dir(0)
     via_zarr = np.asarray(zarr.open_array(path, mode="r")[...])
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
     via_ts = ts.open(spec, read=True).result().read().result()
     assert via_zarr.dtype == np.uint8 and np.array_equal(via_zarr, via_ts)
-    assert via_zarr.tobytes() == (Path(path) / "c.0").read_bytes()
+    assert via_zarr.shape[0] == 2
+    for rank in range(2):  # each rank's bytes, as its shard file stores them, then zeros
+        raw = (Path(path) / f"c.{rank}.0").read_bytes()
+        manifest = Store(store.path).read_manifest(0, rank)
+        end = max(a.offset + a.nbytes for a in manifest.arrays)
+        assert via_zarr[rank, :end].tobytes() == raw[:end]
+        assert not via_zarr[rank, len(raw) :].any()
 
 
 def test_export_writes_one_zarr_array_per_logical_tensor(tmp_path):
@@ -203,7 +211,7 @@ def test_a_region_reads_only_the_piece_blocks_it_overlaps(tmp_path, saved, resto
         fs = RecordingFS()
         distckpt.load({"w": target}, Store(path, fs=fs))
         assert torch.equal(target.local, _full("w")[a:b])
-        data = [n for p, _, n in fs.reads if p.endswith("/c.0")]
+        data = [n for p, _, n in fs.reads if "/data/c." in p]
         assert sum(data) == (b - a) * 6 * 4  # exactly the region's bytes, nothing around it
 
 

@@ -21,6 +21,7 @@ from multiproc import WORKERS, LaunchResult, run_torchrun
 import distckpt
 from distckpt import Store
 from distckpt.errors import CheckpointSerializationError, CorruptCheckpointError
+from distckpt.format.layout import MANIFEST_VERSION
 from distckpt.format.names import escape_component
 from distckpt.format.shards import Box, chunk_shape, plan_layouts
 from distckpt.interchange import export_row
@@ -188,7 +189,7 @@ def test_one_rank_round_trip_into_explicit_shards_of_another_split(tmp_path):
     value = torch.arange(12, dtype=torch.float32).reshape(4, 3)
     distckpt.save({"w": distckpt.Sharded(value, (4, 3), (0, 0))}, tmp_path)
     doc = json.loads(Path(Store(tmp_path).manifest_path(0, 0)).read_bytes())
-    assert doc["distckpt_manifest"] == 3 and doc["globals"][0]["name"] == "w"
+    assert doc["distckpt_manifest"] == MANIFEST_VERSION and doc["globals"][0]["name"] == "w"
     piece = distckpt.Sharded(torch.zeros(2, 2), (4, 3), (1, 1))
     plain = {"w": torch.zeros(4, 3)}
     distckpt.load({"w": piece}, tmp_path)
@@ -205,11 +206,11 @@ def test_a_save_whose_shards_leave_a_gap_is_refused(tmp_path):
 
 
 def _piece_file(store: Path) -> tuple[Path, int]:
-    """Rank 0's data array file of row 0 and the byte offset of its piece of 'w'."""
+    """Rank 0's data file of row 0 and the byte offset of its piece of 'w'."""
     (g,) = Store(store).read_manifest(0, 0).globals
     assert g.pieces is not None
     (pc,) = g.pieces
-    return Path(Store(store).rank_dir(0, 0)) / "c.0", pc.offset
+    return Path(Store(store).data_file(0, 0)), pc.offset
 
 
 def test_a_corrupt_global_piece_names_the_array_and_piece(tmp_path):
@@ -249,5 +250,5 @@ def test_empty_and_scalar_global_tensors_round_trip(tmp_path):
     (entry,) = [g for g in Store(tmp_path).read_manifest(0, 0).globals if g.name == "scalar"]
     assert entry.pieces is not None
     (pc,) = entry.pieces
-    data = zarr.open_array(Store(tmp_path).rank_dir(0, 0), mode="r")[...]
+    data = zarr.open_array(Store(tmp_path).data_dir(0), mode="r")[0]
     assert float(np.frombuffer(data[pc.offset : pc.offset + 4].tobytes(), np.float32)[0]) == 3.5

@@ -22,7 +22,7 @@ import zarr
 
 import distckpt
 from distckpt.format.dtypes import supported_dtypes
-from distckpt.format.layout import MANIFESTS_DIR, ROWS_DIR, manifest_name, rank_dir_name, row_name
+from distckpt.format.layout import DATA_ARRAY, MANIFESTS_DIR, ROWS_DIR, manifest_name, row_name
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
@@ -121,18 +121,14 @@ def saved(tmp_path_factory) -> SavedRow:
     return open_row(store, row, state)
 
 
-# -- the rank's data array ------------------------------------------------------------------
-
-
-def _attrs(saved: SavedRow) -> dict:
-    doc = json.loads((saved.row_dir / rank_dir_name(0) / "zarr.json").read_text())
-    return {t["name"]: t for t in doc["attributes"]["distckpt"]["tensors"]}
+# -- the row's data array -------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def data(saved: SavedRow) -> dict[str, np.ndarray]:
-    path = saved.row_dir / rank_dir_name(0)
-    return {"zarr": read_zarr(path), "tensorstore": read_tensorstore(path)}
+    """Rank 0's row of the row's data array, as each plain reader sees it."""
+    path = saved.row_dir / DATA_ARRAY
+    return {"zarr": read_zarr(path)[0], "tensorstore": read_tensorstore(path)[0]}
 
 
 @pytest.mark.parametrize("read", ["zarr", "tensorstore"])
@@ -141,11 +137,8 @@ def data(saved: SavedRow) -> dict[str, np.ndarray]:
 def test_every_tensor_reads_back_exactly_from_its_range(saved, data, dtype, kind, read):
     name = f"{kind}/{dtype_id(dtype)}"
     want = saved.state[kind][dtype_id(dtype)]
-    m = saved.entry(name)
-    assert m["array"] == rank_dir_name(0)
-    t = _attrs(saved)[name]
-    # The manifest and the array's own attributes agree on where the tensor lies.
-    assert (t["offset"], t["nbytes"], t["dtype"]) == (m["offset"], m["nbytes"], dtype_id(dtype))
+    t = saved.entry(name)  # the manifest says where the tensor lies
+    assert t["array"] == DATA_ARRAY and t["dtype"] == dtype_id(dtype)
     assert t["shape"] == list(want.shape)
     piece = data[read][t["offset"] : t["offset"] + t["nbytes"]]
     assert piece.tobytes() == raw(want)
@@ -158,14 +151,20 @@ def test_large_tensors_start_on_a_page(saved):
         assert saved.entry(f"large/{dtype_id(dtype)}")["offset"] % 4096 == 0
 
 
-def test_data_array_document_is_one_uint8_chunk_of_raw_bytes(saved, data):
-    doc = json.loads((saved.row_dir / rank_dir_name(0) / "zarr.json").read_text())
+def test_data_array_is_one_uint8_shard_of_raw_bytes_per_rank(saved, data):
+    doc = json.loads((saved.row_dir / DATA_ARRAY / "zarr.json").read_text())
     assert doc["zarr_format"] == 3 and doc["node_type"] == "array"
-    assert doc["data_type"] == "uint8" and doc["codecs"] == [{"name": "bytes"}]
+    assert doc["data_type"] == "uint8" and doc["shape"][0] == 1  # one row per rank
     assert doc["chunk_grid"]["configuration"]["chunk_shape"] == doc["shape"]
-    chunk = (saved.row_dir / rank_dir_name(0) / "c.0").read_bytes()
-    assert data["zarr"].tobytes() == data["tensorstore"].tobytes() == chunk
-    assert len(chunk) == doc["shape"][0]
+    (sharding,) = doc["codecs"]
+    inner = sharding["configuration"]["chunk_shape"][1]
+    assert sharding["name"] == "sharding_indexed" and doc["shape"][1] % inner == 0
+    shard = (saved.row_dir / DATA_ARRAY / "c.0.0").read_bytes()
+    assert data["zarr"].tobytes() == data["tensorstore"].tobytes()
+    # The shard file is the rank's bytes as they are (whole inner chunks), then its index.
+    stored = len(shard) - (doc["shape"][1] // inner) * 16 - 4
+    assert stored % inner == 0 and shard[:stored] == data["zarr"][:stored].tobytes()
+    assert not data["zarr"][stored:].any()
 
 
 @pytest.mark.parametrize("read", READERS)
@@ -174,7 +173,7 @@ def test_a_row_of_only_empty_tensors_has_a_valid_empty_array(tmp_path, read):
     store = tmp_path / "s"
     row = open_row(store, distckpt.save(state, store), state)
     got = read(row.array_dir("e/a"))
-    assert got.shape == (0,)
+    assert got.shape[0] == 1 and not got.any()  # no bytes: no shard file, zeros
 
 
 @pytest.mark.parametrize("read", READERS)
@@ -187,7 +186,7 @@ def test_zero_dim_and_empty_tensors_read_back(tmp_path, read):
     }
     store = tmp_path / "s"
     row = open_row(store, distckpt.save(state, store), state)
-    array = read(row.row_dir / rank_dir_name(0))
+    array = read(row.row_dir / DATA_ARRAY)[0]
     for name, want in state.items():
         e = row.entry(name)
         piece = array[e["offset"] : e["offset"] + e["nbytes"]]

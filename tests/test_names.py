@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import distckpt
-from distckpt.format.layout import ROWS_DIR, rank_dir_name, row_name
+from distckpt.format.layout import ROWS_DIR, row_name
 from distckpt.format.names import escape_component, unescape_component
 from distckpt.plan.save import DEFAULT_PACK_THRESHOLD
 
@@ -166,9 +166,9 @@ def test_save_with_tricky_keys_stays_in_the_store_and_restores(tmp_path, make):
     row = distckpt.save(state, store, **meta)
 
     assert_confined(tmp_path, store, ancestors)
-    rank_dir = store / ROWS_DIR / row_name(row) / rank_dir_name(0)
-    # Format 2: whatever the names and sizes, one data array per rank (no name becomes a path).
-    assert sorted(p.name for p in rank_dir.iterdir()) == ["c.0", "zarr.json"]
+    data_dir = store / ROWS_DIR / row_name(row) / "data"
+    # Whatever the names and sizes, one shard file per rank (no name becomes a path).
+    assert sorted(p.name for p in data_dir.iterdir()) == ["c.0.0", "zarr.json"]
     out: dict = {}
     distckpt.load(out, store)
     assert_tree_equal(out, state)

@@ -60,15 +60,12 @@ def test_each_rank_removes_only_its_own_part_and_the_coordinator_the_rest(tmp_pa
             assert not row_status(store, 0).committed
     for rank, paths in removed.items():
         assert paths[0] == os.path.relpath(store.manifest_path(0, rank), row_dir)
-        own_dir = os.path.relpath(store.rank_dir(0, rank), row_dir)
-        assert set(paths[1:]) == {own_dir}
+        own = os.path.relpath(store.data_file(0, rank), row_dir)
+        assert set(paths[1:]) == {own}
     left = _files(row_dir)
     # The row's documents: its group and the row index (prune removes the index first).
     assert left and all(os.path.basename(f) in ("zarr.json", "index.json") for f in left)
-    assert not any(
-        f.startswith(tuple(os.path.relpath(store.rank_dir(0, r), row_dir) for r in range(WORLD)))
-        for f in left
-    )
+    assert not any(f.startswith(os.path.relpath(store.data_dir(0), row_dir) + "/c.") for f in left)
     remove_row_rest(store, 0)
     assert not row_dir.exists() and store.rows() == []
 
@@ -97,12 +94,12 @@ def test_a_row_that_links_out_of_the_store_loses_only_the_link(tmp_path: Path) -
     assert {f: (outside / f).read_bytes() for f in _files(outside)} == before
 
 
-def test_a_rank_directory_that_links_out_is_not_followed(tmp_path: Path) -> None:
+def test_a_data_directory_that_links_out_is_not_followed(tmp_path: Path) -> None:
     store = _store_with_rows(tmp_path, 1)
     outside = tmp_path / "elsewhere"
-    rank_dir = Path(store.rank_dir(0, 1))
-    shutil.move(rank_dir, outside)
-    rank_dir.symlink_to(outside, target_is_directory=True)
+    data_dir = Path(store.data_dir(0))
+    shutil.move(data_dir, outside)
+    data_dir.symlink_to(outside, target_is_directory=True)
     before = _files(outside)
     remove_own_part(store, 0, 1)
     assert not os.path.exists(store.manifest_path(0, 1))  # its commit is withdrawn

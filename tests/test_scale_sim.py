@@ -20,14 +20,16 @@ def full() -> dict:
 def test_counts_are_consistent(full: dict) -> None:
     world = 8
     by_ranks = full["save_by_ranks"]
-    # format 2: each rank creates its data array's zarr.json and c.0 and its manifest, in
-    # one directory of its own, however many tensors it saves (9 global, 3 own here)
-    assert full["save_rank_max"]["creates"] == 3 and full["save_rank_max"]["mkdirs"] == 1
+    # format 3: each rank creates its shard of the row's data array and its manifest and
+    # no directory, however many tensors it saves (9 global, 3 own here); it fsyncs the
+    # two files, no directory, and stats at most one path (is the row made here?)
+    most = full["save_rank_max"]
+    assert (most["creates"], most["mkdirs"], most["fsyncs"], most["stats"]) == (2, 0, 2, 1)
     assert full["files_written_by_ranks"] == by_ranks["creates"] - by_ranks["unlinks"] + 1
     # election: one manifest and one row index read per rank, not one per row or rank
     assert full["elect_manifest_reads"] == world and full["elect_index_reads"] == world
     # load: O(1) manifest and index reads per rank (not every rank's manifest)
-    assert full["load_manifest_reads"] <= 3 * world and full["load_index_reads"] <= 2 * world
+    assert full["load_manifest_reads"] == world and full["load_index_reads"] == world
     # every rank reads its piece of each global tensor once, and verifies then reads each
     # of its own tensors (one step counter per parameter)
     own = full["tensors"] // 3

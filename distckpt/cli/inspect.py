@@ -284,7 +284,7 @@ def rank_detail(m: RankManifest) -> dict[str, Any]:
                 "dtype": g.dtype,
                 "chunk_shape": list(g.chunk_shape),
                 "chunks_written": len(g.chunks if g.pieces is None else g.pieces),
-                "array": g.array if g.pieces is None else rank_dir_name(m.rank),
+                "array": g.array or rank_dir_name(m.rank),
             }
             for g in m.globals
         ],
@@ -399,7 +399,7 @@ def show_command(store: str, row: int | None, ranks: tuple[int, ...], as_json: b
                     g.dtype,
                     "x".join(str(d) for d in g.chunk_shape) or "-",
                     str(len(g.chunks if g.pieces is None else g.pieces)),
-                    g.array if g.pieces is None else rank_dir_name(m.rank),
+                    g.array or rank_dir_name(m.rank),
                 ]
                 for g in m.globals
             ]

@@ -152,6 +152,24 @@ def load(
     """
     st = _store(store)
     c = resolve(comm)
+    with st.pinned():  # each manifest and the row index read once in the whole load
+        return _load(
+            st, c, state_dict, row, strict, version, migrations, mapping, in_place, fallback
+        )
+
+
+def _load(
+    st: Store,
+    c: Any,
+    state_dict: dict[str, Any],
+    row: int | None,
+    strict: bool,
+    version: Versions | None,
+    migrations: MigrationRegistry | None,
+    mapping: StateMapping | None,
+    in_place: bool,
+    fallback: bool,
+) -> int:
     bad = bad_rows(st)
     damaged: list[tuple[int, CorruptCheckpointError]] = []
     while True:

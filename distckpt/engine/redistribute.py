@@ -246,6 +246,7 @@ def mapped_states(
             entries=m.arrays,
             store=store.path,
             ranged=True,
+            data_bytes=m.data_bytes,
         )
     return tree, readers
 

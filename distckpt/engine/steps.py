@@ -28,18 +28,21 @@ from distckpt.errors import (
 )
 from distckpt.faults import fault_point
 from distckpt.format import tree as codec
-from distckpt.format.layout import DATA_MANIFEST_VERSION
+from distckpt.format.layout import SHARED_MANIFEST_VERSION, shared_length
 from distckpt.format.manifest import InvalidManifest, RankManifest, StateRecord
 from distckpt.io import globalio
 from distckpt.io.commit import (
+    DataShape,
     RankWrite,
+    open_row_here,
     prepare_row,
     publish_index,
     publish_rank,
     retract_rank,
+    seal_row,
     write_rank,
 )
-from distckpt.io.dataio import build_index
+from distckpt.io.dataio import bound_bytes, build_index
 from distckpt.io.digests import state_digests
 from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
 from distckpt.io.marks import bad_rows
@@ -122,7 +125,8 @@ def build_manifest(
         states=states,
         metadata=codec.encode_metadata(content.metadata),
         globals=written.globals,
-        format=DATA_MANIFEST_VERSION,
+        format=SHARED_MANIFEST_VERSION,
+        data_bytes=written.data_bytes,
     )
 
 
@@ -220,8 +224,11 @@ def save_row(
     # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
     # and refuses the same overlaps or gaps, so no agreement step is needed after this one.
     made = plan
-    reports = step.gather(comm, step.SAVE_SHARDS, lambda: shard_report(made))
+    gathered = step.gather(comm, step.SAVE_SHARDS, lambda: (shard_report(made), bound_bytes(made)))
+    reports = [boxes for boxes, _ in gathered]
     layouts = globalio.layouts(reports) if any(reports) else {}
+    # The row's data array: one shard per rank, as long as the largest rank's bound.
+    data = DataShape(comm.world_size, *shared_length(max(bound for _, bound in gathered)))
 
     def allocate() -> int:
         existing = store.rows()
@@ -232,7 +239,7 @@ def save_row(
                 f"row {chosen} is not newer than row {newest} in {store.path}; rows are "
                 "never rewritten in place"
             )
-        prepare_row(store, chosen)
+        prepare_row(store, chosen, data)
         return chosen
 
     def open_row() -> int:
@@ -252,11 +259,12 @@ def save_row(
         step.decide(comm, step.SAVE_OPEN, open_row, context=where, fallback=CheckpointWriteError)
     )
 
+    made_here: list[bool] = []  # this rank made the row's directories (node-local storage)
+
     def open_local() -> None:
         if not comm.is_coordinator:
             # Node-local storage: this rank's directory tree may not be the coordinator's.
-            store.create(name)
-            store.fs.makedirs(store.manifests_dir(chosen))
+            made_here.append(open_row_here(store, chosen, name, data))
 
     step.run(comm, step.SAVE_OPEN_LOCAL, open_local, context=where, fallback=CheckpointWriteError)
 
@@ -265,11 +273,13 @@ def save_row(
 
     def write() -> None:
         try:
-            written = write_rank(store, made, chosen, comm.rank, layouts, checksums=checksums)
+            written = write_rank(store, made, chosen, comm.rank, layouts, data, checksums=checksums)
             built = build_manifest(made, written, content, world_size=comm.world_size, name=name)
             publishing.append(True)
             publish_rank(store, written, built)
             published.append(built)
+            if any(made_here):
+                seal_row(store, chosen)  # its own tree: nobody else fsyncs it
         except Exception as exc:
             log.error("rank %d failed to write row %d: %s", comm.rank, chosen, exc)
             raise
@@ -298,6 +308,7 @@ def save_row(
         # counts without it (readers fall back to the manifests), so a failure only warns.
         index = build_index(chosen, comm.world_size, content.write_count, layouts)
         try:
+            seal_row(store, chosen)
             publish_index(store, index)
         except (OSError, CheckpointError) as exc:
             log.warning("row %d of %s: no row index written: %s", chosen, store.path, exc)
@@ -445,6 +456,7 @@ class RowView:
             entries=manifest.arrays,
             store=store.path,
             files=files,
+            data_bytes=manifest.data_bytes,
         )
 
     @property

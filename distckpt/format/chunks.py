@@ -256,9 +256,16 @@ def read_range(fs: ChunkFiles, ref: ChunkRef, entry: ArrayEntry, dest: memoryvie
 
 
 # -- format 2: byte ranges of a rank's data array, each with its own checksum ---------------------
-def span_size(fs: ChunkFiles, ref: ChunkRef) -> int:
-    """The data array's chunk size (a reader asks once per array, not once per tensor)."""
-    return _size(fs, ref)
+def span_size(fs: ChunkFiles, ref: ChunkRef, expected: int | None = None) -> int:
+    """The data array's chunk size (a reader asks once per array, not once per tensor);
+    ``expected``: the size its writer recorded (format 3), any other size is damage."""
+    size = _size(fs, ref)
+    if expected is not None and size != expected:
+        raise ref.fail(
+            CorruptChunkError.SIZE,
+            f"the file is {size} bytes, its writer's manifest says {expected}",
+        )
+    return size
 
 
 def _span_fits(ref: ChunkRef, offset: int, nbytes: int, size: int) -> None:

@@ -11,15 +11,22 @@ from typing import Any
 
 from distckpt.format.dtypes import DtypeSpec
 
-FORMAT_VERSION = 2  # major: a reader refuses anything newer (1: an array per large tensor)
+FORMAT_VERSION = 3  # major: a reader refuses anything newer (1: an array per large tensor)
 # Format 1 manifests said 1, or 2 when they held global (sharded) arrays. Format 2 rows
-# (every tensor and global piece of a rank in that rank's one data array) say 3, so code
-# that predates them refuses the row naming both versions instead of misreading it.
+# (every tensor and global piece of a rank in that rank's one data array) say 3; format 3
+# rows (every rank's bytes in one shard of the row's shared data array) say 4, so code that
+# predates them refuses the row naming both versions instead of misreading it.
 GLOBAL_MANIFEST_VERSION = 2
 DATA_MANIFEST_VERSION = 3
-MANIFEST_VERSION = DATA_MANIFEST_VERSION  # the newest manifest this reader understands
+SHARED_MANIFEST_VERSION = 4
+MANIFEST_VERSION = SHARED_MANIFEST_VERSION  # the newest manifest this reader understands
 ROW_INDEX = "index.json"  # rows/<row>/index.json: the coordinator's summary of a whole row
-ROW_INDEX_VERSION = 1
+ROW_INDEX_VERSION = 2  # 2: the index names the row's shared data array (format 3)
+# Format 3: rows/<row>/data is one (world size x L) uint8 array, one shard file per rank.
+DATA_ARRAY = "data"
+INNER_CHUNK_MIN = 64 << 10  # the shards' inner chunk: at least this many bytes ...
+INNER_CHUNKS_MAX = 16384  # ... and at most this many per shard (its index: 16 B each)
+NO_CHUNK = (1 << 64) - 1  # a shard index entry of an inner chunk that is not stored
 # Byte alignment of each tensor in a rank's data array: large tensors start on a page (so a
 # reader may map or read them directly), small ones on 16 bytes (any dtype's alignment).
 PAGE_ALIGN = 4096
@@ -146,6 +153,70 @@ def data_array_document(total: int, attributes: dict[str, Any]) -> bytes:
         "attributes": attributes,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def inner_chunk_bytes(length: int) -> int:
+    """The inner chunk of a shared data array whose ranks hold up to ``length`` bytes: a
+    power of two of at least 64 KiB, large enough that a shard indexes at most 16,384 of
+    them (its index stays under 256 KiB; a rank pads its bytes by less than one chunk)."""
+    inner = INNER_CHUNK_MIN
+    while -(-length // inner) > INNER_CHUNKS_MAX:
+        inner *= 2
+    return inner
+
+
+def shared_length(most: int) -> tuple[int, int]:
+    """(L, inner chunk) of a shared data array whose largest rank holds ``most`` bytes: L is
+    ``most`` rounded up to whole inner chunks (at least one)."""
+    inner = inner_chunk_bytes(most)
+    return max(1, -(-most // inner)) * inner, inner
+
+
+def shared_data_document(world_size: int, length: int, inner: int) -> bytes:
+    """Format 3: the row's data array, ``uint8`` of shape (world size, L), one shard per rank
+    (zarr v3 ``sharding_indexed``, index at the end with its crc32c).
+
+    Rank r's shard file ``c.<r>.0`` holds its bytes in order (its inner chunks stored back to
+    back, the last padded with zeros) and the shard index; chunks past its bytes are not
+    stored and read as zeros. So every rank writes one file, all in one directory that the
+    coordinator made, and plain zarr readers see one array of the row.
+    """
+    doc = {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": [world_size, length],
+        "data_type": "uint8",
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, length]}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
+        "fill_value": 0,
+        "codecs": [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": [1, inner],
+                    "codecs": [{"name": "bytes"}],
+                    "index_codecs": [
+                        {"name": "bytes", "configuration": {"endian": "little"}},
+                        {"name": "crc32c"},
+                    ],
+                    "index_location": "end",
+                },
+            }
+        ],
+        "attributes": {
+            "distckpt": {
+                "data": "row r holds rank r's bytes: offsets and sizes of its tensors are in "
+                "manifests/rank_<r>.json, of global tensors' pieces in index.json"
+            }
+        },
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def rank_data_chunk(shared: bool, rank: int) -> tuple[str, tuple[int, ...]]:
+    """(array, chunk index) holding ``rank``'s bytes in a row: format 3's shared array, or
+    format 2's array of the rank's own."""
+    return (DATA_ARRAY, (rank, 0)) if shared else (rank_dir_name(rank), (0,))
 
 
 def single_chunk_key(ndim: int) -> str:

@@ -18,6 +18,7 @@ from distckpt.errors import CheckpointError, MalformedStateError, StoreFormatErr
 from distckpt.format import checked
 from distckpt.format.dtypes import stored_itemsize
 from distckpt.format.layout import (
+    DATA_ARRAY,
     FORMAT_VERSION,
     MANIFEST_VERSION,
     PACKED_ARRAY,
@@ -45,9 +46,10 @@ def is_packed(array: str) -> bool:
 
 
 def is_data_array(array: str) -> bool:
-    """Whether ``array`` is a rank's format-2 data array (``rank_NNNNNN``): one chunk holding
-    all the rank's bytes, read by ranges, each checked against its own checksum."""
-    return parse_rank_dir_name(array) is not None
+    """Whether ``array`` holds all of a rank's bytes, read by ranges, each checked against
+    its own checksum: the row's shared data array (format 3, the rank's shard of it) or the
+    rank's own data array (format 2, ``rank_NNNNNN``)."""
+    return array == DATA_ARRAY or parse_rank_dir_name(array) is not None
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,8 @@ class GlobalEntry:
     shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
     chunks: tuple[tuple[tuple[int, ...], int], ...] = ()  # (chunk index, crc32c) written here
-    # Format 2 (``array`` is "", ``chunk_shape`` and ``chunks`` empty): the boxes this rank
-    # wrote into its own data array. None: a format-1 chunked array.
+    # Formats 2 and 3 (``array`` is "" or "data", ``chunk_shape`` and ``chunks`` empty): the
+    # boxes this rank wrote into its own data array or shard. None: a format-1 array.
     pieces: tuple[PieceEntry, ...] | None = None
 
     def to_json(self) -> Json:
@@ -197,7 +199,7 @@ class GlobalEntry:
                 raise InvalidManifest("global array pieces are not a list")
             entry = GlobalEntry(
                 name=_typed(doc, "name", str),
-                array="",
+                array=DATA_ARRAY if doc.get("array") == DATA_ARRAY else "",
                 dtype=_typed(doc, "dtype", str),
                 shape=tuple(_int_list(doc, "shape")),
                 chunk_shape=(),
@@ -293,6 +295,9 @@ class RankManifest:
     metadata: Json = field(default_factory=lambda: {"dict": []})
     format: int = FORMAT_VERSION
     globals: tuple[GlobalEntry, ...] = ()  # referred to by {"global": i} tree nodes
+    #: Format 3: the size of the rank's shard file (0: it wrote none); readers refuse a
+    #: file of any other size (truncated, or extended past its index).
+    data_bytes: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -315,6 +320,8 @@ class RankManifest:
         }
         if self.globals:
             doc["globals"] = [g.to_json() for g in self.globals]
+        if self.data_bytes is not None:
+            doc["data_bytes"] = self.data_bytes
         return checked.seal(doc)
 
     @staticmethod
@@ -364,6 +371,7 @@ class RankManifest:
                 states={str(k): StateRecord.from_json(v) for k, v in states.items()},
                 metadata=_typed(doc, "metadata", dict),
                 globals=tuple(GlobalEntry.from_json(g) for g in doc.get("globals", [])),
+                data_bytes=_data_bytes(doc),
             )
             _check_trees(manifest)
             _check_ranges(manifest)
@@ -382,6 +390,13 @@ class RankManifest:
         if not 0 <= manifest.row <= MAX_ROW:
             raise InvalidManifest(f"{where}: row {manifest.row} out of range (0..{MAX_ROW})")
         return manifest
+
+
+def _data_bytes(doc: dict[str, Any]) -> int | None:
+    value = doc.get("data_bytes")
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise InvalidManifest("data_bytes is not a size")
+    return value
 
 
 def _typed(doc: Json, key: str, kind: type) -> Any:

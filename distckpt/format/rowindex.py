@@ -1,10 +1,11 @@
-"""The row index (format 2): ``rows/<row>/index.json``, one summary of a committed row.
+"""The row index (formats 2 and 3): ``rows/<row>/index.json``, one summary of a committed row.
 
 The coordinator publishes it atomically after every rank's manifest is published and the
 commit step agreed, so its presence means "every rank committed this row". It records what a
 reader of any rank's global pieces needs without opening every manifest: the world size, the
 write count, and for each global tensor where every rank's boxes lie in that rank's data
-array. Each piece's checksums stay in its writer's manifest (a reader opens the manifests
+array (version 2, format 3: the row's shared data array, ``data_array``). Each piece's
+checksums stay in its writer's manifest (a reader opens the manifests
 of the ranks whose pieces it reads, not all of them). A missing or malformed index is never
 an error: readers fall back to the manifests.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from distckpt.errors import StoreFormatError
 from distckpt.format import checked
-from distckpt.format.layout import ROW_INDEX_VERSION
+from distckpt.format.layout import DATA_ARRAY, ROW_INDEX_VERSION
 from distckpt.format.manifest import MAX_WORLD_SIZE, InvalidManifest
 
 
@@ -68,6 +69,9 @@ class RowIndex:
     world_size: int
     write_count: int
     globals: dict[str, IndexedGlobal]
+    #: Format 3: the row's shared data array holds every rank's pieces; "" (format 2): each
+    #: rank's own array.
+    data_array: str = DATA_ARRAY
 
     def to_json(self) -> bytes:
         doc = {
@@ -75,6 +79,7 @@ class RowIndex:
             "row": self.row,
             "world_size": self.world_size,
             "write_count": self.write_count,
+            "data_array": self.data_array,
             "globals": {
                 name: {
                     "dtype": g.dtype,
@@ -117,4 +122,7 @@ class RowIndex:
             raise InvalidManifest(f"{where}: malformed ({exc})") from exc
         if not 1 <= fields[1] <= MAX_WORLD_SIZE:
             raise InvalidManifest(f"{where}: world size {fields[1]}")
-        return RowIndex(fields[0], fields[1], fields[2], globals_)
+        data_array = doc.get("data_array", "") if version >= 2 else ""
+        if data_array not in ("", DATA_ARRAY):
+            raise InvalidManifest(f"{where}: unknown data array {data_array!r}")
+        return RowIndex(fields[0], fields[1], fields[2], globals_, data_array)

@@ -83,7 +83,13 @@ def _tensors(
     alike = {sid for sid in manifests[0].states if saved_alike(manifests, sid)}
     for m in manifests:
         rows = RankReader(
-            store.fs, store.row_dir(row), row=row, rank=m.rank, entries=m.arrays, ranged=True
+            store.fs,
+            store.row_dir(row),
+            row=row,
+            rank=m.rank,
+            entries=m.arrays,
+            ranged=True,
+            data_bytes=m.data_bytes,
         )
         for sid, record in m.states.items():
             shared = sid in alike

@@ -1,9 +1,11 @@
 """The commit protocol: the one place that decides in what order bytes become durable.
 
-A rank's part of a row is committed by its manifest: data files are written and fsynced
-first (rowio), then the manifest is published atomically here. Removal runs the other way:
-manifests go first (the row stops counting), data after. A crash at any instant leaves
-either a committed row or garbage that the election ignores and GC removes.
+A rank's part of a row is committed by its manifest: its data file is written and fsynced
+first (dataio), then the manifest is created exclusively here (a torn manifest fails its
+checksum and commits nothing). The coordinator made the row's directories and fsyncs them
+once every rank committed, before the row index: no rank fsyncs a directory. Removal runs
+the other way: manifests go first (the row stops counting), data after. A crash at any
+instant leaves either a committed row or garbage that the election ignores and GC removes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ from dataclasses import dataclass
 
 from distckpt.errors import CheckpointWriteError
 from distckpt.faults import fault_point
-from distckpt.format.layout import ROW_DIGITS, ZARR_JSON, group_document
+from distckpt.format.layout import (
+    ROW_DIGITS,
+    ZARR_JSON,
+    group_document,
+    shared_data_document,
+)
 from distckpt.format.manifest import MAX_ROW, ArrayEntry, GlobalEntry, RankManifest
 from distckpt.format.rowindex import RowIndex
 from distckpt.format.shards import GlobalLayout
@@ -25,8 +32,21 @@ from distckpt.storage.store import Store, utcnow
 log = get_logger(__name__)
 
 
-def prepare_row(store: Store, row: int) -> None:
-    """Create the row's group and manifests directory (coordinator, before any rank writes).
+@dataclass(frozen=True)
+class DataShape:
+    """The row's shared data array: world size, bytes per rank (L), inner chunk bytes."""
+
+    world_size: int
+    length: int
+    inner: int
+
+    def document(self) -> bytes:
+        return shared_data_document(self.world_size, self.length, self.inner)
+
+
+def prepare_row(store: Store, row: int, data: DataShape) -> None:
+    """Create the row's group, manifests directory and data array (coordinator, before any
+    rank writes).
 
     Refuses a row past the row space (12-digit names): its directory would be ignored by
     every election, so the save would look successful and never be resumed from."""
@@ -44,8 +64,28 @@ def prepare_row(store: Store, row: int) -> None:
     fs.write_file(os.path.join(store.manifests_dir(row), ZARR_JSON), [group_document(note)])
     doc = group_document({"distckpt": {"row": row, "created": utcnow()}})
     fs.write_file(os.path.join(row_dir, ZARR_JSON), [doc])
+    make_data_array(store, row, data)
     fs.fsync_dir(row_dir)
     fs.fsync_dir(store.rows_dir)
+
+
+def make_data_array(store: Store, row: int, data: DataShape) -> None:
+    """The row's data directory and its ``zarr.json`` (not fsynced: the commit does that)."""
+    data_dir = store.data_dir(row)
+    store.fs.makedirs(data_dir)
+    store.fs.write_file(os.path.join(data_dir, ZARR_JSON), [data.document()], durable=False)
+
+
+def open_row_here(store: Store, row: int, name: str, data: DataShape) -> bool:
+    """A rank other than the coordinator: make the row's directories where this rank sees
+    none (node-local storage: its tree is not the coordinator's). One stat on a shared
+    filesystem. Returns whether this rank made them (then it fsyncs them at its commit)."""
+    if store.fs.exists(os.path.join(store.data_dir(row), ZARR_JSON)):
+        return False
+    store.create(name)
+    store.fs.makedirs(store.manifests_dir(row))
+    make_data_array(store, row, data)
+    return True
 
 
 @dataclass(frozen=True)
@@ -57,6 +97,7 @@ class RankWrite:
     rank: int
     arrays: tuple[ArrayEntry, ...]
     globals: tuple[GlobalEntry, ...]
+    data_bytes: int  # the size of its shard file (0: none written)
 
 
 def write_rank(
@@ -64,7 +105,8 @@ def write_rank(
     plan: RankPlan,
     row: int,
     rank: int,
-    layouts: dict[str, GlobalLayout] | None = None,
+    layouts: dict[str, GlobalLayout] | None,
+    data: DataShape,
     *,
     checksums: bool = True,
 ) -> RankWrite:
@@ -73,25 +115,31 @@ def write_rank(
 
     ``layouts`` (agreed by every rank) says which boxes of the global arrays this rank
     writes. ``checksums`` applies to the rank's tensors; global pieces are always
-    checksummed. Everything goes into the rank's one data array (format 2, ``dataio``).
+    checksummed. Everything goes into the rank's one shard of the row's data array
+    (``data``: its shape, agreed by every rank; format 3, ``dataio``).
     """
     fault_point("before_data", rank=rank, row=row)
     row_dir = store.row_dir(row)
-    entries, shards = write_rank_data(
-        store.fs, row_dir, plan, layouts or {}, rank, checksums=checksums
+    entries, shards, size = write_rank_data(
+        store.fs, row_dir, plan, layouts or {}, rank, (data.length, data.inner), checksums=checksums
     )
     fault_point("after_data", rank=rank, row=row)
-    return RankWrite(row, rank, tuple(entries), tuple(shards))
+    return RankWrite(row, rank, tuple(entries), tuple(shards), size)
 
 
 def publish_rank(store: Store, written: RankWrite, manifest: RankManifest) -> None:
-    """Publish this rank's complete manifest atomically: the rank's commit point.
+    """Publish this rank's complete manifest: the rank's commit point.
 
     Takes the :class:`RankWrite` its data produced, so nothing is published before the data
-    it refers to is durable; the manifest must be the one built from that write.
+    it refers to is durable; the manifest must be the one built from that write. Created
+    exclusively and fsynced, no temporary name (a crash mid-write leaves a manifest that
+    fails its checksum: no commit); its directory entry is made durable by
+    :func:`seal_row` (or by :func:`publish_index`'s caller) once every rank committed.
     """
     if (manifest.row, manifest.rank) != (written.row, written.rank) or (
-        manifest.arrays != written.arrays or manifest.globals != written.globals
+        manifest.arrays != written.arrays
+        or manifest.globals != written.globals
+        or manifest.data_bytes != written.data_bytes
     ):
         raise CheckpointWriteError(
             f"row {written.row}, rank {written.rank} of {store.path}: the manifest to publish "
@@ -99,13 +147,21 @@ def publish_rank(store: Store, written: RankWrite, manifest: RankManifest) -> No
         )
     # Create-only: a second writer of this row (a stale job, a retried rank) can never
     # replace a committed manifest (on object stores: a PUT with If-None-Match: *).
-    store.fs.publish_exclusive(store.manifest_path(manifest.row, manifest.rank), manifest.to_json())
+    store.fs.create_exclusive(store.manifest_path(manifest.row, manifest.rank), manifest.to_json())
     fault_point("after_manifest", rank=manifest.rank, row=manifest.row)
 
 
+def seal_row(store: Store, row: int) -> None:
+    """Make the directory entries of a row's data files and manifests durable: one fsync
+    each of the data and manifests directories, by whoever made them, after every rank
+    committed (not one per rank)."""
+    store.fs.fsync_dirs([store.data_dir(row), store.manifests_dir(row)])
+
+
 def publish_index(store: Store, index: RowIndex) -> None:
-    """The coordinator's row index, published atomically once every rank's manifest is:
-    its presence says the whole row committed (``election``'s fast path)."""
+    """The coordinator's row index, published atomically once every rank's manifest is
+    (and :func:`seal_row` made them durable): its presence says the whole row committed
+    (``election``'s fast path)."""
     store.fs.atomic_write(store.index_path(index.row), index.to_json())
 
 

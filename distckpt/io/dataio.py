@@ -1,14 +1,17 @@
-"""Format 2: a rank's one data array per row, written in one pass, read by byte ranges.
+"""Format 3: a rank's bytes of a row, one shard file of the row's shared data array.
 
-Each rank writes ``rows/<row>/rank_NNNNNN/`` (a zarr v3 ``uint8`` array of one chunk) holding
-its pieces of global (sharded) tensors first, then every tensor of its states, each at an
-aligned offset. Files per rank per row are two here (``zarr.json`` and ``c.0``) plus the
-manifest, however many tensors the rank saves; both are fsynced through the descriptor that
-wrote them, and the rank fsyncs the one directory it created.
+The coordinator makes ``rows/<row>/data/`` (a zarr v3 ``uint8`` array of shape (world size,
+L), one shard per rank, see ``layout.shared_data_document``); rank r writes one file there,
+``c.<r>.0``: its pieces of global (sharded) tensors first, then every tensor of its states,
+each at an aligned offset, padded to whole inner chunks and followed by the shard index. One
+file per rank per row plus the manifest, however many tensors the rank saves, fsynced
+through the descriptor that wrote it; the rank creates no directory (the coordinator fsyncs
+the row's directories once, before the row index).
 
 Piece offsets depend only on the agreed layouts (which boxes each rank writes), so any rank
 can compute where every rank's pieces lie without reading anything (:func:`piece_slots`):
-that is what the coordinator's row index records.
+that is what the coordinator's row index records. Rows of format 2 (an array per rank,
+``rows/<row>/rank_NNNNNN/``) are read the same way; only their paths differ.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from distckpt.errors import CheckpointWriteError
 from distckpt.format import chunks
 from distckpt.format.chunks import checksum
 from distckpt.format.dtypes import stored_itemsize
 from distckpt.format.layout import (
+    DATA_ARRAY,
+    NO_CHUNK,
     PAGE_ALIGN,
-    ZARR_JSON,
     aligned,
-    data_array_document,
-    rank_dir_name,
-    single_chunk_key,
+    chunk_key,
+    rank_data_chunk,
 )
 from distckpt.format.manifest import ArrayEntry, GlobalEntry, PieceEntry
 from distckpt.format.rowindex import IndexedGlobal, IndexedPiece, RowIndex
@@ -40,7 +44,7 @@ from distckpt.storage.filesystem import FileSystem
 
 BLOCK_BYTES = 4 << 20  # a global piece is checksummed per block of about this many bytes
 
-_ZEROS = bytes(PAGE_ALIGN)
+_ZEROS = bytes(1 << 20)  # padding is sliced from this, never allocated per write
 
 
 @dataclass(frozen=True)
@@ -120,23 +124,55 @@ def tensors_base(slots: Sequence[PieceSlot]) -> int:
     return -(-end // PAGE_ALIGN) * PAGE_ALIGN
 
 
+def bound_bytes(plan: RankPlan) -> int:
+    """At least the bytes this rank's data will hold, known before the layouts are agreed
+    (whichever of its boxes it ends up writing): every box it holds, each aligned, then its
+    tensors from the next page. Every rank's bound, gathered, sizes the shared array."""
+    pieces = sum(
+        s.piece.box.numel * s.spec.itemsize + PAGE_ALIGN
+        for s in plan.shards
+        if s.piece.local is not None
+    )
+    tensors = max((p.offset + p.nbytes for p in plan.tensors), default=0)
+    return pieces + PAGE_ALIGN + tensors
+
+
+def shard_index(nbytes: int, length: int, inner: int) -> bytes:
+    """The shard index ending a rank's file: its first ``ceil(nbytes / inner)`` inner chunks
+    stored back to back from offset 0, the rest not stored; little-endian, then its crc32c
+    (the array's ``index_codecs``)."""
+    import numpy as np
+
+    count = length // inner
+    stored = -(-nbytes // inner)
+    table = np.full((count, 2), NO_CHUNK, dtype="<u8")
+    table[:stored, 0] = np.arange(stored, dtype="<u8") * inner
+    table[:stored, 1] = inner
+    raw = table.tobytes()
+    return raw + checksum(raw).to_bytes(4, "little")
+
+
 def write_rank_data(
     fs: FileSystem,
     row_dir: str,
     plan: RankPlan,
     layouts: Mapping[str, GlobalLayout],
     rank: int,
+    shape: tuple[int, int],
     *,
     checksums: bool = True,
-) -> tuple[list[ArrayEntry], list[GlobalEntry]]:
-    """Write this rank's data array durably; the manifest's array and global entries.
+) -> tuple[list[ArrayEntry], list[GlobalEntry], int]:
+    """Write this rank's shard of the row's data array durably; the manifest's array and
+    global entries and the file's size. ``shape`` is the array's (L, inner chunk), agreed
+    by every rank.
 
-    One ``writev`` straight from tensor memory (padding between items from one shared
-    zero page) while a few threads checksum the same memory, then ``fsync`` on the same
-    descriptor; then the rank's directory (its own) and the row's (the new entry in it).
+    One ``writev`` straight from tensor memory (padding from one shared zero page, then the
+    shard index) while a few threads checksum the same memory, then ``fsync`` on the same
+    descriptor. A rank with no bytes writes no file (zarr reads its row as zeros).
     Global pieces are always checksummed; ``checksums=False`` skips the tensors' crc32c.
     """
-    array = rank_dir_name(rank)
+    length, inner = shape
+    array = DATA_ARRAY
     slots = piece_slots(layouts, rank)
     base = tensors_base(slots)
     by_key: dict[str, Any] = {s.name: s for s in plan.shards}
@@ -149,13 +185,20 @@ def write_rank_data(
     tensors = [(base + p.offset, byte_view(p.tensor)) for p in plan.tensors]
     items = [(s.offset, v) for s, v in pieces] + tensors
     total = max((at + len(v) for at, v in items), default=0)
+    if total > length:
+        raise CheckpointWriteError(
+            f"rank {rank}'s data ({total} bytes) does not fit the row's data array "
+            f"({length} bytes per rank) agreed before writing"
+        )
     parts: list[chunks.Buffer] = []
     end = 0
     for at, view in items:
-        if at > end:
-            parts.append(memoryview(_ZEROS)[: at - end])
+        _pad(parts, at - end)
         parts.append(view)
         end = at + len(view)
+    if total:
+        _pad(parts, -total % inner)
+        parts.append(shard_index(total, length, inner))
 
     def piece_crcs(item: tuple[PieceSlot, memoryview]) -> tuple[int, ...]:
         slot, view = item
@@ -165,19 +208,12 @@ def write_rank_data(
     def tensor_crc(item: tuple[int, memoryview]) -> int | None:
         return checksum(item[1]) if checksums else None
 
-    array_dir = os.path.join(row_dir, array)
-    fs.makedirs(array_dir)
-    attrs = {"distckpt": _attributes(rank, plan, slots, base)}
-    fs.write_file(os.path.join(array_dir, ZARR_JSON), [data_array_document(total, attrs)])
     with ThreadPoolExecutor(max_workers=2) as pool:
         got_pieces = pool.map(piece_crcs, pieces)
         got_tensors = pool.map(tensor_crc, tensors)
-        if total:
-            fs.write_file(os.path.join(array_dir, single_chunk_key(1)), parts)
+        written = fs.write_file(data_path(row_dir, rank), parts) if total else 0
         piece_sums = list(got_pieces)
         tensor_sums = list(got_tensors)
-    fs.fsync_dir(array_dir)
-    fs.fsync_dir(row_dir)
     entries = [
         ArrayEntry(
             name=p.name,
@@ -198,7 +234,7 @@ def write_rank_data(
     globals_ = [
         GlobalEntry(
             name=s.name,
-            array="",
+            array=DATA_ARRAY,
             dtype=s.spec.name,
             shape=s.piece.global_shape,
             chunk_shape=(),
@@ -206,41 +242,22 @@ def write_rank_data(
         )
         for s in plan.shards
     ]
-    return entries, globals_
+    return entries, globals_, written
 
 
-def _attributes(rank: int, plan: RankPlan, slots: Sequence[PieceSlot], base: int) -> Any:
-    """What a plain zarr reader needs to find every tensor and piece in the array."""
-    return {
-        "rank": rank,
-        "tensors": [
-            {
-                "name": p.name,
-                "dtype": p.spec.name,
-                "shape": list(p.tensor.shape),
-                "offset": base + p.offset,
-                "nbytes": p.nbytes,
-            }
-            for p in plan.tensors
-        ],
-        "pieces": [
-            {
-                "name": s.key,
-                "dtype": s.dtype,
-                "global_shape": list(s.shape),
-                "offsets": list(s.box.offsets),
-                "lengths": list(s.box.lengths),
-                "offset": s.offset,
-                "nbytes": s.nbytes,
-            }
-            for s in slots
-        ],
-    }
+def _pad(parts: list[chunks.Buffer], n: int) -> None:
+    """Append ``n`` zero bytes (views of one shared zero buffer)."""
+    while n > 0:
+        step = min(n, len(_ZEROS))
+        parts.append(memoryview(_ZEROS)[:step])
+        n -= step
 
 
-def data_path(row_dir: str, rank: int) -> str:
-    """The chunk file of ``rank``'s data array in a row."""
-    return os.path.join(row_dir, rank_dir_name(rank), single_chunk_key(1))
+def data_path(row_dir: str, rank: int, *, shared: bool = True) -> str:
+    """The file holding ``rank``'s bytes in a row: its shard of the shared data array
+    (format 3), or its own array's chunk (``shared=False``: format 2)."""
+    array, index = rank_data_chunk(shared, rank)
+    return os.path.join(row_dir, array, chunk_key(index))
 
 
 def build_index(

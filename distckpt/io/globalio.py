@@ -21,11 +21,12 @@ from distckpt.format import chunks
 from distckpt.format.chunks import ChunkRef
 from distckpt.format.dtypes import spec_for, stored_itemsize, torch_dtype
 from distckpt.format.layout import (
+    DATA_ARRAY,
     GLOBAL_DIR,
     ZARR_JSON,
     array_document,
     chunk_key,
-    rank_dir_name,
+    rank_data_chunk,
 )
 from distckpt.format.manifest import GlobalEntry, InvalidManifest, PieceEntry, RankManifest
 from distckpt.format.names import escape_component
@@ -153,6 +154,8 @@ class GlobalReader:
     _pieces: dict[str, list[tuple[int, PieceEntry]]] | None = field(default=None, repr=False)
     _owned: dict[int, dict[str, tuple[PieceEntry, ...]]] = field(default_factory=dict, repr=False)
     _sizes: dict[int, int] = field(default_factory=dict, repr=False)
+    _shared: bool | None = field(default=None, repr=False)  # format 3: one shared data array
+    _data_bytes: dict[int, int | None] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # The data files' reads; pass the rank reader's handles to share its open files.
     files: ReadHandles | None = field(default=None, repr=False)
@@ -186,6 +189,7 @@ class GlobalReader:
                 table: dict[str, list[tuple[int, PieceEntry]]] = {}
                 index = self.store.read_index(self.row)
                 if index is not None and index.world_size == self.world_size:
+                    self._shared = index.data_array == DATA_ARRAY
                     for key, g in index.globals.items():
                         table[key] = [
                             (p.rank, PieceEntry(*p.box, p.offset, p.nbytes, p.rows, ()))
@@ -205,6 +209,9 @@ class GlobalReader:
         if owned is None:
             manifest = self._manifest(rank)
             owned = {g.name: g.pieces for g in manifest.globals if g.pieces is not None}
+            self._data_bytes[rank] = manifest.data_bytes
+            if self._shared is None and manifest.globals:
+                self._shared = any(g.array == DATA_ARRAY for g in manifest.globals)
             self._owned[rank] = owned
         return owned
 
@@ -221,7 +228,8 @@ class GlobalReader:
     def _size(self, rank: int, ref: ChunkRef) -> int:
         size = self._sizes.get(rank)
         if size is None:
-            size = self._sizes[rank] = chunks.span_size(self._files, ref)
+            expected = self._data_bytes.get(rank)
+            size = self._sizes[rank] = chunks.span_size(self._files, ref, expected)
         return size
 
     def _read_pieces(self, entry: GlobalEntry, box: Box, dest: torch.Tensor) -> None:
@@ -234,12 +242,16 @@ class GlobalReader:
         itemsize = stored_itemsize(entry.dtype)
         row_dir = self.store.row_dir(self.row)
         covered = 0
-        for rank, pc in self.pieces(entry.name):
+        held = self.pieces(entry.name)
+        shared = bool(self._shared)
+        for rank, pc in held:
             whole = Box(pc.offsets, pc.lengths)
             overlap = whole.intersect(box)
             if overlap is None or not overlap.numel:
                 continue
-            ref = piece_ref(self.store.path, self.row, rank, row_dir, entry.name, pc.offsets)
+            ref = piece_ref(
+                self.store.path, self.row, rank, row_dir, entry.name, pc.offsets, shared=shared
+            )
             ranges = block_ranges(pc.lengths, itemsize, pc.rows)
             if pc.lengths:
                 r0 = overlap.offsets[0] - pc.offsets[0]
@@ -452,19 +464,29 @@ def check_written_chunks(
 
 
 def check_written_pieces(
-    fs: FileSystem, row_dir: str, entry: GlobalEntry, *, store: str, row: int, rank: int
+    fs: FileSystem,
+    row_dir: str,
+    entry: GlobalEntry,
+    *,
+    store: str,
+    row: int,
+    rank: int,
+    data_bytes: int | None = None,
 ) -> list[tuple[str, CorruptChunkError]]:
-    """Re-read the pieces one rank wrote, streamed: (which piece, error) per bad one."""
+    """Re-read the pieces one rank wrote, streamed: (which piece, error) per bad one
+    (``data_bytes``: the size of its shard file its manifest records)."""
     problems = []
     itemsize = stored_itemsize(entry.dtype)
     scratch = memoryview(bytearray(8 << 20))
     size: int | None = None
     for pc in entry.pieces or ():
-        ref = piece_ref(store, row, rank, row_dir, entry.name, pc.offsets)
+        ref = piece_ref(
+            store, row, rank, row_dir, entry.name, pc.offsets, shared=entry.array == DATA_ARRAY
+        )
         ranges = block_ranges(pc.lengths, itemsize, pc.rows)
         try:
             if size is None:
-                size = chunks.span_size(fs, ref)
+                size = chunks.span_size(fs, ref, data_bytes)
             if len(ranges) != len(pc.crcs) or pc.nbytes != math.prod(pc.lengths) * itemsize:
                 raise ref.fail(CorruptChunkError.SIZE, "the piece's size or checksums are wrong")
             for (a, e), crc in zip(ranges, pc.crcs, strict=True):
@@ -475,17 +497,26 @@ def check_written_pieces(
 
 
 def piece_ref(
-    store: str, row: int, rank: int, row_dir: str, name: str, offsets: tuple[int, ...]
+    store: str,
+    row: int,
+    rank: int,
+    row_dir: str,
+    name: str,
+    offsets: tuple[int, ...],
+    *,
+    shared: bool,
 ) -> ChunkRef:
-    """Where a format-2 piece of global array ``name`` lies: a byte range of ``rank``'s data
-    array (its one chunk), named in errors by the piece's offsets."""
+    """Where a piece of global array ``name`` lies: a byte range of ``rank``'s shard of the
+    row's data array (``shared``, format 3) or of its own data array (format 2), named in
+    errors by the piece's offsets."""
+    array, index = rank_data_chunk(shared, rank)
     return ChunkRef(
         store=store,
         row=row,
         rank=rank,
         row_dir=row_dir,
-        array=rank_dir_name(rank),
-        chunk=(0,),
+        array=array,
+        chunk=index,
         what=f"global array {name!r}, piece at {offsets}",
         tensor=name,
     )

@@ -2,9 +2,10 @@
 
 Retention used to delete a whole row from the coordinator alone: at 1,000 ranks millions of
 unlinks by one client, while every rank waited. Here each rank removes its own part (its
-manifest first, so the row stops counting, then its rank directory and the global chunks
-its manifest lists), all ranks at once; the coordinator then removes what is left (the
-row's documents, emptied directories, anything a killed writer left behind).
+manifest first, so the row stops counting, then its shard of the row's data array, or in
+older rows its rank directory and the global chunks its manifest lists), all ranks at once;
+the coordinator then removes what is left (the row's documents, emptied directories,
+anything a killed writer left behind).
 
 A store may hold symbolic links where it should not (a row directory replaced by a link to
 elsewhere). Removal never descends through one: a path whose directories below ``rows/``
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import os
 
-from distckpt.format.layout import chunk_key
+from distckpt.format.layout import SHARED_MANIFEST_VERSION, chunk_key
 from distckpt.format.manifest import InvalidManifest
+from distckpt.io.dataio import data_path
 from distckpt.logs import get_logger
 from distckpt.storage.store import Store
 
@@ -65,10 +67,13 @@ def remove_own_part(store: Store, row: int, rank: int) -> int:
     if linked_below(store, manifest_path) is not None:
         log.warning("row %d of %s passes through a link: left to the coordinator", row, store.path)
         return 0
+    shared: bool | None = None  # format 3 (a shard of the row's data array), 2 or older
     try:
+        manifest = store.read_manifest(row, rank)
+        shared = manifest.format >= SHARED_MANIFEST_VERSION
         chunks = [
             os.path.join(g.array, chunk_key(index))
-            for g in store.read_manifest(row, rank).globals
+            for g in manifest.globals
             for index, _ in g.chunks
         ]
     except (InvalidManifest, FileNotFoundError):
@@ -78,8 +83,13 @@ def remove_own_part(store: Store, row: int, rank: int) -> int:
         fs.remove(manifest_path)
         fs.fsync_dir(store.manifests_dir(row))  # uncommitted before any data goes
         removed += 1
+    if shared is not False:
+        own = data_path(store.row_dir(row), rank)
+        if fs.exists(own) and linked_below(store, own) is None:
+            fs.remove(own)
+            removed += 1
     rank_dir = store.rank_dir(row, rank)
-    if fs.exists(rank_dir) and linked_below(store, rank_dir) is None:
+    if not shared and fs.exists(rank_dir) and linked_below(store, rank_dir) is None:
         fs.rmtree(rank_dir)
         removed += 1
     row_dir = store.row_dir(row)

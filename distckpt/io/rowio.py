@@ -21,7 +21,14 @@ from distckpt.errors import CorruptChunkError
 from distckpt.format import chunks
 from distckpt.format.chunks import ChunkRef, checksum
 from distckpt.format.dtypes import spec_for, stored_itemsize, torch_dtype
-from distckpt.format.layout import ZARR_JSON, array_document, group_document, single_chunk_key
+from distckpt.format.layout import (
+    DATA_ARRAY,
+    ZARR_JSON,
+    array_document,
+    group_document,
+    rank_data_chunk,
+    single_chunk_key,
+)
 from distckpt.format.manifest import ArrayEntry
 from distckpt.plan.save import PlannedTensor, RankPlan
 from distckpt.storage.filesystem import FileSystem, ReadHandles
@@ -223,7 +230,10 @@ class RankReader:
         store: str | None = None,
         ranged: bool = False,
         files: ReadHandles | None = None,
+        data_bytes: int | None = None,
     ) -> None:
+        # ``data_bytes``: the size of the rank's shard file its manifest records (format 3).
+        self._data_bytes = data_bytes
         # ``ranged``: a packed entry is read by its own byte range and checksum, not with
         # its whole pack (a rank reading a few entries of another rank's data).
         self._ranged = ranged
@@ -243,7 +253,9 @@ class RankReader:
     def _size(self, entry: ArrayEntry) -> int:
         size = self._sizes.get(entry.array)
         if size is None:
-            size = self._sizes[entry.array] = chunks.span_size(self._files, self.ref(entry))
+            expected = self._data_bytes if entry.array == DATA_ARRAY else None
+            size = chunks.span_size(self._files, self.ref(entry), expected)
+            self._sizes[entry.array] = size
         return size
 
     def ref(self, entry: ArrayEntry) -> ChunkRef:
@@ -254,10 +266,15 @@ class RankReader:
             rank=self._rank,
             row_dir=self._row_dir,
             array=entry.array,
-            chunk=(0,) if entry.packed or entry.ranged else (0,) * len(entry.shape),
+            chunk=self._chunk(entry),
             what=f"array {entry.name!r}",
             tensor=entry.name,
         )
+
+    def _chunk(self, entry: ArrayEntry) -> tuple[int, ...]:
+        if entry.array == DATA_ARRAY:  # format 3: this rank's shard of the row's array
+            return rank_data_chunk(True, self._rank)[1]
+        return (0,) if entry.packed or entry.ranged else (0,) * len(entry.shape)
 
     def _pack_ref(self, array: str) -> ChunkRef:
         """The packed chunk as a whole."""

@@ -15,14 +15,14 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from distckpt.dist.election import row_status
 from distckpt.errors import CheckpointError, CorruptCheckpointError, CorruptChunkError
 from distckpt.format import tree as codec
-from distckpt.format.layout import ZARR_JSON, rank_dir_name
+from distckpt.format.layout import DATA_ARRAY, SHARED_MANIFEST_VERSION, ZARR_JSON, rank_dir_name
 from distckpt.format.manifest import InvalidManifest, RankManifest
 from distckpt.io.globalio import check_written_chunks, check_written_pieces, written_nbytes
 from distckpt.io.rowio import RankReader
@@ -138,6 +138,8 @@ def check_manifest(store: Store, manifest: RankManifest) -> list[Problem]:
             codec.decode_metadata(node)
         except CheckpointError as exc:
             out.append(Problem(row, rank, None, f"{what} cannot be decoded: {exc}"))
+    if manifest.format >= SHARED_MANIFEST_VERSION:
+        return out + _check_shared(store, manifest)
     prefix = rank_dir_name(rank) + "/"
     names: set[str] = set()
     packs: dict[str, int] = {}
@@ -162,10 +164,63 @@ def check_manifest(store: Store, manifest: RankManifest) -> list[Problem]:
     return out
 
 
+def _check_shared(store: Store, manifest: RankManifest) -> list[Problem]:
+    """Format 3: every byte range lies in the rank's shard of the row's data array, whose
+    document has one row per rank and room for them."""
+    row, rank = manifest.row, manifest.rank
+    out: list[Problem] = []
+    names: set[str] = set()
+    end = 0
+    for entry in manifest.arrays:
+        if entry.name in names:
+            out.append(Problem(row, rank, entry.name, "listed twice in the manifest"))
+        names.add(entry.name)
+        if entry.array != DATA_ARRAY:
+            out.append(Problem(row, rank, entry.name, f"array {entry.array!r} is not {DATA_ARRAY}"))
+        end = max(end, entry.offset + entry.nbytes)
+    for g in manifest.globals:
+        for pc in g.pieces or ():
+            end = max(end, pc.offset + pc.nbytes)
+    found = _check_array_document(store, row, rank, DATA_ARRAY, DATA_ARRAY, None)
+    if isinstance(found, list):
+        return out + found
+    shape = found.get("shape")
+    if not (
+        isinstance(shape, list)
+        and len(shape) == 2
+        and shape[0] == manifest.world_size
+        and isinstance(shape[1], int)
+        and shape[1] >= end
+    ):
+        out.append(
+            Problem(
+                row,
+                rank,
+                DATA_ARRAY,
+                f"{DATA_ARRAY}/{ZARR_JSON} has shape {shape}: not one row of at least {end} "
+                f"bytes for each of {manifest.world_size} ranks",
+            )
+        )
+    return out
+
+
+@overload
 def _check_array_document(
     store: Store, row: int, rank: int, label: str, array: str, shape: tuple[int, ...]
-) -> list[Problem]:
-    """The array's zarr.json exists, is a zarr v3 array and has the manifest's shape."""
+) -> list[Problem]: ...
+
+
+@overload
+def _check_array_document(
+    store: Store, row: int, rank: int, label: str, array: str, shape: None
+) -> list[Problem] | dict[str, Any]: ...
+
+
+def _check_array_document(
+    store: Store, row: int, rank: int, label: str, array: str, shape: tuple[int, ...] | None
+) -> list[Problem] | dict[str, Any]:
+    """The array's zarr.json exists, is a zarr v3 array and has the manifest's shape
+    (``shape`` None: the document itself, for the caller to check)."""
     path = os.path.join(store.row_dir(row), array, ZARR_JSON)
     try:
         doc = json.loads(store.fs.read_bytes(path))
@@ -175,6 +230,8 @@ def _check_array_document(
         return [Problem(row, rank, label, f"{ZARR_JSON} is unreadable ({path}): {exc}")]
     if not isinstance(doc, dict) or doc.get("node_type") != "array":
         return [Problem(row, rank, label, f"{path} is not a zarr array document")]
+    if shape is None:
+        return doc
     if doc.get("shape") != list(shape):
         return [
             Problem(
@@ -194,7 +251,13 @@ def read_rank(
     row, rank = manifest.row, manifest.rank
     row_dir = store.row_dir(row)
     reader = RankReader(
-        store.fs, row_dir, row=row, rank=rank, entries=manifest.arrays, store=store.path
+        store.fs,
+        row_dir,
+        row=row,
+        rank=rank,
+        entries=manifest.arrays,
+        store=store.path,
+        data_bytes=manifest.data_bytes,
     )
     problems: list[Problem] = []
     failed_packs: set[str] = set()
@@ -205,7 +268,9 @@ def read_rank(
             try:
                 reader.check(entry)
             except CorruptChunkError as exc:
-                whole = (CorruptChunkError.MISSING, CorruptChunkError.UNREADABLE)
+                whole = {CorruptChunkError.MISSING, CorruptChunkError.UNREADABLE}
+                if manifest.data_bytes is not None:  # its shard's size: the whole file's
+                    whole.add(CorruptChunkError.SIZE)
                 if exc.tensor is None or (entry.ranged and exc.problem in whole):
                     # The whole chunk is bad: report it once, not once per tensor in it.
                     failed_packs.add(entry.array)
@@ -217,7 +282,15 @@ def read_rank(
     for g in manifest.globals:  # the chunks of global arrays this rank wrote
         count += 1
         if g.pieces is not None:
-            found = check_written_pieces(store.fs, row_dir, g, store=store.path, row=row, rank=rank)
+            found = check_written_pieces(
+                store.fs,
+                row_dir,
+                g,
+                store=store.path,
+                row=row,
+                rank=rank,
+                data_bytes=manifest.data_bytes,
+            )
             problems += [Problem.of_chunk(bad, prefix=f"{label}: ") for label, bad in found]
         else:
             for bad in check_written_chunks(

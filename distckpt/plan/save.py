@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from distckpt.errors import CheckpointSerializationError
 from distckpt.format import tree as codec
 from distckpt.format.dtypes import DtypeSpec, spec_for
-from distckpt.format.layout import aligned, rank_dir_name
+from distckpt.format.layout import DATA_ARRAY, aligned
 from distckpt.format.manifest import is_data_array, is_packed
 from distckpt.format.shards import Piece, piece
 from distckpt.plan.stateful import explain_unstorable, to_saved
@@ -33,7 +33,7 @@ class PlannedTensor:
     name: str
     tensor: torch.Tensor  # CPU, contiguous, conj/neg resolved
     spec: DtypeSpec
-    array: str  # array directory relative to the row (format 2: the rank's data array)
+    array: str  # array directory relative to the row (the row's shared data array)
     offset: int  # offset among the rank's tensors in its data array (see ``RankPlan``)
 
     @property
@@ -128,7 +128,6 @@ def plan_rank(
         shards.append(
             PlannedShard(name, replace(held, local=local), spec_for(held.dtype, where=name))
         )
-    rank_dir = rank_dir_name(rank)
     planned: list[PlannedTensor] = []
     offset = 0
     for leaf in leaves:
@@ -137,6 +136,6 @@ def plan_rank(
         tensor = to_host(leaf.tensor, name)
         nbytes = tensor.numel() * spec.itemsize
         at = aligned(offset, nbytes)
-        planned.append(PlannedTensor(name, tensor, spec, rank_dir, at))
+        planned.append(PlannedTensor(name, tensor, spec, DATA_ARRAY, at))
         offset = at + nbytes
     return RankPlan(trees, tuple(planned), offset, tuple(shards))

@@ -316,6 +316,7 @@ class MappedView:
                 entries=m.arrays,
                 store=self.store.path,
                 ranged=True,
+                data_bytes=m.data_bytes,
             )
         return self._readers[rank]
 

@@ -6,22 +6,27 @@ Paths, the root document and manifest reading live here; what a commit is lives 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from distckpt.errors import StoreFormatError
 from distckpt.format import checked
 from distckpt.format.layout import (
+    DATA_ARRAY,
     FORMAT_VERSION,
     MANIFESTS_DIR,
     ROW_INDEX,
     ROWS_DIR,
     ZARR_JSON,
+    chunk_key,
     group_document,
     manifest_name,
     parse_manifest_name,
     parse_row_name,
+    rank_data_chunk,
     rank_dir_name,
     row_name,
 )
@@ -57,9 +62,36 @@ class Store:
         # a restore reads its own manifest in the election and again to open the row, and a
         # manifest of 10,000 entries takes ~0.1 s to parse. Equal bytes, equal manifest.
         self._parsed: OrderedDict[tuple[int, int], tuple[bytes, RankManifest]] = OrderedDict()
+        self._pinned: dict[str, bytes] | None = None  # see pinned()
 
     def __repr__(self) -> str:
         return f"Store({self.path!r})"
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Within it, each manifest and row index is read from storage once.
+
+        They are create-only: a committed row's documents never change, they only
+        disappear (retraction, retention), and a load reads them in its election, to open
+        its part and for the global pieces. Outside a load, every read goes to storage
+        again (a session's store would otherwise miss a retracted manifest)."""
+        if self._pinned is not None:
+            yield
+            return
+        self._pinned = {}
+        try:
+            yield
+        finally:
+            self._pinned = None
+
+    def _document(self, path: str) -> bytes:
+        pinned = self._pinned
+        if pinned is None:
+            return self.fs.read_bytes(path)
+        data = pinned.get(path)
+        if data is None:
+            data = pinned[path] = self.fs.read_bytes(path)
+        return data
 
     # -- root ------------------------------------------------------------------------------
     @property
@@ -157,6 +189,15 @@ class Store:
     def manifests_dir(self, row: int) -> str:
         return os.path.join(self.row_dir(row), MANIFESTS_DIR)
 
+    def data_dir(self, row: int) -> str:
+        """The row's shared data array (format 3)."""
+        return os.path.join(self.row_dir(row), DATA_ARRAY)
+
+    def data_file(self, row: int, rank: int) -> str:
+        """Rank ``rank``'s shard of the row's data array: all its bytes of the row."""
+        array, index = rank_data_chunk(True, rank)
+        return os.path.join(self.row_dir(row), array, chunk_key(index))
+
     def manifest_path(self, row: int, rank: int) -> str:
         return os.path.join(self.manifests_dir(row), manifest_name(rank))
 
@@ -173,7 +214,7 @@ class Store:
         """This rank's manifest of ``row``; InvalidManifest if missing or not a valid commit."""
         path = self.manifest_path(row, rank)
         try:
-            raw = self.fs.read_bytes(path)
+            raw = self._document(path)
         except FileNotFoundError:
             raise InvalidManifest(f"{path} is missing") from None
         except OSError as exc:
@@ -201,7 +242,7 @@ class Store:
         the manifests say everything it would have said)."""
         path = self.index_path(row)
         try:
-            index = RowIndex.from_json(self.fs.read_bytes(path), where=path)
+            index = RowIndex.from_json(self._document(path), where=path)
         except (OSError, InvalidManifest):
             return None
         return index if index.row == row else None

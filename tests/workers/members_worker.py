@@ -95,7 +95,7 @@ def weight_ranges(store: Store) -> list[tuple[str, int, int]]:
     for rank in store.manifest_ranks(row):
         for a in store.read_manifest(row, rank).arrays:
             if a.name.startswith("weights"):
-                path = os.path.join(store.row_dir(row), a.array, "c.0")
+                path = store.data_file(row, rank)
                 out.append((path, a.offset, a.offset + a.nbytes))
     return out
 
