@@ -99,7 +99,7 @@ def test_dtype_round_trips_bit_exactly(tmp_path, dtype, size):
     placed = entry(read_manifest(store, row), "model/w")
     assert placed["dtype"] == dtype_id(dtype)
     assert placed["nbytes"] == value.numel() * dtype.itemsize
-    assert placed["array"] == "rank_000000"  # format 2: every tensor is in the rank's data array
+    assert placed["array"] == "data"  # every tensor is in the row's data array
 
     restored: dict = {}
     distckpt.load(restored, store)

@@ -45,10 +45,8 @@ def blank() -> dict[str, Any]:
 
 def chunk(store: Path, row: int, name: str = "model/w", rank: int = 0) -> Path:
     st = Store(store)
-    (entry,) = [a for a in st.read_manifest(row, rank).arrays if a.name == name]
-    files = [p for p in (Path(st.row_dir(row)) / entry.array).rglob("c*") if p.is_file()]
-    (found,) = files
-    return found
+    assert any(a.name == name for a in st.read_manifest(row, rank).arrays)
+    return Path(st.data_file(row, rank))  # the rank's shard of the row's data array
 
 
 def damage(store: Path, row: int, how: str, rank: int = 0) -> None:

@@ -494,7 +494,7 @@ class FailsForRank1(LocalFileSystem):
     """Every write of rank 1's data fails, as on a full disk."""
 
     def write_file(self, path, parts, *, durable=True):
-        if "rank_000001" in path:
+        if path.endswith("/data/c.1.0"):  # rank 1's shard of the row's data array
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         return super().write_file(path, parts, durable=durable)
 

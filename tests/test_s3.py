@@ -31,7 +31,6 @@ from distckpt.errors import (
     LeaseHeldError,
     UnsupportedStorageError,
 )
-from distckpt.format.layout import single_chunk_key
 from distckpt.storage import lease
 from distckpt.storage.resolve import filesystem_for
 from distckpt.storage.s3 import S3FileSystem
@@ -221,8 +220,8 @@ def test_corrupt_and_truncated_objects_are_clear_errors(s3_env):
     lease.release(url)
     st = Store(url)
     entry = next(a for a in st.read_manifest(1, 0).arrays if a.name == "model/big")
-    # Format 2: the tensor is a byte range of its rank's data array (one chunk).
-    chunk = os.path.join(st.row_dir(1), entry.array, single_chunk_key(1))
+    # The tensor is a byte range of its rank's shard of the row's data array.
+    chunk = st.data_file(1, 0)
     data = bytearray(st.fs.read_bytes(chunk))
     data[entry.offset + 100] ^= 0xFF
     st.fs.write_file(chunk, [data])
@@ -262,8 +261,8 @@ def test_zarr_python_opens_the_saved_array_from_s3(s3_env):
     array = zarr.open_array(
         zarr.storage.ObjectStore(s3, read_only=True), path=f"{row}/{entry.array}"
     )
-    # Format 2: the rank's data array holds the tensor at the manifest's byte range.
-    got = np.asarray(array[entry.offset : entry.offset + entry.nbytes])
+    # Row 0 of the row's data array (rank 0's bytes) holds the tensor at the manifest's range.
+    got = np.asarray(array[0, entry.offset : entry.offset + entry.nbytes])
     assert got.tobytes() == state["model"]["big"].numpy().tobytes()
 
 
