@@ -238,7 +238,7 @@ def test_a_tensor_split_evenly_on_some_ranks_only_has_every_box_checked(tmp_path
         a, b = _split(0, 2) if rank == 0 else (0, ROWS)
         return {"v": distckpt.Sharded(v[a:b].clone(), tuple(v.shape), (a,))}
 
-    with pytest.raises(distckpt.CheckpointError, match="'v'.*overlap"):
+    with pytest.raises(distckpt.CheckpointError, match=r"'v'.*overlap"):
         save_threads(tmp_path / "store", 2, state)
     assert distckpt.latest(tmp_path / "store") is None
 
