@@ -7,10 +7,12 @@ machine by launching 10,000 ranks, so the ranks are played in turn over a
 - state: the 291 parameters of Llama-2-7B (fp32) with AdamW's ``exp_avg`` and ``exp_avg_sq``,
   every one ``Shard(0)`` over N ranks as torch splits it (``Sharded`` pieces whose local
   tensors are meta tensors: shapes without memory), plus one ``step`` per parameter;
-- the real planner (``plan_rank``, then ``globalio.layouts``: the cover check every rank
-  computes from everyone's boxes), the real format-2 writer and commit (``prepare_row``,
-  ``write_rank`` -> ``dataio.write_rank_data``, ``build_manifest``, ``publish_rank``, then
-  the coordinator's ``build_index`` and ``publish_index``), the real election
+- the real planner (``plan_rank``, ``globalio.shard_report`` and ``globalio.layouts`` of
+  what the gather brings: every rank of a ``Shard(0)`` job sends the same digest of its
+  evenly split tensors, so no box is gathered or checked), the real format-3 writer and
+  commit (``prepare_row``, ``open_row_here``, ``write_rank`` -> ``dataio.write_rank_data``,
+  ``build_manifest``, ``publish_rank``, then the coordinator's ``seal_row``,
+  ``build_index`` and ``publish_index``), the real election
   (``engine.choose_row`` of each rank, through a communicator that plays the ranks in
   turn) and the real load (``distckpt.load`` of each rank's live state: election, the
   open of its part, the load plan, verification and reads through ``GlobalReader`` and
@@ -22,9 +24,7 @@ machine by launching 10,000 ranks, so the ranks are played in turn over a
 
 Where N is large, ``sample`` ranks (rank 0, the coordinator, and others evenly spread) are
 simulated and the job's totals extrapolated from them (each sampled rank stands for the
-ranks up to the next sample), and the cover check is timed once per distinct tensor shape
-(the other tensors of that shape get the same layout under their own names); a record
-says which of its figures are extrapolated.
+ranks up to the next sample); a record says which of its figures are extrapolated.
 
 DCP beside it: its counts come from ``strace`` of a real ``dcp.save``/``dcp.load`` of the
 same keys at one rank (``dcp_counts``), split into the rank's own data file and the
@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 from unittest import mock
 
@@ -55,7 +54,7 @@ from distckpt.engine.api import load as distckpt_load
 from distckpt.engine.steps import RowContent, build_manifest
 from distckpt.format import chunks
 from distckpt.format.layout import DATA_ARRAY, MANIFESTS_DIR, ROW_INDEX, shared_length
-from distckpt.format.shards import Box, GlobalLayout, Sharded
+from distckpt.format.shards import Box, Sharded
 from distckpt.io import dataio, globalio
 from distckpt.io.commit import (
     DataShape,
@@ -79,7 +78,6 @@ from distckpt.storage.store import Store
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 4096, 11008, 32, 32000
 DEFAULT_RANKS = (8, 64, 1000, 10_000)
 DEFAULT_SAMPLE = 64
-FULL_PLAN_ITEMS = 1_000_000  # up to this many (rank, tensor) boxes the planner sees all
 
 # Metadata-server rates (Lustre, one MDT, published mdtest figures), operations per second.
 RATES = {"create": 29_000, "mkdir": 19_000, "stat": 544_000, "remove": 160_000}
@@ -147,34 +145,6 @@ def _report(key: str, shape: tuple[int, ...], rank: int, world: int) -> dict[str
         "dtype": "float32",
         "box": shard0(shape, rank, world).to_json(),
     }
-
-
-def plan_job(
-    keys: list[tuple[str, tuple[int, ...]]], world: int
-) -> tuple[dict[str, GlobalLayout], float, bool]:
-    """Every rank's layouts, as ``globalio.layouts`` computes them from all ranks' boxes.
-
-    Returns the layouts, the CPU seconds one rank spends on them, and whether that time
-    was extrapolated (planned once per distinct shape, then scaled by the tensors of it).
-    """
-    if world * len(keys) <= FULL_PLAN_ITEMS:
-        reports = [[_report(k, s, r, world) for k, s in keys] for r in range(world)]
-        start = time.process_time()
-        layouts = globalio.layouts(reports)
-        return layouts, time.process_time() - start, False
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for k, s in keys:
-        by_shape.setdefault(s, []).append(k)
-    layouts = {}
-    spent = 0.0
-    for shape, names in by_shape.items():
-        reports = [[_report(names[0], shape, r, world)] for r in range(world)]
-        start = time.process_time()
-        first = globalio.layouts(reports)[names[0]]
-        spent += (time.process_time() - start) * len(names)
-        for name in names:
-            layouts[name] = replace(first, key=name)
-    return layouts, spent, True
 
 
 def sampled_ranks(world: int, sample: int) -> dict[int, float]:
@@ -291,8 +261,8 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
     ranks = sampled_ranks(world, sample)
     exact = all(w == 1.0 for w in ranks.values())
     wall, cpu = time.perf_counter(), time.process_time()
-    layouts, plan_s, plan_extrapolated = plan_job(keys, world)
     save: dict[int, OpCounts] = {}
+    first_report: dict[str, Any] | None = None
     own_plan_s: list[float] = []
     with no_bytes():
         before = fs.counts()
@@ -308,8 +278,14 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
             state = fsdp_state(rank, world, shapes)
             start = time.process_time()
             plan = plan_rank(state, rank=rank, stager=lambda t, where: t)
+            # The layouts, as the save computes them: this rank's report, every rank's
+            # gathered (a Shard(0) job: every rank sends the same few bytes, so the gathered
+            # list is this report N times), then the layouts from them.
+            report = shard_report(plan, rank, world)
+            layouts = globalio.layouts([report] * world, plan, rank, world)
             own_plan_s.append(time.process_time() - start)
-            assert shard_report(plan) == [_report(k, s, rank, world) for k, s in keys]
+            first_report = first_report or report
+            assert report == first_report and not report["boxes"] and layouts is not None
             before = fs.counts()
             made_here = rank != 0 and open_row_here(store, 0, "scale", data)
             written = write_rank(store, plan, 0, rank, layouts, data)
@@ -321,6 +297,7 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
         # the coordinator's row index, once every rank committed (built from the layouts)
         before = fs.counts()
         start = time.process_time()
+        assert layouts is not None
         index = build_index(0, world, 0, layouts)
         index_s = time.process_time() - start
         seal_row(store, 0)
@@ -341,8 +318,8 @@ def simulate(world: int, *, sample: int = DEFAULT_SAMPLE, layers: int = LAYERS) 
         elect,
         load,
         delete,
-        plan_s=plan_s + sum(own_plan_s) / len(own_plan_s),
-        plan_extrapolated=plan_extrapolated,
+        plan_s=sum(own_plan_s) / len(own_plan_s),
+        plan_extrapolated=False,
         elect_s=elect_s,
         load_cpu_s=load_s,
         index_build_s=index_s,

@@ -17,7 +17,7 @@ import tensorstore as ts
 import torch
 import zarr
 from click.testing import CliRunner
-from fakes import RecordingFS
+from fakes import RecordingFS, replay_job
 
 import distckpt
 from distckpt import Store
@@ -198,6 +198,49 @@ def test_export_writes_one_zarr_array_per_logical_tensor(tmp_path):
     np.testing.assert_array_equal(np.asarray(t1[...]), np.full((4, 4), 3.0, dtype=np.float32))
     again = CliRunner().invoke(cli, ["export", str(store), str(dest), "--format", "zarr"])
     assert again.exit_code != 0 and "exists" in again.output
+
+
+def _mixed(rank: int, world: int) -> dict[str, Any]:
+    """w split as torch splits it (the index records the rule), v all on rank 0 (listed)."""
+    a, b = _split(rank, world)
+    w, v = _full("w"), _full("v")
+    held = v if rank == 0 else v[:0]
+    return {
+        "w": distckpt.Sharded(w[a:b].clone(), tuple(w.shape), (a, 0)),
+        "v": distckpt.Sharded(held.clone(), tuple(v.shape), (0 if rank == 0 else ROWS,)),
+    }
+
+
+def test_even_splits_are_indexed_by_their_rule_and_others_by_their_pieces(tmp_path):
+    path = tmp_path / "store"
+    save_threads(path, 3, lambda r: _mixed(r, 3))
+    index = Store(path).read_index(0)
+    assert index is not None
+    assert index.globals["w"].even == 3 and not index.globals["w"].pieces
+    assert not index.globals["v"].even and [p.rank for p in index.globals["v"].pieces] == [0]
+    for world in (1, 2, 3):  # restored at other world sizes, read by regions
+        for rank, comm in enumerate(replay_job(world)):
+            a, b = _split(rank, world)
+            target = {
+                "w": distckpt.Sharded(torch.zeros(b - a, 6), (ROWS, 6), (a, 0)),
+                "v": torch.zeros(ROWS, dtype=torch.int64),
+            }
+            distckpt.load(target, Store(path), comm=comm)
+            assert torch.equal(target["w"].local, _full("w")[a:b])
+            assert torch.equal(target["v"], _full("v"))
+
+
+def test_a_tensor_split_evenly_on_some_ranks_only_has_every_box_checked(tmp_path):
+    # rank 0 holds its even split of v, rank 1 the whole of v: the even digests differ,
+    # every box is gathered, and the overlap is refused on every rank.
+    def state(rank: int) -> dict[str, Any]:
+        v = _full("v")
+        a, b = _split(0, 2) if rank == 0 else (0, ROWS)
+        return {"v": distckpt.Sharded(v[a:b].clone(), tuple(v.shape), (a,))}
+
+    with pytest.raises(distckpt.CheckpointError, match=r"'v'.*overlap"):
+        save_threads(tmp_path / "store", 2, state)
+    assert distckpt.latest(tmp_path / "store") is None
 
 
 @pytest.mark.parametrize("saved, restored", [(2, 3), (3, 2)])

@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.scale import METADATA_OPS, _report, format_scale_table, sampled_ranks, simulate
+from distckpt.format.rowindex import RowIndex
+from distckpt.format.shards import EvenLayout
 from distckpt.io import globalio
-from distckpt.io.dataio import piece_slots, slots_by_rank
+from distckpt.io.dataio import build_index, piece_slots
+from distckpt.io.globalio import index_layouts
 from distckpt.storage.counting import CountingFileSystem
 
 
@@ -65,15 +68,22 @@ def test_counting_backend_keeps_sizes_not_bytes() -> None:
     assert (after["unlinks"], after["rmdirs"]) == (2, 2) and fs.files() == 0
 
 
-def test_row_index_slots_in_one_pass_match_each_ranks_own() -> None:
-    # the coordinator's row index (all ranks' slots in one pass) must say exactly where
-    # each rank's own writer put its pieces: uneven torch splits, ranks holding nothing
+@pytest.mark.parametrize("even", [(), ("b", "c"), ("a", "b", "c")], ids=["listed", "mixed", "even"])
+def test_the_row_index_places_every_piece_where_its_writer_put_it(even) -> None:
+    # Whether the index lists a tensor's pieces or records its even split, the pieces a
+    # reader places from it are exactly where each rank's own writer put them: uneven torch
+    # splits, ranks holding nothing.
     keys = [("a", (10, 3)), ("b", (4097,)), ("c", (3, 5))]
     world = 7
-    reports = [[_report(k, s, r, world) for k, s in keys] for r in range(world)]
-    layouts = globalio.layouts(reports)
-    together = slots_by_rank(layouts)
+    listed = [(k, s) for k, s in keys if k not in even]
+    reports = [[_report(k, s, r, world) for k, s in listed] for r in range(world)]
+    layouts = dict(globalio.layouts_of_boxes(reports)) if listed else {}
+    layouts.update({k: EvenLayout(k, s, "float32", world) for k, s in keys if k in even})
+    index = build_index(0, world, 0, layouts)
+    assert all(bool(index.globals[k].even) == (k in even) for k, _ in keys)
+    assert all(not index.globals[k].pieces for k in even)  # O(tensors), not O(ranks x tensors)
+    placed = index_layouts(RowIndex.from_json(index.to_json()).globals, world)
     for rank in range(world):
-        assert together.get(rank, []) == piece_slots(layouts, rank), rank
+        assert piece_slots(placed, rank) == piece_slots(layouts, rank), rank
     # torch splits 10 rows by 2 and 3 by 1: rank 6 holds only the last 581 of 4097
     assert [(s.key, s.box.lengths) for s in piece_slots(layouts, 6)] == [("b", (581,))]

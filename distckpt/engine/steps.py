@@ -44,7 +44,7 @@ from distckpt.io.commit import (
 )
 from distckpt.io.dataio import bound_bytes, build_index
 from distckpt.io.digests import state_digests
-from distckpt.io.globalio import GlobalReader, GlobalValue, shard_report
+from distckpt.io.globalio import GlobalReader, GlobalValue, box_report, shard_report
 from distckpt.io.marks import bad_rows
 from distckpt.io.removal import remove_index, remove_own_part, remove_row_rest
 from distckpt.io.rowio import RankReader
@@ -55,6 +55,8 @@ from distckpt.storage.store import Store, utcnow
 
 log = get_logger(__name__)
 
+# Every rank's boxes of every global tensor, when the ranks' even splits differ.
+SAVE_BOXES = step.register("save.boxes")
 # Retention's steps after the coordinator named the rows (``step.SAVE_RETAIN``).
 RETAIN_OWN = step.register("save.retain_own")  # every rank removes its part of each row
 RETAIN_REST = step.register("save.retain_rest")  # the coordinator removes what is left
@@ -224,9 +226,14 @@ def save_row(
     # Global (sharded) tensors: every rank decides the same chunk writers from all boxes,
     # and refuses the same overlaps or gaps, so no agreement step is needed after this one.
     made = plan
-    gathered = step.gather(comm, step.SAVE_SHARDS, lambda: (shard_report(made), bound_bytes(made)))
-    reports = [boxes for boxes, _ in gathered]
-    layouts = globalio.layouts(reports) if any(reports) else {}
+    rank, world = comm.rank, comm.world_size
+    gathered = step.gather(
+        comm, step.SAVE_SHARDS, lambda: (shard_report(made, rank, world), bound_bytes(made))
+    )
+    layouts = globalio.layouts([report for report, _ in gathered], made, rank, world)
+    if layouts is None:  # some tensor is split evenly on some ranks only: every box, then
+        boxes = step.gather(comm, SAVE_BOXES, lambda: box_report(made))
+        layouts = globalio.layouts_of_boxes(boxes) if any(boxes) else {}
     # The row's data array: one shard per rank, as long as the largest rank's bound.
     data = DataShape(comm.world_size, *shared_length(max(bound for _, bound in gathered)))
 

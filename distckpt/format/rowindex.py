@@ -61,6 +61,9 @@ class IndexedGlobal:
     dtype: str
     shape: tuple[int, ...]
     pieces: tuple[IndexedPiece, ...]
+    #: The world size when every rank holds its ``shards.even_box`` of the tensor (then no
+    #: piece is listed: readers compute them), else 0.
+    even: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,14 +83,7 @@ class RowIndex:
             "world_size": self.world_size,
             "write_count": self.write_count,
             "data_array": self.data_array,
-            "globals": {
-                name: {
-                    "dtype": g.dtype,
-                    "shape": list(g.shape),
-                    "pieces": [p.to_json() for p in g.pieces],
-                }
-                for name, g in self.globals.items()
-            },
+            "globals": {name: _global_json(g) for name, g in self.globals.items()},
         }
         return checked.seal(doc)  # self-verifying, as manifests are
 
@@ -114,8 +110,11 @@ class RowIndex:
             globals_ = {}
             for name, g in doc["globals"].items():
                 shape = tuple(int(d) for d in g["shape"])
-                pieces = tuple(IndexedPiece.from_json(p) for p in g["pieces"])
-                globals_[str(name)] = IndexedGlobal(str(g["dtype"]), shape, pieces)
+                even = g.get("even", 0)
+                if even not in (0, doc["world_size"]) or (even and not shape):
+                    raise InvalidManifest(f"global {name!r} has a bad even split")
+                pieces = tuple(IndexedPiece.from_json(p) for p in g.get("pieces", []))
+                globals_[str(name)] = IndexedGlobal(str(g["dtype"]), shape, pieces, even)
         except InvalidManifest as exc:
             raise InvalidManifest(f"{where}: {exc}") from exc
         except (KeyError, AttributeError, TypeError, ValueError) as exc:
@@ -126,3 +125,9 @@ class RowIndex:
         if data_array not in ("", DATA_ARRAY):
             raise InvalidManifest(f"{where}: unknown data array {data_array!r}")
         return RowIndex(fields[0], fields[1], fields[2], globals_, data_array)
+
+
+def _global_json(g: IndexedGlobal) -> dict[str, Any]:
+    if g.even:
+        return {"dtype": g.dtype, "shape": list(g.shape), "even": g.even}
+    return {"dtype": g.dtype, "shape": list(g.shape), "pieces": [p.to_json() for p in g.pieces]}

@@ -23,7 +23,7 @@ from distckpt.format.layout import (
 )
 from distckpt.format.manifest import MAX_ROW, ArrayEntry, GlobalEntry, RankManifest
 from distckpt.format.rowindex import RowIndex
-from distckpt.format.shards import GlobalLayout
+from distckpt.format.shards import Layout
 from distckpt.io.dataio import write_rank_data
 from distckpt.logs import get_logger
 from distckpt.plan.save import RankPlan
@@ -105,7 +105,7 @@ def write_rank(
     plan: RankPlan,
     row: int,
     rank: int,
-    layouts: dict[str, GlobalLayout] | None,
+    layouts: dict[str, Layout] | None,
     data: DataShape,
     *,
     checksums: bool = True,

@@ -37,7 +37,7 @@ from distckpt.format.layout import (
 )
 from distckpt.format.manifest import ArrayEntry, GlobalEntry, PieceEntry
 from distckpt.format.rowindex import IndexedGlobal, IndexedPiece, RowIndex
-from distckpt.format.shards import Box, GlobalLayout
+from distckpt.format.shards import Box, EvenLayout, Layout
 from distckpt.io.rowio import byte_view
 from distckpt.plan.save import RankPlan
 from distckpt.storage.filesystem import FileSystem
@@ -84,7 +84,7 @@ def block_ranges(lengths: Sequence[int], itemsize: int, rows: int) -> list[tuple
     return [(start, min(start + step, total)) for start in range(0, total, step)] or [(0, 0)]
 
 
-def piece_slots(layouts: Mapping[str, GlobalLayout], rank: int) -> list[PieceSlot]:
+def piece_slots(layouts: Mapping[str, Layout], rank: int) -> list[PieceSlot]:
     """The boxes ``rank`` writes, in the order and at the offsets of its data array
     (global tensors by name, boxes in layout order): the same on every rank."""
     slots: list[PieceSlot] = []
@@ -98,24 +98,6 @@ def piece_slots(layouts: Mapping[str, GlobalLayout], rank: int) -> list[PieceSlo
             slots.append(PieceSlot(key, lay.dtype, lay.shape, region.box, at, nbytes))
             end = at + nbytes
     return slots
-
-
-def slots_by_rank(layouts: Mapping[str, GlobalLayout]) -> dict[int, list[PieceSlot]]:
-    """:func:`piece_slots` of every writing rank, in one pass over the layouts' regions
-    (not one pass per rank: the coordinator's row index at N ranks would cost N times
-    every region, hours at 10,000 ranks)."""
-    out: dict[int, list[PieceSlot]] = {}
-    ends: dict[int, int] = {}
-    for key in sorted(layouts):
-        lay = layouts[key]
-        itemsize = stored_itemsize(lay.dtype)
-        for region in lay.regions:
-            nbytes = region.box.numel * itemsize
-            at = aligned(ends.get(region.writer, 0), nbytes)
-            slot = PieceSlot(key, lay.dtype, lay.shape, region.box, at, nbytes)
-            out.setdefault(region.writer, []).append(slot)
-            ends[region.writer] = at + nbytes
-    return out
 
 
 def tensors_base(slots: Sequence[PieceSlot]) -> int:
@@ -156,7 +138,7 @@ def write_rank_data(
     fs: FileSystem,
     row_dir: str,
     plan: RankPlan,
-    layouts: Mapping[str, GlobalLayout],
+    layouts: Mapping[str, Layout],
     rank: int,
     shape: tuple[int, int],
     *,
@@ -261,22 +243,33 @@ def data_path(row_dir: str, rank: int, *, shared: bool = True) -> str:
 
 
 def build_index(
-    row: int, world_size: int, write_count: int, layouts: Mapping[str, GlobalLayout]
+    row: int, world_size: int, write_count: int, layouts: Mapping[str, Layout]
 ) -> RowIndex:
-    """The row index, from the agreed layouts alone (no file is read): every rank's pieces."""
-    pieces: dict[str, list[IndexedPiece]] = {key: [] for key in layouts}
-    slots = slots_by_rank(layouts)
-    for rank in range(world_size):
-        for slot in slots.get(rank, ()):
-            pieces[slot.key].append(
-                IndexedPiece(rank, *_box(slot), slot.offset, slot.nbytes, slot.rows)
-            )
+    """The row index, from the agreed layouts alone (no file is read). A tensor split evenly
+    over the ranks is recorded by its rule (readers compute any rank's piece and offset from
+    the index), any other by every piece: the index stays O(tensors) for FSDP2-style jobs
+    instead of O(ranks x tensors). Offsets are computed for the ranks writing listed pieces
+    only, each in one pass over the layouts."""
+    listed = {key for key, lay in layouts.items() if not isinstance(lay, EvenLayout)}
+    pieces: dict[str, list[IndexedPiece]] = {key: [] for key in listed}
+    writers = sorted({r.writer for key in listed for r in layouts[key].regions})
+    for rank in writers:
+        for slot in piece_slots(layouts, rank):
+            if slot.key in listed:
+                pieces[slot.key].append(
+                    IndexedPiece(rank, *_box(slot), slot.offset, slot.nbytes, slot.rows)
+                )
     return RowIndex(
         row,
         world_size,
         write_count,
         {
-            key: IndexedGlobal(lay.dtype, lay.shape, tuple(pieces[key]))
+            key: IndexedGlobal(
+                lay.dtype,
+                lay.shape,
+                tuple(pieces.get(key, ())),
+                lay.world if isinstance(lay, EvenLayout) else 0,
+            )
             for key, lay in sorted(layouts.items())
         },
     )

@@ -9,6 +9,8 @@ other is read whole (its crc32c covers the whole chunk) and the overlap copied.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import threading
@@ -30,17 +32,22 @@ from distckpt.format.layout import (
 )
 from distckpt.format.manifest import GlobalEntry, InvalidManifest, PieceEntry, RankManifest
 from distckpt.format.names import escape_component
+from distckpt.format.rowindex import IndexedGlobal
 from distckpt.format.shards import (
     Box,
+    EvenLayout,
     GlobalLayout,
+    Layout,
+    Region,
     Sharded,
     chunk_box,
     chunk_indices,
+    is_even,
     is_global,
     piece,
     plan_layouts,
 )
-from distckpt.io.dataio import block_ranges
+from distckpt.io.dataio import PieceSlot, block_ranges, piece_slots
 from distckpt.io.rowio import byte_view
 from distckpt.plan.save import PlannedShard, RankPlan
 from distckpt.storage.filesystem import FileSystem, ReadHandles
@@ -50,27 +57,71 @@ if TYPE_CHECKING:
     import torch
 
 
-def shard_report(plan: RankPlan) -> list[dict[str, Any]]:
-    """What this rank holds of each global tensor: gathered to plan the layouts."""
+def box_report(plan: RankPlan) -> list[dict[str, Any]]:
+    """What this rank holds of each global tensor, box by box."""
+    return [_box_item(s) for s in plan.shards]
+
+
+def _box_item(s: PlannedShard) -> dict[str, Any]:
+    return {
+        "key": s.name,
+        "shape": list(s.piece.global_shape),
+        "dtype": s.spec.name,
+        "box": s.piece.box.to_json(),
+    }
+
+
+def _evenly_held(plan: RankPlan, rank: int, world: int) -> list[PlannedShard]:
     return [
-        {
-            "key": s.name,
-            "shape": list(s.piece.global_shape),
-            "dtype": s.spec.name,
-            "box": s.piece.box.to_json(),
-        }
+        s
         for s in plan.shards
+        if s.piece.local is not None and is_even(s.piece.box, s.piece.global_shape, rank, world)
     ]
 
 
-def layouts(reports: Sequence[Sequence[dict[str, Any]]]) -> dict[str, GlobalLayout]:
-    """Every rank's identical decision: chunk grid and writer of each region (or an error)."""
+def shard_report(plan: RankPlan, rank: int, world: int) -> dict[str, Any]:
+    """What this rank holds of the global tensors, gathered to plan the layouts: the boxes
+    of the tensors it does not hold as its even split (:func:`~shards.even_box`), and a
+    digest of the names, shapes and dtypes of those it does. A job whose every rank sends
+    the same digest (FSDP2, ``Shard(0)``) gathers a few bytes per rank instead of every
+    box of every tensor."""
+    evenly = _evenly_held(plan, rank, world)
+    even = [[s.name, list(s.piece.global_shape), s.spec.name] for s in evenly]
+    digest = hashlib.sha256(json.dumps(even, separators=(",", ":")).encode()).hexdigest()
+    held = {s.name for s in evenly}
+    return {
+        "even": digest if even else "",
+        "boxes": [_box_item(s) for s in plan.shards if s.name not in held],
+    }
+
+
+def layouts(
+    reports: Sequence[dict[str, Any]], plan: RankPlan, rank: int, world: int
+) -> dict[str, Layout] | None:
+    """Every rank's identical decision from the gathered :func:`shard_report`: the writer of
+    each region (or an error). None when the ranks' even splits differ (a tensor split
+    evenly on some ranks only, or shapes that disagree): then the caller gathers every box
+    (:func:`box_report`) and plans with :func:`layouts_of_boxes`."""
+    if len({r["even"] for r in reports}) > 1:
+        return None
+    out: dict[str, Layout] = {}
+    boxes = [r["boxes"] for r in reports]
+    if any(boxes):
+        out.update(layouts_of_boxes(boxes))
+    for s in _evenly_held(plan, rank, world):
+        out[s.name] = EvenLayout(s.name, tuple(s.piece.global_shape), s.spec.name, world)
+    return out
+
+
+def layouts_of_boxes(reports: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Layout]:
+    """The layouts from every rank's :func:`box_report`: chunk grid and writer of each
+    region (or an error)."""
     itemsizes = {
         item["dtype"]: spec_for(torch_dtype(item["dtype"])).itemsize
         for items in reports
         for item in items
     }
-    return plan_layouts(reports, itemsizes)
+    return dict(plan_layouts(reports, itemsizes))
 
 
 def array_path(key: str) -> str:
@@ -156,6 +207,8 @@ class GlobalReader:
     _sizes: dict[int, int] = field(default_factory=dict, repr=False)
     _shared: bool | None = field(default=None, repr=False)  # format 3: one shared data array
     _data_bytes: dict[int, int | None] = field(default_factory=dict, repr=False)
+    _layouts: dict[str, Layout] = field(default_factory=dict, repr=False)  # from the index
+    _slots: dict[int, dict[str, PieceSlot]] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # The data files' reads; pass the rank reader's handles to share its open files.
     files: ReadHandles | None = field(default=None, repr=False)
@@ -182,14 +235,17 @@ class GlobalReader:
                 f"global arrays and is not valid: {exc}"
             ) from exc
 
-    def pieces(self, name: str) -> list[tuple[int, PieceEntry]]:
-        """Every saved rank's pieces of global array ``name`` (checksums may be absent)."""
+    def pieces(self, name: str, box: Box | None = None) -> list[tuple[int, PieceEntry]]:
+        """The saved ranks' pieces of global array ``name`` (checksums may be absent): all
+        of them, or at least those that may intersect ``box``. A tensor the index records
+        as split evenly has its pieces computed here, for the ranks a region needs only."""
         with self._lock:
             if self._pieces is None:
                 table: dict[str, list[tuple[int, PieceEntry]]] = {}
                 index = self.store.read_index(self.row)
                 if index is not None and index.world_size == self.world_size:
                     self._shared = index.data_array == DATA_ARRAY
+                    self._layouts = index_layouts(index.globals, self.world_size)
                     for key, g in index.globals.items():
                         table[key] = [
                             (p.rank, PieceEntry(*p.box, p.offset, p.nbytes, p.rows, ()))
@@ -201,7 +257,20 @@ class GlobalReader:
                         for key, held in owned.items():
                             table.setdefault(key, []).extend((rank, p) for p in held)
                 self._pieces = table
+            lay = self._layouts.get(name)
+            if isinstance(lay, EvenLayout):
+                ranks = range(self.world_size) if box is None else lay.writers_of(box)
+                return [(r, self._even_piece(r, name)) for r in ranks if lay.writes(r)]
             return self._pieces.get(name, [])
+
+    def _even_piece(self, rank: int, name: str) -> PieceEntry:
+        """Rank ``rank``'s piece of an evenly split tensor, where the writer put it (the
+        offsets of a rank's pieces follow from the layouts alone, computed once per rank)."""
+        slots = self._slots.get(rank)
+        if slots is None:
+            slots = self._slots[rank] = {s.key: s for s in piece_slots(self._layouts, rank)}
+        s = slots[name]
+        return PieceEntry(s.box.offsets, s.box.lengths, s.offset, s.nbytes, s.rows, ())
 
     def _owned_by(self, rank: int) -> dict[str, tuple[PieceEntry, ...]]:
         """The pieces ``rank``'s manifest lists, by global array (its checksums)."""
@@ -242,7 +311,7 @@ class GlobalReader:
         itemsize = stored_itemsize(entry.dtype)
         row_dir = self.store.row_dir(self.row)
         covered = 0
-        held = self.pieces(entry.name)
+        held = self.pieces(entry.name, box)
         shared = bool(self._shared)
         for rank, pc in held:
             whole = Box(pc.offsets, pc.lengths)
@@ -416,6 +485,19 @@ def fill(live: Any, saved: GlobalValue) -> None:
             host = torch.empty(box.lengths, dtype=dest.dtype)
             saved.read(box, host)
             dest.copy_(host)
+
+
+def index_layouts(globals_: dict[str, IndexedGlobal], world: int) -> dict[str, Layout]:
+    """The layouts a row index records: what :func:`~dataio.piece_slots` needs to place any
+    rank's pieces (evenly split tensors by their rule, others by their listed pieces)."""
+    out: dict[str, Layout] = {}
+    for key, g in globals_.items():
+        if g.even:
+            out[key] = EvenLayout(key, g.shape, g.dtype, world)
+        else:
+            regions = tuple(Region(Box(*p.box), (p.rank,), p.rank) for p in g.pieces)
+            out[key] = GlobalLayout(key, g.shape, g.dtype, (), regions, ())
+    return out
 
 
 def written_nbytes(entry: GlobalEntry) -> int:
