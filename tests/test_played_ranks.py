@@ -147,34 +147,36 @@ def test_checkpoint_inside_a_played_rank_is_that_rank_of_the_saved_job(tmp_path)
 
 
 # -- a killed 2-rank job resumed by one process ----------------------------------------------
-def job(tmp: Path, name: str, **kill: Any) -> dict[str, Any]:
-    return {"store": str(tmp / f"{name}.ckpt"), "out": str(tmp / name), "world": 2, **kill}
+def job(tmp: Path, name: str, world: int = 2, **kill: Any) -> dict[str, Any]:
+    return {"store": str(tmp / f"{name}.ckpt"), "out": str(tmp / name), "world": world, **kill}
 
 
-def walks(path: Path) -> dict[tuple[int, int], np.ndarray]:
+def walks(path: Path, world: int) -> dict[tuple[int, int], np.ndarray]:
     return {
         (rank, step): np.load(path / f"rank_{rank}" / f"step_{step}.npy")
-        for rank in range(2)
+        for rank in range(world)
         for step in range(worker.NSTEPS)
     }
 
 
-def assert_bit_exact(tmp: Path) -> None:
-    ref, out = walks(tmp / "reference"), walks(tmp / "run")
+def assert_bit_exact(tmp: Path, world: int = 2) -> None:
+    ref, out = walks(tmp / "reference", world), walks(tmp / "run", world)
     assert not np.array_equal(ref[0, 0], ref[1, 0])  # the ranks' states differ
     for key in ref:
         assert np.array_equal(out[key], ref[key]), f"rank {key[0]} step {key[1]} differs"
 
 
-def killed_two_rank_job(tmp: Path) -> dict[str, Any]:
+def killed_two_rank_job(tmp: Path, world: int = 2) -> dict[str, Any]:
     """Runs the reference and a job whose rank 0 is SIGKILLed after its 2nd output (one row
-    committed) in one 2-rank launch; returns the killed job."""
-    killed = job(tmp, "run", kill_rank=0, kill_after=2)
-    first = run_torchrun(2, WORKER, [json.dumps([job(tmp, "reference"), killed])], timeout=120)
+    committed) in one ``world``-rank launch; returns the killed job."""
+    killed = job(tmp, "run", world, kill_rank=0, kill_after=2)
+    jobs = [job(tmp, "reference", world), killed]
+    first = run_torchrun(world, WORKER, [json.dumps(jobs)], timeout=120)
     assert first.returncode != 0, first.describe()
-    assert first.ranks("DONE 0") == [0, 1] and not first.lines("DONE 1"), first.describe()
+    assert first.ranks("DONE 0") == list(range(world)), first.describe()
+    assert not first.lines("DONE 1"), first.describe()
     assert f"exitcode  : -{int(signal.SIGKILL)}" in first.stderr, first.describe()
-    assert saved_world_size(killed["store"]) == 2
+    assert saved_world_size(killed["store"]) == world
     return {**killed, "kill_rank": None}
 
 
@@ -205,3 +207,15 @@ def test_one_process_killed_in_turn_is_resumed_by_two_ranks(tmp_path):
     assert sorted(resumed.lines("START 0")) == ["START 0 rank=0 step=2", "START 0 rank=1 step=2"]
     assert resumed.ranks("DONE 0") == [0, 1], resumed.describe()
     assert_bit_exact(tmp_path)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(400)
+def test_four_rank_job_killed_is_finished_by_two_processes(tmp_path):
+    killed = killed_two_rank_job(tmp_path, world=4)
+    resumed = run_torchrun(2, WORKER, [json.dumps([killed])], timeout=120).check()
+    # process 0 plays ranks 0 and 1, process 1 ranks 2 and 3: each from its own state
+    assert sorted(resumed.lines("START 0")) == [f"START 0 rank={r} step=1" for r in range(4)]
+    assert resumed.ranks("DONE 0") == [0, 1, 2, 3], resumed.describe()
+    assert saved_world_size(killed["store"]) == 4
+    assert_bit_exact(tmp_path, world=4)

@@ -265,7 +265,9 @@ def saved_world_size(path: str | os.PathLike[str], *, comm: Any = None) -> int |
     location: Path | str = store_path(path) if is_object_store_path(path) else Path(path)
     store = Store(location)
     job = resolve(comm)
-    if not store.exists():
+    # The coordinator's answer for every rank: a rank that already went on may be creating
+    # the store while another still asks.
+    if not job.broadcast(store.exists() if job.is_coordinator else None):
         return None
     found = elect_any(store, job)
     return None if found is None else found[1]
