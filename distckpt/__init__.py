@@ -81,6 +81,7 @@ if TYPE_CHECKING:
     )
     from distckpt.session.manager import CheckpointManager
     from distckpt.session.members import MemberMapping
+    from distckpt.session.played import play_ranks, saved_world_size
     from distckpt.session.preempt import REQUEUE_EXIT_CODE, PreemptionHandler, preemption
     from distckpt.session.rng import GeneratorState, GlobalRngState, RngStateError
     from distckpt.session.rollout import ResumableRollout, RolloutBoundary
@@ -132,6 +133,8 @@ __all__ = [
     "Communicator",
     "MPIComm",
     "MemberMapping",
+    "play_ranks",
+    "saved_world_size",
     "GeneratorState",
     "GlobalRngState",
     "NullCheckpoint",
@@ -277,6 +280,7 @@ _FROM = {
     ),
     "distckpt.session.manager": ("CheckpointManager",),
     "distckpt.session.members": ("MemberMapping",),
+    "distckpt.session.played": ("play_ranks", "saved_world_size"),
     "distckpt.session.preempt": (
         "REQUEUE_EXIT_CODE",
         "PreemptionHandler",

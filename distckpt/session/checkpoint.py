@@ -49,6 +49,7 @@ from distckpt.session.binding import (
     state_fields,
 )
 from distckpt.session.members import MappedView, MemberMapping, open_view
+from distckpt.session.played import played_comm
 from distckpt.storage import lease
 from distckpt.storage.resolve import is_object_store_path, store_path
 from distckpt.storage.store import Store
@@ -176,7 +177,8 @@ class Checkpoint:
             raise ValueError(f"history_size must be >= 1 or None, not {history_size}")
         if isinstance(level, bool) or level not in (0, 1, 2):
             raise ValueError(f"level must be 0, 1 or 2, not {level!r}")
-        self.comm: Communicator = resolve(comm)
+        # Inside distckpt.play_ranks, the played rank's (a rank of the job that saved).
+        self.comm: Communicator = resolve(comm if comm is not None else played_comm())
         if rank is not None and rank != self.comm.rank:
             raise CommunicatorError(f"rank={rank} given, but this process is rank {self.comm.rank}")
         if world_size is not None and world_size != self.comm.world_size:
