@@ -159,10 +159,11 @@ def seal_row(store: Store, row: int) -> None:
 
 
 def publish_index(store: Store, index: RowIndex) -> None:
-    """The coordinator's row index, published atomically once every rank's manifest is
-    (and :func:`seal_row` made them durable): its presence says the whole row committed
-    (``election``'s fast path)."""
-    store.fs.atomic_write(store.index_path(index.row), index.to_json())
+    """The coordinator's row index, published atomically and create-only once every rank's
+    manifest is (and :func:`seal_row` made them durable): its presence says the whole row
+    committed (``election``'s fast path). Like a manifest it is never replaced: on object
+    stores a PUT with ``If-None-Match: *``; ``FileExistsError`` if one is there."""
+    store.fs.publish_exclusive(store.index_path(index.row), index.to_json())
 
 
 def retract_rank(store: Store, row: int, rank: int) -> None:
