@@ -38,7 +38,7 @@ from distckpt.format.layout import (
 from distckpt.format.manifest import ArrayEntry, GlobalEntry, PieceEntry
 from distckpt.format.rowindex import IndexedGlobal, IndexedPiece, RowIndex
 from distckpt.format.shards import Box, EvenLayout, Layout
-from distckpt.io.rowio import byte_view
+from distckpt.io.rowio import batched, byte_view
 from distckpt.plan.save import RankPlan
 from distckpt.storage.filesystem import FileSystem
 
@@ -187,15 +187,16 @@ def write_rank_data(
         ranges = block_ranges(slot.box.lengths, stored_itemsize(slot.dtype), slot.rows)
         return tuple(checksum(view[a:b]) for a, b in ranges)
 
-    def tensor_crc(item: tuple[int, memoryview]) -> int | None:
-        return checksum(item[1]) if checksums else None
+    def tensor_crcs(batch: Sequence[tuple[int, memoryview]]) -> list[int | None]:
+        return [checksum(view) if checksums else None for _, view in batch]
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         got_pieces = pool.map(piece_crcs, pieces)
-        got_tensors = pool.map(tensor_crc, tensors)
+        # Small tensors by the batch: one hand-off per tensor cost more than its checksum.
+        got_tensors = pool.map(tensor_crcs, batched(tensors, lambda t: len(t[1])))
         written = fs.write_file(data_path(row_dir, rank), parts) if total else 0
         piece_sums = list(got_pieces)
-        tensor_sums = list(got_tensors)
+        tensor_sums = [crc for batch in got_tensors for crc in batch]
     entries = [
         ArrayEntry(
             name=p.name,
