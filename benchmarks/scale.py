@@ -48,7 +48,7 @@ from unittest import mock
 
 import torch
 
-from distckpt.dist.comm import Communicator
+from distckpt.dist.comm import KnownRanks
 from distckpt.engine import steps as engine
 from distckpt.engine.api import load as distckpt_load
 from distckpt.engine.steps import RowContent, build_manifest
@@ -209,20 +209,13 @@ def _parsed_once() -> Iterator[None]:
         yield
 
 
-class _Replay(Communicator):
+class _Replay(KnownRanks):
     """Rank ``rank`` of a job played in turn: gathers see every rank agree with this one,
     broadcasts replay, in order, what the root sent when it ran the same steps first."""
 
     def __init__(self, rank: int, world_size: int, sent: list[bytes]) -> None:
-        self._rank, self._size, self._sent, self._next = rank, world_size, sent, 0
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
+        super().__init__(rank, world_size)
+        self._sent, self._next = sent, 0
 
     def barrier(self) -> None:
         pass

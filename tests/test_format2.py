@@ -22,7 +22,7 @@ from fakes import RecordingFS, replay_job
 import distckpt
 from distckpt import Store
 from distckpt.cli import cli
-from distckpt.dist.comm import Communicator
+from distckpt.dist.comm import KnownRanks
 from distckpt.dist.election import elect
 from distckpt.errors import StoreFormatError
 from distckpt.format import checked
@@ -57,19 +57,12 @@ class _CountingFS(LocalFileSystem):
         return super().read_bytes(path)
 
 
-class _ThreadComm(Communicator):
+class _ThreadComm(KnownRanks):
     """Ranks as threads of one process: allgather through a shared board."""
 
     def __init__(self, rank: int, size: int, board: list[Any], barrier: threading.Barrier):
-        self._rank, self._size, self._board, self._barrier = rank, size, board, barrier
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
+        super().__init__(rank, size)
+        self._board, self._barrier = board, barrier
 
     def barrier(self) -> None:
         self._barrier.wait()

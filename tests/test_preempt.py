@@ -48,13 +48,13 @@ from distckpt import (
     REQUEUE_EXIT_CODE,
     Checkpoint,
     CheckpointError,
-    Communicator,
     PreemptionHandler,
     SingleProcessComm,
     Store,
     bind_checkpoint_state,
     preemption,
 )
+from distckpt.dist.comm import KnownRanks
 from distckpt.session.preempt import parse_signal, watch_boundaries
 
 WORKER = WORKERS / "preempt_worker.py"
@@ -215,22 +215,14 @@ def reference_digest(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # -- in-process: the handler ----------------------------------------------------------------
-class FakeComm(Communicator):
+class FakeComm(KnownRanks):
     """Rank ``rank`` of a job whose other ranks report ``others`` (rank -> flag) each time."""
 
     def __init__(self, rank: int, world_size: int, others: dict[int, int] | None = None):
-        self._rank, self._size = rank, world_size
+        super().__init__(rank, world_size)
         self.others = others or {}
         self.allgathers = 0
         self.barriers = 0
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
 
     def barrier(self) -> None:
         self.barriers += 1

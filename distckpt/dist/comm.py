@@ -82,18 +82,13 @@ class SingleProcessComm(Communicator):
         return SingleProcessComm()
 
 
-class RankInTurnComm(Communicator):
-    """Rank ``rank`` of ``world_size`` ranks that one process plays one after another.
+class KnownRanks(Communicator):
+    """A communicator told its rank and world size when made (ranks played by threads or in
+    turn, test doubles), rather than asking a process group."""
 
-    For offline tools that write a multi-rank row without launching ranks (``distckpt
-    migrate``): gathers report every rank as agreeing with this one (a failure stops the
-    loop), and a broadcast replays what the root sent into ``sent``, so the root goes first.
-    """
-
-    def __init__(self, rank: int, world_size: int, sent: dict[int, bytes]) -> None:
+    def __init__(self, rank: int, world_size: int) -> None:
         self._rank = rank
         self._size = world_size
-        self._sent = sent
 
     @property
     def rank(self) -> int:
@@ -102,6 +97,19 @@ class RankInTurnComm(Communicator):
     @property
     def world_size(self) -> int:
         return self._size
+
+
+class RankInTurnComm(KnownRanks):
+    """Rank ``rank`` of ``world_size`` ranks that one process plays one after another.
+
+    For offline tools that write a multi-rank row without launching ranks (``distckpt
+    migrate``): gathers report every rank as agreeing with this one (a failure stops the
+    loop), and a broadcast replays what the root sent into ``sent``, so the root goes first.
+    """
+
+    def __init__(self, rank: int, world_size: int, sent: dict[int, bytes]) -> None:
+        super().__init__(rank, world_size)
+        self._sent = sent
 
     def barrier(self) -> None:
         pass

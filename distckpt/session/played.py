@@ -18,7 +18,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
-from distckpt.dist.comm import Communicator, resolve
+from distckpt.dist.comm import Communicator, KnownRanks, resolve
 from distckpt.errors import CommunicatorError, WorldSizeMismatchError
 from distckpt.logs import get_logger
 from distckpt.session.members import elect_any
@@ -114,7 +114,7 @@ def _unpack(data: bytes) -> list[bytes]:
     return out
 
 
-class PlayedComm(Communicator):
+class PlayedComm(KnownRanks):
     """Rank ``rank`` of ``world_size``, played by a thread of a process that plays ``local``
     consecutive ranks; ``outer`` joins the processes (one per ``local`` ranks).
 
@@ -123,20 +123,11 @@ class PlayedComm(Communicator):
     """
 
     def __init__(self, rank: int, world_size: int, group: _Group, outer: Communicator) -> None:
-        self._rank = rank
-        self._size = world_size
+        super().__init__(rank, world_size)
         self._group = group
         self._outer = outer
         self._index = rank % group.size
         self._first = rank - self._index
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._size
 
     @property
     def local_ranks(self) -> range:
