@@ -46,6 +46,26 @@ def _as_value(read: ArrayRead, tensor: torch.Tensor) -> Any:
     return array.view(np.dtype(read.np_dtype)) if read.np_dtype is not None else array
 
 
+def _local_view(read: BoxRead, target: Any) -> torch.Tensor | None:
+    """The live target's local tensor as the region's shape, where the region's bytes can
+    go straight into it (CPU, contiguous, same dtype and size) and are whole rows of the
+    array (contiguous ranges of the saved pieces: a column band would be read twice, once
+    to verify it and once to fill it); else None (staged)."""
+    _, _, _, local = target_region(target)
+    if (
+        local is None
+        or read.box.lengths[1:] != read.entry.shape[1:]
+        or local.device.type != "cpu"
+        or not local.is_contiguous()
+        or local.is_conj()
+        or local.is_neg()
+        or local.dtype != read.dtype
+        or local.numel() != read.box.numel
+    ):
+        return None
+    return local.detach().view(read.box.lengths)
+
+
 def _new_box(read: BoxRead, globals_: GlobalReader) -> torch.Tensor:
     out = torch.empty(read.box.lengths, dtype=read.dtype)
     if read.box.numel:
@@ -78,6 +98,7 @@ def execute(
     where = f"cannot restore row {row}"
     got: dict[int, Any] = {}
     staged: dict[int, torch.Tensor] = {}  # global regions read and verified, not yet live
+    checked: list[int] = []  # global regions verified, to be read straight into live memory
     direct: dict[int, list[int]] = {}  # saved rank -> reads going straight into live memory
     fresh: dict[int, list[int]] = {}  # saved rank -> reads into new tensors
 
@@ -93,7 +114,11 @@ def execute(
                 straight = into_live and fits_directly(src.entry, at(live, item.path))
                 (direct if straight else fresh).setdefault(src.rank, []).append(i)
             elif item.dest == "live" and isinstance(src, BoxRead) and not in_place:
-                staged[i] = _new_box(src, globals_)
+                if not stage and _local_view(src, at(live, item.path)) is not None:
+                    globals_.verify(src.entry, src.box)  # streamed: nothing kept
+                    checked.append(i)
+                else:
+                    staged[i] = _new_box(src, globals_)
             elif item.dest == "new" and isinstance(src, BoxRead):
                 whole = _new_box(src, globals_)
                 shape = src.entry.shape
@@ -124,6 +149,12 @@ def execute(
                     _, _, _, local = target_region(target)
                     if local is not None:
                         local.detach().copy_(staged[i].reshape(local.shape))
+                elif i in checked:
+                    src = item.source
+                    assert isinstance(src, BoxRead)
+                    view = _local_view(src, target)
+                    assert view is not None
+                    globals_.read(src.entry, src.box, view, verified=True)
                 elif isinstance(item.source, BoxRead):
                     fill_region(target, GlobalValue(item.source.entry, globals_))
                 else:
