@@ -268,7 +268,8 @@ def span_size(fs: ChunkFiles, ref: ChunkRef, expected: int | None = None) -> int
     return size
 
 
-def _span_fits(ref: ChunkRef, offset: int, nbytes: int, size: int) -> None:
+def span_fits(ref: ChunkRef, offset: int, nbytes: int, size: int) -> None:
+    """Refuse a byte range that lies past the end of its data array of ``size`` bytes."""
     if offset + nbytes > size:
         raise ref.fail(
             CorruptChunkError.SIZE,
@@ -289,7 +290,7 @@ def read_span(
     """Fill ``dest`` with the bytes at ``offset`` of a data array of ``size`` bytes and,
     unless ``verify`` is false (checked already), check them against ``crc``."""
     dest = dest.cast("B") if dest.format != "B" else dest
-    _span_fits(ref, offset, len(dest), size)
+    span_fits(ref, offset, len(dest), size)
     if _read(fs, ref, [dest], offset) != len(dest):
         raise ref.fail(CorruptChunkError.TRUNCATED, "data array file is truncated")
     if verify:
@@ -308,7 +309,7 @@ def verify_span(
 ) -> None:
     """Check the ``nbytes`` at ``offset`` against ``crc`` without keeping them (streamed
     through ``scratch``); with no checksum only that they lie inside the array."""
-    _span_fits(ref, offset, nbytes, size)
+    span_fits(ref, offset, nbytes, size)
     if crc is None:
         return
     running, done = 0, 0

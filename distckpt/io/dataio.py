@@ -236,10 +236,9 @@ def _pad(parts: list[chunks.Buffer], n: int) -> None:
         n -= step
 
 
-def data_path(row_dir: str, rank: int, *, shared: bool = True) -> str:
-    """The file holding ``rank``'s bytes in a row: its shard of the shared data array
-    (format 3), or its own array's chunk (``shared=False``: format 2)."""
-    array, index = rank_data_chunk(shared, rank)
+def data_path(row_dir: str, rank: int) -> str:
+    """The file holding ``rank``'s bytes in a row: its shard of the row's data array."""
+    array, index = rank_data_chunk(True, rank)
     return os.path.join(row_dir, array, chunk_key(index))
 
 

@@ -19,7 +19,6 @@ import os
 
 from distckpt.format.layout import SHARED_MANIFEST_VERSION, chunk_key
 from distckpt.format.manifest import InvalidManifest
-from distckpt.io.dataio import data_path
 from distckpt.logs import get_logger
 from distckpt.storage.store import Store
 
@@ -84,7 +83,7 @@ def remove_own_part(store: Store, row: int, rank: int) -> int:
         fs.fsync_dir(store.manifests_dir(row))  # uncommitted before any data goes
         removed += 1
     if shared is not False:
-        own = data_path(store.row_dir(row), rank)
+        own = store.data_file(row, rank)
         if fs.exists(own) and linked_below(store, own) is None:
             fs.remove(own)
             removed += 1

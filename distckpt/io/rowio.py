@@ -320,19 +320,23 @@ class RankReader:
             what="packed array",
         )
 
-    def verify(self, entry: ArrayEntry) -> None:
-        """Check everything a later :meth:`read` would check (the byte count against shape
-        and dtype, the byte range or file size, the checksum) without keeping the bytes:
-        streamed through a small reused buffer (no allocation of the tensor's size). A
-        load runs this before it touches live memory, so whatever :meth:`read` would refuse
-        must be refused here first."""
+    def _nbytes(self, entry: ArrayEntry) -> int:
+        """The entry's byte count, refused when its shape and dtype need another."""
         expected = math.prod(entry.shape) * stored_itemsize(entry.dtype)
         if expected != entry.nbytes:
             raise self.ref(entry).fail(
                 CorruptChunkError.SIZE,
                 f"manifest says {entry.nbytes} bytes, shape needs {expected}",
             )
-        if entry.nbytes == 0:
+        return expected
+
+    def verify(self, entry: ArrayEntry) -> None:
+        """Check everything a later :meth:`read` would check (the byte count against shape
+        and dtype, the byte range or file size, the checksum) without keeping the bytes:
+        streamed through a small reused buffer (no allocation of the tensor's size). A
+        load runs this before it touches live memory, so whatever :meth:`read` would refuse
+        must be refused here first."""
+        if self._nbytes(entry) == 0:
             return
         if entry.ranged:
             size = self._size(entry)
@@ -369,12 +373,7 @@ class RankReader:
         """What :meth:`read` checks (shape and dtype against the byte count, the bytes
         against the checksum), without building the tensor: ``distckpt verify`` needs no
         torch."""
-        expected = math.prod(entry.shape) * stored_itemsize(entry.dtype)
-        if expected != entry.nbytes:
-            raise self.ref(entry).fail(
-                CorruptChunkError.SIZE,
-                f"manifest says {entry.nbytes} bytes, shape needs {expected}",
-            )
+        expected = self._nbytes(entry)
         if expected == 0:
             return
         if entry.ranged:
@@ -487,37 +486,21 @@ class RankReader:
     def _verify_span(self, span: Sequence[ArrayEntry]) -> None:
         """Verify neighbouring small tensors with one read: each against its own size and
         checksum (an error names the tensor at fault, as :meth:`verify` would)."""
-        for e in span:
-            expected = math.prod(e.shape) * stored_itemsize(e.dtype)
-            if expected != e.nbytes:
-                raise self.ref(e).fail(
-                    CorruptChunkError.SIZE,
-                    f"manifest says {e.nbytes} bytes, shape needs {expected}",
-                )
+        for e in span:  # as verify(): sizes first, then the file; the first bad one named
+            self._nbytes(e)
         size = self._size(span[0])
-        start = span[0].offset
-        end = max(e.offset + e.nbytes for e in span)
-        for e in span:  # the first tensor past the end is the one named
-            if e.offset + e.nbytes > size:
-                chunks.read_span(
-                    self._files,
-                    self.ref(e),
-                    e.offset,
-                    memoryview(bytearray(e.nbytes)),
-                    None,
-                    size=size,
-                    verify=False,
-                )
-        buf = memoryview(bytearray(end - start))
-        chunks.read_span(self._files, self.ref(span[0]), start, buf, None, size=size, verify=False)
         for e in span:
-            view = buf[e.offset - start : e.offset - start + e.nbytes]
-            chunks.check(self.ref(e), view, e.crc32c)
+            chunks.span_fits(self.ref(e), e.offset, e.nbytes, size)
+        start = span[0].offset
+        buf = memoryview(bytearray(max(e.offset + e.nbytes for e in span) - start))
+        chunks.read_span(self._files, self.ref(span[0]), start, buf, None, size=size, verify=False)
+        views = {e.offset: buf[e.offset - start : e.offset - start + e.nbytes] for e in span}
+        for e in span:
+            chunks.check(self.ref(e), views[e.offset], e.crc32c)
         with self._pack_lock:
             if self._held_bytes + len(buf) <= HELD_BYTES:
                 self._held_bytes += len(buf)
-                for e in span:
-                    self._held[e.offset] = buf[e.offset - start : e.offset - start + e.nbytes]
+                self._held.update(views)
 
     def close(self) -> None:
         """Close the files this reader keeps open (also done when it is collected)."""

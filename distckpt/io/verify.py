@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 
@@ -181,9 +181,9 @@ def _check_shared(store: Store, manifest: RankManifest) -> list[Problem]:
     for g in manifest.globals:
         for pc in g.pieces or ():
             end = max(end, pc.offset + pc.nbytes)
-    found = _check_array_document(store, row, rank, DATA_ARRAY, DATA_ARRAY, None)
-    if isinstance(found, list):
-        return out + found
+    found = _array_document(store, row, rank, DATA_ARRAY, DATA_ARRAY)
+    if isinstance(found, Problem):
+        return [*out, found]
     shape = found.get("shape")
     if not (
         isinstance(shape, list)
@@ -204,35 +204,31 @@ def _check_shared(store: Store, manifest: RankManifest) -> list[Problem]:
     return out
 
 
-@overload
-def _check_array_document(
-    store: Store, row: int, rank: int, label: str, array: str, shape: tuple[int, ...]
-) -> list[Problem]: ...
-
-
-@overload
-def _check_array_document(
-    store: Store, row: int, rank: int, label: str, array: str, shape: None
-) -> list[Problem] | dict[str, Any]: ...
-
-
-def _check_array_document(
-    store: Store, row: int, rank: int, label: str, array: str, shape: tuple[int, ...] | None
-) -> list[Problem] | dict[str, Any]:
-    """The array's zarr.json exists, is a zarr v3 array and has the manifest's shape
-    (``shape`` None: the document itself, for the caller to check)."""
+def _array_document(
+    store: Store, row: int, rank: int, label: str, array: str
+) -> dict[str, Any] | Problem:
+    """The array's zarr.json, or the problem with it (missing, unreadable, not an array)."""
     path = os.path.join(store.row_dir(row), array, ZARR_JSON)
     try:
         doc = json.loads(store.fs.read_bytes(path))
     except FileNotFoundError:
-        return [Problem(row, rank, label, f"{ZARR_JSON} is missing ({path})")]
+        return Problem(row, rank, label, f"{ZARR_JSON} is missing ({path})")
     except (OSError, ValueError) as exc:
-        return [Problem(row, rank, label, f"{ZARR_JSON} is unreadable ({path}): {exc}")]
+        return Problem(row, rank, label, f"{ZARR_JSON} is unreadable ({path}): {exc}")
     if not isinstance(doc, dict) or doc.get("node_type") != "array":
-        return [Problem(row, rank, label, f"{path} is not a zarr array document")]
-    if shape is None:
-        return doc
+        return Problem(row, rank, label, f"{path} is not a zarr array document")
+    return doc
+
+
+def _check_array_document(
+    store: Store, row: int, rank: int, label: str, array: str, shape: tuple[int, ...]
+) -> list[Problem]:
+    """The array's zarr.json exists, is a zarr v3 array and has the manifest's shape."""
+    doc = _array_document(store, row, rank, label, array)
+    if isinstance(doc, Problem):
+        return [doc]
     if doc.get("shape") != list(shape):
+        path = os.path.join(store.row_dir(row), array, ZARR_JSON)
         return [
             Problem(
                 row,
