@@ -20,11 +20,17 @@ from multiproc import WORKERS, LaunchResult, run_torchrun
 
 import distckpt
 from distckpt import Store
-from distckpt.errors import CheckpointSerializationError, CorruptCheckpointError
+from distckpt.errors import (
+    CheckpointSerializationError,
+    CorruptCheckpointError,
+    CorruptChunkError,
+)
 from distckpt.format.layout import MANIFEST_VERSION
 from distckpt.format.names import escape_component
 from distckpt.format.shards import Box, chunk_shape, plan_layouts
 from distckpt.interchange import export_row
+from distckpt.io import dataio
+from distckpt.io.globalio import GlobalReader
 from distckpt.io.verify import check_manifest, read_rank
 
 WORKER = WORKERS / "global_worker.py"
@@ -117,6 +123,25 @@ def test_fsdp2_model_and_optimizer_saved_at_two_restore_at_four(tmp_path):
     assert want and sorted(x.split()[1] for x in loaded.lines("DIGEST ")) == want
     fresh = sorted(x.split()[1] for x in loaded.lines("FRESH "))
     assert len(fresh) == len(want) and set(fresh) != set(want)  # the restore changed them
+
+
+@multiproc
+@pytest.mark.timeout(TEST_TIMEOUT)
+def test_a_damaged_block_checked_by_one_band_reader_fails_every_rank(tmp_path):
+    """Row pieces restored as column bands (w: Shard(0) -> Shard(1)): each checksum block
+    is checked by one of the ranks reading it, and a damaged one still fails the load on
+    every rank before any live tensor is touched."""
+    store = tmp_path / "store"
+    launch(2, store, "save").check()
+    st = Store(store)
+    (g,) = [g for g in st.read_manifest(0, 1).globals if g.name == "model/w"]
+    assert g.pieces
+    path = Path(st.data_file(0, 1))
+    data = bytearray(path.read_bytes())
+    data[g.pieces[0].offset + 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    refused = launch(2, store, "restore-corrupt").check()
+    assert refused.ranks("REFUSED untouched=True ") == [0, 1], refused.describe()
 
 
 @multiproc
@@ -223,6 +248,52 @@ def test_a_corrupt_global_piece_names_the_array_and_piece(tmp_path):
         CorruptCheckpointError, match=r"global array 'w', piece at \(0, 0\).*checksum"
     ):
         distckpt.load({"w": torch.zeros(4, 2)}, tmp_path)
+
+
+def test_column_bands_of_a_tiled_load_check_each_block_exactly_once(tmp_path, monkeypatch):
+    """Ranks whose regions tile an array (a DTensor's) share its checks: each checksum
+    block is checked by exactly one band reader, spread over them; an untiled reader (a
+    ``Sharded`` target, which promises no cover) checks every block it reads."""
+    monkeypatch.setattr(dataio, "BLOCK_BYTES", 256)  # 4-row blocks of 64-byte rows
+    value = torch.arange(64 * 16, dtype=torch.float32).reshape(64, 16)
+    distckpt.save({"w": distckpt.Sharded(value, (64, 16), (0, 0))}, tmp_path)
+    st = Store(tmp_path)
+    (entry,) = st.read_manifest(0, 0).globals
+    assert entry.pieces is not None
+    (pc,) = entry.pieces
+    assert len(pc.crcs) == 16
+    path = Path(st.data_file(0, 0))
+    clean = path.read_bytes()
+    bands = [Box((0, 4 * k), (64, 4)) for k in range(4)]
+
+    def failing(block: int, tiled: bool) -> list[int]:
+        data = bytearray(clean)
+        data[pc.offset + block * 256 + 7] ^= 1  # a byte of the block outside some bands
+        path.write_bytes(bytes(data))
+        out = []
+        for k, band in enumerate(bands):
+            reader = GlobalReader(st, 0, 1)
+            try:
+                reader.verify(entry, band, tiled=tiled)
+            except CorruptChunkError:
+                out.append(k)
+            finally:
+                reader.close()
+        return out
+
+    checker = {}
+    for block in range(16):
+        (checker[block],) = failing(block, tiled=True)
+        assert failing(block, tiled=False) == [0, 1, 2, 3]
+    assert len(set(checker.values())) > 1  # spread, not all on one rank
+    path.write_bytes(clean)
+    for band in bands:  # the bytes each band reads after the shared check are the saved ones
+        out = torch.zeros(band.lengths)
+        reader = GlobalReader(st, 0, 1)
+        reader.verify(entry, band, tiled=True)
+        reader.read(entry, band, out, verified=True)
+        reader.close()
+        assert torch.equal(out, value[band.slices((0, 0))])
 
 
 def test_verify_rereads_the_global_pieces_each_rank_wrote(tmp_path):

@@ -92,6 +92,25 @@ def test_local_handles_keep_few_files_open_and_share_them_across_threads(
     assert not files._open  # type: ignore[attr-defined]
 
 
+def test_local_handles_map_files_read_only_and_close_while_a_view_is_alive(tmp_path: Path):
+    """Checksums and column bands are read in place from mapped files: the mapping is the
+    file's bytes, read-only, and closing the handles never fails on a view still in use."""
+    fs = LocalFileSystem()
+    path, empty = str(tmp_path / "f"), str(tmp_path / "empty")
+    fs.write_file(path, [b"abc" * 1000], durable=False)
+    fs.write_file(empty, [b""], durable=False)
+    files = fs.open_reads()
+    view = files.mapped(path)
+    assert view is not None and view.readonly and bytes(view) == b"abc" * 1000
+    assert files.mapped(empty) is None  # nothing to map
+    files.close()
+    assert bytes(view[3:6]) == b"abc"  # unmapped only once the view is released
+    view.release()
+    memory = MemoryFileSystem()
+    memory.write_file("/m", [b"abc"], durable=False)
+    assert memory.open_reads().mapped("/m") is None  # copies only: readers use buffers
+
+
 def test_counting_backend_prices_a_reader_one_open_per_file():
     fs = CountingFileSystem()
     fs.makedirs("/s")

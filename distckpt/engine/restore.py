@@ -4,9 +4,10 @@ Tensors bound for live memory are read straight into it when it is a CPU contigu
 of the same dtype and shape (no allocation, no copy); by default everything a read checks
 (byte counts against shapes, byte ranges, file sizes, checksums) is checked first (a
 streamed pass through small reused buffers), so a bad row leaves the live state untouched.
-Global arrays are read by region: by default into staging buffers first (verified), copied
-into the live DTensor, ``Sharded`` piece or tensor only once every rank verified everything;
-with ``in_place`` straight into the live memory.
+Global arrays are read by region: by default verified first (streamed; a DTensor's checksum
+blocks each checked by one of the ranks reading them), then read into the live DTensor,
+``Sharded`` piece or tensor once every rank verified its part; on object stores through
+staging buffers (one GET, verified there); with ``in_place`` straight into the live memory.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from distckpt.dist.comm import Communicator
 from distckpt.engine import steps as engine
 from distckpt.errors import CorruptCheckpointError
 from distckpt.format.manifest import ArrayEntry
-from distckpt.format.shards import Sharded
+from distckpt.format.shards import Sharded, tiles
 from distckpt.io.globalio import GlobalReader, GlobalValue, target_region
 from distckpt.io.globalio import fill as fill_region
 from distckpt.io.rowio import RankReader, fits_directly
@@ -48,13 +49,11 @@ def _as_value(read: ArrayRead, tensor: torch.Tensor) -> Any:
 
 def _local_view(read: BoxRead, target: Any) -> torch.Tensor | None:
     """The live target's local tensor as the region's shape, where the region's bytes can
-    go straight into it (CPU, contiguous, same dtype and size) and are whole rows of the
-    array (contiguous ranges of the saved pieces: a column band would be read twice, once
-    to verify it and once to fill it); else None (staged)."""
+    go straight into it (CPU, contiguous, same dtype and size); else None (through a host
+    buffer)."""
     _, _, _, local = target_region(target)
     if (
         local is None
-        or read.box.lengths[1:] != read.entry.shape[1:]
         or local.device.type != "cpu"
         or not local.is_contiguous()
         or local.is_conj()
@@ -64,6 +63,21 @@ def _local_view(read: BoxRead, target: Any) -> torch.Tensor | None:
     ):
         return None
     return local.detach().view(read.box.lengths)
+
+
+def _fill_checked(read: BoxRead, target: Any, globals_: GlobalReader) -> None:
+    """Read a verified region into the live target: straight into its local tensor, or
+    through a host buffer (a CUDA shard, another dtype)."""
+    view = _local_view(read, target)
+    if view is not None:
+        globals_.read(read.entry, read.box, view, verified=True)
+        return
+    _, _, _, local = target_region(target)
+    if local is None or not read.box.numel:
+        return
+    host = torch.empty(read.box.lengths, dtype=read.dtype)
+    globals_.read(read.entry, read.box, host, verified=True)
+    local.detach().copy_(host.reshape(local.shape))
 
 
 def _new_box(read: BoxRead, globals_: GlobalReader) -> torch.Tensor:
@@ -114,11 +128,11 @@ def execute(
                 straight = into_live and fits_directly(src.entry, at(live, item.path))
                 (direct if straight else fresh).setdefault(src.rank, []).append(i)
             elif item.dest == "live" and isinstance(src, BoxRead) and not in_place:
-                if not stage and _local_view(src, at(live, item.path)) is not None:
-                    globals_.verify(src.entry, src.box)  # streamed: nothing kept
-                    checked.append(i)
-                else:
+                if stage:
                     staged[i] = _new_box(src, globals_)
+                else:  # streamed, nothing kept; a DTensor's blocks shared among its ranks
+                    globals_.verify(src.entry, src.box, tiled=tiles(at(live, item.path)))
+                    checked.append(i)
             elif item.dest == "new" and isinstance(src, BoxRead):
                 whole = _new_box(src, globals_)
                 shape = src.entry.shape
@@ -150,11 +164,8 @@ def execute(
                     if local is not None:
                         local.detach().copy_(staged[i].reshape(local.shape))
                 elif i in checked:
-                    src = item.source
-                    assert isinstance(src, BoxRead)
-                    view = _local_view(src, target)
-                    assert view is not None
-                    globals_.read(src.entry, src.box, view, verified=True)
+                    assert isinstance(item.source, BoxRead)
+                    _fill_checked(item.source, target, globals_)
                 elif isinstance(item.source, BoxRead):
                     fill_region(target, GlobalValue(item.source.entry, globals_))
                 else:

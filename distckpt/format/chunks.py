@@ -35,6 +35,8 @@ class ChunkFiles(Protocol):
 
     def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int: ...
 
+    def mapped(self, path: str) -> memoryview | None: ...
+
 
 # -- encoding -----------------------------------------------------------------------------------
 def checksum(data: Buffer, value: int = 0) -> int:
@@ -277,6 +279,25 @@ def span_fits(ref: ChunkRef, offset: int, nbytes: int, size: int) -> None:
         )
 
 
+def span_view(
+    fs: ChunkFiles, ref: ChunkRef, offset: int, nbytes: int, *, size: int
+) -> memoryview | None:
+    """The ``nbytes`` at ``offset`` of a data array of ``size`` bytes, in place in mapped
+    memory (no read into a buffer), or None where the files cannot be mapped."""
+    span_fits(ref, offset, nbytes, size)
+    try:
+        whole = fs.mapped(ref.path)
+    except FileNotFoundError as exc:
+        raise ref.fail(CorruptChunkError.MISSING, "chunk file is missing") from exc
+    except (OSError, ValueError) as exc:  # ValueError: mmap of a file that shrank to nothing
+        raise ref.fail(CorruptChunkError.UNREADABLE, f"chunk file cannot be read: {exc}") from exc
+    if whole is None:
+        return None
+    if len(whole) < offset + nbytes:  # shorter than when it was sized: changed under us
+        raise ref.fail(CorruptChunkError.TRUNCATED, "data array file is truncated")
+    return whole[offset : offset + nbytes]
+
+
 def read_span(
     fs: ChunkFiles,
     ref: ChunkRef,
@@ -311,6 +332,11 @@ def verify_span(
     through ``scratch``); with no checksum only that they lie inside the array."""
     span_fits(ref, offset, nbytes, size)
     if crc is None:
+        return
+    view = span_view(fs, ref, offset, nbytes, size=size)
+    if view is not None:  # checked in place: one pass over the page cache, no copy
+        with view:
+            check(ref, view, crc)
         return
     running, done = 0, 0
     while done < nbytes:

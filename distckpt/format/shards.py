@@ -75,6 +75,10 @@ class Box:
             lens.append(hi - lo)
         return Box(tuple(offs), tuple(lens))
 
+    def contains(self, point: Sequence[int]) -> bool:
+        spans = zip(self.offsets, self.lengths, point, strict=True)
+        return all(o <= p < o + n for o, n, p in spans)
+
     def slices(self, origin: tuple[int, ...]) -> tuple[slice, ...]:
         """This box as slices of a tensor whose element 0 sits at ``origin``."""
         return tuple(
@@ -113,6 +117,13 @@ def is_global(value: Any) -> bool:
     """Whether ``value`` is saved as a region of a global array."""
     if isinstance(value, Sharded):
         return True
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(value, dtensor)
+
+
+def tiles(value: Any) -> bool:
+    """Whether the regions every rank holds of ``value``'s global tensor cover all of it: a
+    DTensor's (its mesh's ranks hold every element, SPMD). A ``Sharded`` promises nothing."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(value, dtensor)
 

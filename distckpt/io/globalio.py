@@ -14,6 +14,7 @@ import json
 import math
 import os
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -302,12 +303,20 @@ class GlobalReader:
         return size
 
     def _read_pieces(
-        self, entry: GlobalEntry, box: Box, dest: torch.Tensor | None, *, verified: bool = False
+        self,
+        entry: GlobalEntry,
+        box: Box,
+        dest: torch.Tensor | None,
+        *,
+        verified: bool = False,
+        tiled: bool = False,
     ) -> None:
         """Fill ``dest`` from the pieces overlapping ``box``: only the checksum blocks of
         each piece that the region touches are read (straight into ``dest`` when they are
         exactly a contiguous part of it) and checked. ``dest`` None: check them only (a
-        streamed pass, nothing kept); ``verified``: that pass ran, skip the checksums."""
+        streamed pass, nothing kept); ``verified``: that pass ran, skip the checksums;
+        ``tiled`` (with ``dest`` None): check only the blocks this region samples (see
+        :func:`sample_point`), the other ranks' regions check the rest."""
         import torch
 
         dtype = dest.dtype if dest is not None else torch_dtype(entry.dtype)
@@ -342,8 +351,22 @@ class GlobalReader:
             target = None if dest is None else dest[overlap.slices(box.offsets)]
             direct = target is not None and overlap == sub and target.is_contiguous()
             if not direct and pc.lengths:
+                checks = None
+                if tiled and dest is None:
+                    checks = [box.contains(sample_point(entry.name, pc, b)) for b in range(b0, b1)]
                 self._read_blocks(
-                    ref, rank, pc, ranges, crcs, (b0, b1), overlap, box, dest, verified
+                    ref,
+                    rank,
+                    pc,
+                    ranges,
+                    crcs,
+                    (b0, b1),
+                    overlap,
+                    box,
+                    dest,
+                    verified,
+                    checks,
+                    itemsize,
                 )
                 covered += overlap.numel
                 continue
@@ -383,37 +406,41 @@ class GlobalReader:
         box: Box,
         dest: torch.Tensor | None,
         verified: bool = False,
+        checks: Sequence[bool] | None = None,
+        itemsize: int = 1,
     ) -> None:
         """A part of a piece that is not a contiguous part of ``dest`` (another split, a
-        column band): block by block through this thread's reused buffer, each block
-        checked, then its overlap copied. A buffer of the whole part, new for each piece,
-        cost a page fault per 4 KiB: most of a resharding load's time."""
-        import torch
-
+        column band), block by block: each block checked (all of them, or those ``checks``
+        marks), then its overlap copied. Mapped files are checked and copied from in place
+        (a column band touches only its own pages); others go through this thread's reused
+        buffer (a buffer of the whole part, new for each piece, cost a page fault per 4 KiB:
+        most of a resharding load's time)."""
+        size = self._size(rank, ref)
         for b in range(*blocks):
             a, e = ranges[b]
-            view = _block_buffer(e - a)
-            chunks.read_span(
-                self._files,
-                ref,
-                pc.offset + a,
-                view,
-                None,
-                size=self._size(rank, ref),
-                verify=False,
-            )
-            if not verified:
-                chunks.check(ref, view, crcs[b])
-            if dest is None:
-                continue
+            check = not verified and (checks is None or checks[b - blocks[0]])
             first = pc.offsets[0] + b * pc.rows
             rows = min(pc.rows, pc.offsets[0] + pc.lengths[0] - first)
             block = Box((first, *pc.offsets[1:]), (rows, *pc.lengths[1:]))
-            part = block.intersect(overlap)
-            if part is None or not part.numel:
+            part = None if dest is None else block.intersect(overlap)
+            if not check and (part is None or not part.numel):
+                chunks.span_fits(ref, pc.offset + a, e - a, size)  # read later: fits now
                 continue
-            got = torch.frombuffer(view, dtype=dest.dtype).reshape(block.lengths)
-            dest[part.slices(box.offsets)].copy_(got[part.slices(block.offsets)])
+            view = chunks.span_view(self._files, ref, pc.offset + a, e - a, size=size)
+            mapped = view is not None
+            if view is None:
+                view = _block_buffer(e - a)
+                chunks.read_span(
+                    self._files, ref, pc.offset + a, view, None, size=size, verify=False
+                )
+            try:
+                if check:
+                    chunks.check(ref, view, crcs[b])
+                if dest is not None and part is not None and part.numel:
+                    _copy_part(view, block, part, dest[part.slices(box.offsets)], itemsize)
+            finally:
+                if mapped:
+                    view.release()
 
     def crcs(self, array: str) -> dict[tuple[int, ...], int]:
         if self._crcs is None:
@@ -432,14 +459,20 @@ class GlobalReader:
             self._crcs = table
         return self._crcs.get(array, {})
 
-    def verify(self, entry: GlobalEntry, box: Box) -> None:
+    def verify(self, entry: GlobalEntry, box: Box, *, tiled: bool = False) -> None:
         """Check every byte a later :meth:`read` of ``box`` would read, keeping nothing (a
-        block at a time through a reused buffer): a load verifies a region before it reads
-        it straight into the live tensor, instead of staging all of it in new memory."""
+        block at a time, in mapped memory or a reused buffer): a load verifies a region
+        before it reads it straight into the live tensor, instead of staging all of it.
+
+        ``tiled``: every rank of the load verifies its own region of this array and their
+        regions cover it (a DTensor's): each checksum block is checked by the one region
+        holding its :func:`sample_point`, so a column band read by four ranks is checked
+        once, not four times; sizes are still checked for every block ``box`` reads. The
+        load's agreed step makes a failure on any rank fail every rank."""
         import torch
 
         if entry.pieces is not None:
-            self._read_pieces(entry, box, None)
+            self._read_pieces(entry, box, None, tiled=tiled)
         else:
             self.read(entry, box, torch.empty(box.lengths, dtype=torch_dtype(entry.dtype)))
 
@@ -555,6 +588,35 @@ def fill(live: Any, saved: GlobalValue) -> None:
             dest.copy_(host)
 
 
+def sample_point(name: str, pc: PieceEntry, block: int) -> tuple[int, ...]:
+    """The element of a piece's checksum block whose holder checks the block in a tiled
+    load: spread over the block (a crc32 of its names, the same on every rank), so ranks
+    reading column bands of the same rows share the checking evenly."""
+    first = pc.offsets[0] + block * pc.rows
+    rows = min(pc.rows, pc.offsets[0] + pc.lengths[0] - first)
+    lengths = (rows, *pc.lengths[1:])
+    starts = (first, *pc.offsets[1:])
+    return tuple(
+        o + zlib.crc32(f"{name}|{pc.offsets}|{block}|{d}".encode()) % n
+        for d, (o, n) in enumerate(zip(starts, lengths, strict=True))
+    )
+
+
+def _copy_part(view: memoryview, block: Box, part: Box, into: torch.Tensor, itemsize: int) -> None:
+    """Copy ``part`` of a block's bytes (row-major, shaped ``block``) into ``into``, byte
+    for byte (any dtype, bfloat16 too; the source may be read-only mapped memory)."""
+    import numpy as np
+    import torch
+
+    src = np.frombuffer(view, dtype=np.uint8).reshape(
+        (*block.lengths[:-1], block.lengths[-1] * itemsize)
+    )
+    cut = part.slices(block.offsets)
+    last = cut[-1]
+    cut = (*cut[:-1], slice(last.start * itemsize, last.stop * itemsize))
+    np.copyto(into.view(torch.uint8).numpy(), src[cut])
+
+
 _thread = threading.local()
 
 
@@ -616,12 +678,16 @@ def check_written_chunks(
     problems = []
     nbytes = written_nbytes(entry) // max(1, len(entry.chunks))
     scratch = memoryview(bytearray(min(nbytes, 8 << 20)))
-    for index, crc in entry.chunks:
-        ref = chunk_ref(store, row_dir, row, rank, entry, index)
-        try:
-            chunks.verify_chunk(fs, ref, nbytes, crc, scratch)
-        except CorruptChunkError as exc:
-            problems.append(exc)
+    files = fs.open_reads()
+    try:
+        for index, crc in entry.chunks:
+            ref = chunk_ref(store, row_dir, row, rank, entry, index)
+            try:
+                chunks.verify_chunk(files, ref, nbytes, crc, scratch)
+            except CorruptChunkError as exc:
+                problems.append(exc)
+    finally:
+        files.close()
     return problems
 
 
@@ -641,20 +707,26 @@ def check_written_pieces(
     itemsize = stored_itemsize(entry.dtype)
     scratch = memoryview(bytearray(8 << 20))
     size: int | None = None
-    for pc in entry.pieces or ():
-        ref = piece_ref(
-            store, row, rank, row_dir, entry.name, pc.offsets, shared=entry.array == DATA_ARRAY
-        )
-        ranges = block_ranges(pc.lengths, itemsize, pc.rows)
-        try:
-            if size is None:
-                size = chunks.span_size(fs, ref, data_bytes)
-            if len(ranges) != len(pc.crcs) or pc.nbytes != math.prod(pc.lengths) * itemsize:
-                raise ref.fail(CorruptChunkError.SIZE, "the piece's size or checksums are wrong")
-            for (a, e), crc in zip(ranges, pc.crcs, strict=True):
-                chunks.verify_span(fs, ref, pc.offset + a, e - a, crc, scratch, size=size)
-        except CorruptChunkError as exc:
-            problems.append((f"piece at {pc.offsets}", exc))
+    files = fs.open_reads()  # one open of the shard; its pieces checked in mapped memory
+    try:
+        for pc in entry.pieces or ():
+            ref = piece_ref(
+                store, row, rank, row_dir, entry.name, pc.offsets, shared=entry.array == DATA_ARRAY
+            )
+            ranges = block_ranges(pc.lengths, itemsize, pc.rows)
+            try:
+                if size is None:
+                    size = chunks.span_size(files, ref, data_bytes)
+                if len(ranges) != len(pc.crcs) or pc.nbytes != math.prod(pc.lengths) * itemsize:
+                    raise ref.fail(
+                        CorruptChunkError.SIZE, "the piece's size or checksums are wrong"
+                    )
+                for (a, e), crc in zip(ranges, pc.crcs, strict=True):
+                    chunks.verify_span(files, ref, pc.offset + a, e - a, crc, scratch, size=size)
+            except CorruptChunkError as exc:
+                problems.append((f"piece at {pc.offsets}", exc))
+    finally:
+        files.close()
     return problems
 
 

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import mmap
 import os
 import shutil
 import stat
@@ -257,6 +258,12 @@ class ReadHandles:
     def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
         return self.fs.read_into_parts(path, parts, offset)
 
+    def mapped(self, path: str) -> memoryview | None:
+        """The whole file as read-only memory (its pages are the page cache's: a checksum
+        or a strided copy reads them in place, no copy into a buffer first), or None where
+        the backend can only copy bytes out (object stores, the in-memory backends)."""
+        return None
+
     def close(self) -> None:
         """Release what the handles hold; later reads open files again."""
 
@@ -277,6 +284,7 @@ class _LocalReadHandles(ReadHandles):
         super().__init__(fs)
         self._lock = threading.Lock()
         self._open: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, users]
+        self._maps: dict[str, mmap.mmap] = {}
         self._finalizer = weakref.finalize(self, _close_all, self._open, self._lock)
 
     def _acquire(self, path: str) -> int:
@@ -315,8 +323,31 @@ class _LocalReadHandles(ReadHandles):
         finally:
             self._release(path)
 
+    def mapped(self, path: str) -> memoryview | None:
+        """Mapped once per file for the handles' life (a committed row's files never change;
+        readers check the size first, so no access lies past the end)."""
+        with self._lock:
+            held = self._maps.get(path)
+        if held is None:
+            fd = self._acquire(path)
+            try:
+                size = os.fstat(fd).st_size
+                if not size:
+                    return None  # an empty file cannot be mapped (and holds nothing)
+                held = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+            finally:
+                self._release(path)
+            with self._lock:
+                held = self._maps.setdefault(path, held)
+        return memoryview(held)
+
     def close(self) -> None:
         _close_all(self._open, self._lock)
+        with self._lock:
+            maps, self._maps = self._maps, {}
+        for m in maps.values():
+            with contextlib.suppress(BufferError):  # a view still in use: unmapped when freed
+                m.close()
 
 
 def _close_all(files: OrderedDict[str, list[int]], lock: threading.Lock) -> None:

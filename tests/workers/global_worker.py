@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
 import distckpt
+from distckpt.errors import CorruptCheckpointError
 
 # name -> (global shape, dtype)
 TENSORS: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
@@ -239,6 +240,20 @@ def main() -> int:
         bad = check(target, world)
         say(f"MISMATCH row={row} {bad}" if bad else f"RESTORE OK row={row}")
         status = 1 if bad else 0
+    elif mode == "restore-corrupt":  # the row has a damaged block: refused, nothing touched
+        target = build(world, True, zero=True)
+        try:
+            distckpt.load(target, store)
+        except CorruptCheckpointError as exc:
+            locals_ = [
+                t.to_local() if isinstance(t, DTensor) else getattr(t, "local", t)
+                for t in target["model"].values()
+            ]
+            untouched = all(not bool(t.any()) for t in locals_)
+            say(f"REFUSED untouched={untouched} {str(exc).splitlines()[0]}")
+        else:
+            say("LOADED a damaged row")
+            status = 1
     elif mode in ("fsdp-save", "fsdp-restore"):
         fsdp(store, mode == "fsdp-save")
     else:
