@@ -111,6 +111,21 @@ def test_local_handles_map_files_read_only_and_close_while_a_view_is_alive(tmp_p
     assert memory.open_reads().mapped("/m") is None  # copies only: readers use buffers
 
 
+def test_mapped_reads_can_be_turned_off_and_read_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    value = torch.arange(64 * 24, dtype=torch.float32).reshape(64, 24)
+    distckpt.save({"w": distckpt.Sharded(value, (64, 24), (0, 0))}, tmp_path)
+    for mapped in ("1", "0"):
+        monkeypatch.setenv(filesystem.MAPPED_READS_ENV, mapped)
+        handles = LocalFileSystem().open_reads()
+        assert (handles.mapped(Store(tmp_path).data_file(0, 0)) is None) == (mapped == "0")
+        handles.close()
+        band = distckpt.Sharded(torch.zeros(64, 8), (64, 24), (0, 8))  # a column band
+        distckpt.load({"w": band}, tmp_path)
+        assert torch.equal(band.local, value[:, 8:16])
+
+
 def test_counting_backend_prices_a_reader_one_open_per_file():
     fs = CountingFileSystem()
     fs.makedirs("/s")

@@ -270,6 +270,9 @@ class ReadHandles:
 
 _READS = ("size", "read_into", "read_into_parts")
 
+# "0": local reads copy into buffers instead of reading mapped files in place.
+MAPPED_READS_ENV = "DISTCKPT_MAPPED_READS"
+
 # Files a local reader keeps open at once (format 2 reads one data file per saved rank;
 # format 1 rows have a file per tensor, each read once or twice, so a small LRU serves both).
 OPEN_FILES = 64
@@ -285,6 +288,9 @@ class _LocalReadHandles(ReadHandles):
         self._lock = threading.Lock()
         self._open: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, users]
         self._maps: dict[str, mmap.mmap] = {}
+        # A page that fails to read through a mapping is SIGBUS, not an error: sites whose
+        # filesystem may fail reads (client evictions) can turn mapping off.
+        self._map_files = os.environ.get(MAPPED_READS_ENV, "1") != "0"
         self._finalizer = weakref.finalize(self, _close_all, self._open, self._lock)
 
     def _acquire(self, path: str) -> int:
@@ -326,6 +332,8 @@ class _LocalReadHandles(ReadHandles):
     def mapped(self, path: str) -> memoryview | None:
         """Mapped once per file for the handles' life (a committed row's files never change;
         readers check the size first, so no access lies past the end)."""
+        if not self._map_files:
+            return None
         with self._lock:
             held = self._maps.get(path)
         if held is None:
