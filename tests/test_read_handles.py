@@ -92,23 +92,27 @@ def test_local_handles_keep_few_files_open_and_share_them_across_threads(
     assert not files._open  # type: ignore[attr-defined]
 
 
-def test_local_handles_map_files_read_only_and_close_while_a_view_is_alive(tmp_path: Path):
-    """Checksums and column bands are read in place from mapped files: the mapping is the
-    file's bytes, read-only, and closing the handles never fails on a view still in use."""
+def test_local_handles_lend_mapped_bytes_read_only_and_close_while_a_view_is_alive(
+    tmp_path: Path,
+):
+    """Checksums and column bands are read in place from mapped files: the lent bytes are
+    the file's, read-only, and closing the handles never fails on a view still in use."""
     fs = LocalFileSystem()
     path, empty = str(tmp_path / "f"), str(tmp_path / "empty")
     fs.write_file(path, [b"abc" * 1000], durable=False)
     fs.write_file(empty, [b""], durable=False)
     files = fs.open_reads()
-    view = files.mapped(path)
-    assert view is not None and view.readonly and bytes(view) == b"abc" * 1000
-    assert files.mapped(empty) is None  # nothing to map
+    lent = files.borrow(path, 3, 2997)
+    assert lent is not None and len(lent) == 1
+    (view,) = lent
+    assert view.readonly and bytes(view) == b"abc" * 999
+    assert files.borrow(empty, 0, 0) is None  # nothing to map
     files.close()
     assert bytes(view[3:6]) == b"abc"  # unmapped only once the view is released
     view.release()
     memory = MemoryFileSystem()
     memory.write_file("/m", [b"abc"], durable=False)
-    assert memory.open_reads().mapped("/m") is None  # copies only: readers use buffers
+    assert memory.open_reads().borrow("/m", 0, 3) is None  # copies only: readers use buffers
 
 
 def test_mapped_reads_can_be_turned_off_and_read_the_same_bytes(
@@ -119,7 +123,8 @@ def test_mapped_reads_can_be_turned_off_and_read_the_same_bytes(
     for mapped in ("1", "0"):
         monkeypatch.setenv(filesystem.MAPPED_READS_ENV, mapped)
         handles = LocalFileSystem().open_reads()
-        assert (handles.mapped(Store(tmp_path).data_file(0, 0)) is None) == (mapped == "0")
+        lent = handles.borrow(Store(tmp_path).data_file(0, 0), 0, 16)
+        assert (lent is None) == (mapped == "0")
         handles.close()
         band = distckpt.Sharded(torch.zeros(64, 8), (64, 24), (0, 8))  # a column band
         distckpt.load({"w": band}, tmp_path)
@@ -143,13 +148,22 @@ def test_counting_backend_prices_a_reader_one_open_per_file():
 
 class _RemoteLike(MemoryFileSystem):
     """A backend whose reads are remote requests: verified loads stage instead of
-    reading twice. Counts the data bytes read."""
+    reading twice. Counts the data bytes read; ``lends``: its reads lend the response
+    bodies (``borrow``), as the S3 backend's do."""
 
     stage_verified_reads = True  # type: ignore[assignment]
 
-    def __init__(self) -> None:
+    def __init__(self, lends: bool = False) -> None:
         super().__init__()
         self.data_read = 0
+        self.lends = lends
+
+    def borrow(self, path: str, offset: int, nbytes: int) -> list[memoryview] | None:
+        if not self.lends:
+            return None
+        body = bytearray(min(nbytes, max(0, self.size(path) - offset)))
+        self.read_into(path, memoryview(body), offset)
+        return [memoryview(body)]
 
     def read_into(self, path: str, out: memoryview, offset: int = 0) -> int:
         n = super().read_into(path, out, offset)
@@ -164,11 +178,14 @@ class _RemoteLike(MemoryFileSystem):
 
 def _model(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}
+    out = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(4)}  # small: one span
+    out["big"] = torch.randn(512, 256, generator=g)  # 512 KiB: its own fetch
+    return out
 
 
-def test_a_verified_load_from_a_remote_store_reads_each_byte_once():
-    fs = _RemoteLike()
+@pytest.mark.parametrize("lends", [True, False], ids=["lends-bodies", "copies-only"])
+def test_a_verified_load_from_a_remote_store_reads_each_byte_once(lends: bool):
+    fs = _RemoteLike(lends)
     store = Store("/jobs/run", fs=fs)
     saved = _model(0)
     distckpt.save({"model": saved}, store)
@@ -180,8 +197,9 @@ def test_a_verified_load_from_a_remote_store_reads_each_byte_once():
     assert fs.data_read == sum(v.numel() * 4 for v in saved.values())
 
 
-def test_a_staged_load_refuses_a_corrupt_row_before_touching_live_memory():
-    fs = _RemoteLike()
+@pytest.mark.parametrize("lends", [True, False], ids=["lends-bodies", "copies-only"])
+def test_a_staged_load_refuses_a_corrupt_row_before_touching_live_memory(lends: bool):
+    fs = _RemoteLike(lends)
     store = Store("/jobs/run", fs=fs)
     distckpt.save({"model": _model(0)}, store)
     distckpt.storage.lease.release(store)

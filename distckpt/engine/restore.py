@@ -116,15 +116,18 @@ def execute(
     direct: dict[int, list[int]] = {}  # saved rank -> reads going straight into live memory
     fresh: dict[int, list[int]] = {}  # saved rank -> reads into new tensors
 
-    # Object stores: a verified load reads into staging once (verified there) and copies,
-    # instead of a checksum pass and a second read of every byte.
+    # Object stores: a verified load fetches each byte once, verified where it landed, and
+    # copies it into place, instead of a checksum pass and a second round of GETs. Tensors
+    # of a data array are held as the response bodies (RankReader.verify(hold=True)),
+    # others (format 1 files, global regions) staged in new tensors.
     stage = not in_place and globals_.store.fs.stage_verified_reads
 
     def verify() -> None:
         for i, item in enumerate(reads):
             src = item.source
             if isinstance(src, ArrayRead):
-                into_live = item.dest == "live" and not src.numpy and not stage
+                held = stage and src.entry.ranged
+                into_live = item.dest == "live" and not src.numpy and (held or not stage)
                 straight = into_live and fits_directly(src.entry, at(live, item.path))
                 (direct if straight else fresh).setdefault(src.rank, []).append(i)
             elif item.dest == "live" and isinstance(src, BoxRead) and not in_place:
@@ -142,7 +145,7 @@ def execute(
         if not in_place:
             # Verify the bytes destined for live tensors first (streamed, nothing kept).
             for rank, mine in direct.items():
-                readers[rank].verify_many([_entry(reads[i]) for i in mine])
+                readers[rank].verify_many([_entry(reads[i]) for i in mine], hold=stage)
         for rank, mine in fresh.items():
             tensors = readers[rank].read_many([(_entry(reads[i]), None) for i in mine])
             got.update(zip(mine, tensors, strict=True))

@@ -35,7 +35,7 @@ class ChunkFiles(Protocol):
 
     def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int: ...
 
-    def mapped(self, path: str) -> memoryview | None: ...
+    def borrow(self, path: str, offset: int, nbytes: int) -> list[memoryview] | None: ...
 
 
 # -- encoding -----------------------------------------------------------------------------------
@@ -279,23 +279,36 @@ def span_fits(ref: ChunkRef, offset: int, nbytes: int, size: int) -> None:
         )
 
 
-def span_view(
+BORROW_BYTES = 64 << 20  # a streamed check borrows this much at a time (memory stays bounded)
+
+
+def span_parts(
     fs: ChunkFiles, ref: ChunkRef, offset: int, nbytes: int, *, size: int
-) -> memoryview | None:
-    """The ``nbytes`` at ``offset`` of a data array of ``size`` bytes, in place in mapped
-    memory (no read into a buffer), or None where the files cannot be mapped."""
+) -> list[memoryview] | None:
+    """The ``nbytes`` at ``offset`` of a data array of ``size`` bytes as buffers the files
+    lend (mapped pages, response bodies; see ``FileSystem.borrow``), or None where they lend
+    none (read into a buffer instead)."""
     span_fits(ref, offset, nbytes, size)
     try:
-        whole = fs.mapped(ref.path)
+        parts = fs.borrow(ref.path, offset, nbytes)
     except FileNotFoundError as exc:
         raise ref.fail(CorruptChunkError.MISSING, "chunk file is missing") from exc
     except (OSError, ValueError) as exc:  # ValueError: mmap of a file that shrank to nothing
         raise ref.fail(CorruptChunkError.UNREADABLE, f"chunk file cannot be read: {exc}") from exc
-    if whole is None:
-        return None
-    if len(whole) < offset + nbytes:  # shorter than when it was sized: changed under us
+    if parts is not None and sum(len(p) for p in parts) != nbytes:
         raise ref.fail(CorruptChunkError.TRUNCATED, "data array file is truncated")
-    return whole[offset : offset + nbytes]
+    return parts
+
+
+def check_parts(ref: ChunkRef, parts: Sequence[memoryview], crc: int | None) -> None:
+    """:func:`check` of the concatenation of ``parts``."""
+    if crc is None:
+        return
+    running = 0
+    for part in parts:
+        running = checksum(part, running)
+    if running != crc:
+        raise ref.fail(CorruptChunkError.CHECKSUM, "checksum mismatch (data corrupted)")
 
 
 def read_span(
@@ -333,10 +346,19 @@ def verify_span(
     span_fits(ref, offset, nbytes, size)
     if crc is None:
         return
-    view = span_view(fs, ref, offset, nbytes, size=size)
-    if view is not None:  # checked in place: one pass over the page cache, no copy
-        with view:
-            check(ref, view, crc)
+    running, done = 0, 0
+    while done < nbytes:  # in place where the files lend their bytes: no copy
+        n = min(BORROW_BYTES, nbytes - done)
+        parts = span_parts(fs, ref, offset + done, n, size=size)
+        if parts is None:
+            break
+        for part in parts:
+            running = checksum(part, running)
+            part.release()
+        done += n
+    else:
+        if running != crc:
+            raise ref.fail(CorruptChunkError.CHECKSUM, "checksum mismatch (data corrupted)")
         return
     running, done = 0, 0
     while done < nbytes:

@@ -426,21 +426,28 @@ class GlobalReader:
             if not check and (part is None or not part.numel):
                 chunks.span_fits(ref, pc.offset + a, e - a, size)  # read later: fits now
                 continue
-            view = chunks.span_view(self._files, ref, pc.offset + a, e - a, size=size)
-            mapped = view is not None
-            if view is None:
+            lent = chunks.span_parts(self._files, ref, pc.offset + a, e - a, size=size)
+            if lent is not None and len(lent) == 1:
+                view = lent[0]
+            else:
                 view = _block_buffer(e - a)
-                chunks.read_span(
-                    self._files, ref, pc.offset + a, view, None, size=size, verify=False
-                )
+                if lent is None:
+                    chunks.read_span(
+                        self._files, ref, pc.offset + a, view, None, size=size, verify=False
+                    )
+                else:  # several response bodies: joined in the reused buffer
+                    at = 0
+                    for piece in lent:
+                        view[at : at + len(piece)] = piece
+                        at += len(piece)
             try:
                 if check:
                     chunks.check(ref, view, crcs[b])
                 if dest is not None and part is not None and part.numel:
                     _copy_part(view, block, part, dest[part.slices(box.offsets)], itemsize)
             finally:
-                if mapped:
-                    view.release()
+                for piece in lent or ():
+                    piece.release()
 
     def crcs(self, array: str) -> dict[tuple[int, ...], int]:
         if self._crcs is None:

@@ -278,8 +278,9 @@ class RankReader:
         self._packs: dict[str, np.ndarray] = {}
         self._pack_lock = threading.Lock()  # reads may run on several threads
         self._sizes: dict[str, int] = {}  # format 2: each data array's size, stat'ed once
-        # Small tensors verified in spans, kept (by offset) for the fill: not read twice.
-        self._held: dict[int, memoryview] = {}
+        # Bytes verified and kept (by offset) for the fill, not read twice: small tensors
+        # verified in spans, and every tensor a remote store lent (``verify(hold=True)``).
+        self._held: dict[int, list[memoryview]] = {}
         self._held_bytes = 0
 
     def _size(self, entry: ArrayEntry) -> int:
@@ -330,13 +331,25 @@ class RankReader:
             )
         return expected
 
-    def verify(self, entry: ArrayEntry) -> None:
+    def verify(self, entry: ArrayEntry, *, hold: bool = False) -> None:
         """Check everything a later :meth:`read` would check (the byte count against shape
         and dtype, the byte range or file size, the checksum) without keeping the bytes:
         streamed through a small reused buffer (no allocation of the tensor's size). A
         load runs this before it touches live memory, so whatever :meth:`read` would refuse
-        must be refused here first."""
+        must be refused here first. ``hold``: keep the bytes the files lend (an object
+        store's response bodies) for :meth:`read` with ``verified``, which copies them into
+        place: each byte fetched once, checked once, copied once, with no staging tensor."""
         if self._nbytes(entry) == 0:
+            return
+        if entry.ranged and hold:
+            ref, size = self.ref(entry), self._size(entry)
+            lent = chunks.span_parts(self._files, ref, entry.offset, entry.nbytes, size=size)
+            if lent is None:  # nothing lent: read once into a buffer of its own, kept
+                lent = [memoryview(bytearray(entry.nbytes))]
+                chunks.read_span(self._files, ref, entry.offset, lent[0], None, size=size)
+            chunks.check_parts(ref, lent, entry.crc32c)
+            with self._pack_lock:
+                self._held[entry.offset] = lent
             return
         if entry.ranged:
             size = self._size(entry)
@@ -415,8 +428,11 @@ class RankReader:
             return out
         dest = byte_view(out)
         held = self._held.pop(entry.offset, None) if verified and entry.ranged else None
-        if held is not None and len(held) == len(dest):
-            dest[:] = held  # verified with its neighbours: a copy, not a second read
+        if held is not None and sum(len(p) for p in held) == len(dest):
+            at = 0  # verified already (with its neighbours, or as lent): a copy, no read
+            for part in held:
+                dest[at : at + len(part)] = part
+                at += len(part)
         elif entry.ranged:
             chunks.read_span(
                 self._files,
@@ -458,11 +474,11 @@ class RankReader:
                 out[i] = self.read(entry, into, verified=verified)
         return [t for t in out if t is not None]
 
-    def verify_many(self, entries: Sequence[ArrayEntry]) -> None:
+    def verify_many(self, entries: Sequence[ArrayEntry], *, hold: bool = False) -> None:
         """:meth:`verify` for each entry, own arrays on a few threads. Small tensors lying
         side by side in the data array are read as one span, checked tensor by tensor and
         kept for the fill (:meth:`read` with ``verified``): 10,000 tensors of 4 KiB cost a
-        few reads, not 20,000."""
+        few reads, not 20,000. ``hold`` as for :meth:`verify`."""
         small = sorted(
             (e for e in entries if e.ranged and 0 < e.nbytes <= SMALL_BYTES),
             key=lambda e: e.offset,
@@ -478,7 +494,7 @@ class RankReader:
         grouped = {id(e) for span in spans for e in span}
         rest = [e for e in entries if not e.packed and id(e) not in grouped]
         _map(self._verify_span, spans, lambda span: sum(e.nbytes for e in span))
-        _map(self.verify, rest, lambda e: e.nbytes)
+        _map(functools.partial(self.verify, hold=hold), rest, lambda e: e.nbytes)
         for entry in entries:
             if entry.packed:
                 self.verify(entry)
@@ -500,7 +516,7 @@ class RankReader:
         with self._pack_lock:
             if self._held_bytes + len(buf) <= HELD_BYTES:
                 self._held_bytes += len(buf)
-                self._held.update(views)
+                self._held.update((offset, [v]) for offset, v in views.items())
 
     def close(self) -> None:
         """Close the files this reader keeps open (also done when it is collected)."""

@@ -167,6 +167,13 @@ class FileSystem(ABC):
                 break
         return got
 
+    def borrow(self, path: str, offset: int, nbytes: int) -> list[memoryview] | None:
+        """Bytes ``[offset, offset + nbytes)`` of ``path`` (fewer at its end) as buffers the
+        backend already holds, in order, without a copy into a caller's buffer (an object
+        store's response bodies); None where it has none to lend (read with
+        :meth:`read_into`)."""
+        return None
+
     def open_reads(self) -> ReadHandles:
         """A reader-scoped view for the reads of one load: each file is opened once for
         all the sizes and byte ranges asked of it (a parallel filesystem's metadata server
@@ -258,11 +265,11 @@ class ReadHandles:
     def read_into_parts(self, path: str, parts: Sequence[memoryview], offset: int = 0) -> int:
         return self.fs.read_into_parts(path, parts, offset)
 
-    def mapped(self, path: str) -> memoryview | None:
-        """The whole file as read-only memory (its pages are the page cache's: a checksum
-        or a strided copy reads them in place, no copy into a buffer first), or None where
-        the backend can only copy bytes out (object stores, the in-memory backends)."""
-        return None
+    def borrow(self, path: str, offset: int, nbytes: int) -> list[memoryview] | None:
+        """:meth:`FileSystem.borrow` through these handles: local files lend their mapped
+        page cache (a checksum or a strided copy reads the bytes in place), object stores
+        their response bodies; None: copy out with :meth:`read_into`."""
+        return self.fs.borrow(path, offset, nbytes)
 
     def close(self) -> None:
         """Release what the handles hold; later reads open files again."""
@@ -329,7 +336,14 @@ class _LocalReadHandles(ReadHandles):
         finally:
             self._release(path)
 
-    def mapped(self, path: str) -> memoryview | None:
+    def borrow(self, path: str, offset: int, nbytes: int) -> list[memoryview] | None:
+        whole = self._mapping(path)
+        if whole is None:
+            return None
+        with whole:
+            return [whole[offset : offset + nbytes]]
+
+    def _mapping(self, path: str) -> memoryview | None:
         """Mapped once per file for the handles' life (a committed row's files never change;
         readers check the size first, so no access lies past the end)."""
         if not self._map_files:
