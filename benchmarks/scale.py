@@ -161,15 +161,13 @@ def sampled_ranks(world: int, sample: int) -> dict[int, float]:
 @contextlib.contextmanager
 def no_bytes() -> Iterator[None]:
     """The format-2 writer and readers without bytes: views of zeros of each tensor's
-    length (meta tensors have no memory), crc 0, and reads of data ranges counted (one
-    open each, as the local backend opens per read) but not copied or checked."""
+    length (meta tensors have no memory), crc 0, reads of data ranges counted but not
+    copied or checked, and checks lent the file's (never touched) mapping, as the local
+    backend's are: no read call."""
     zeros = [memoryview(mmap.mmap(-1, 8 << 20))]  # anonymous pages: never touched
 
     def view(tensor: torch.Tensor) -> memoryview:
-        n = tensor.numel() * tensor.element_size()
-        if n > len(zeros[0]):
-            zeros[0] = memoryview(mmap.mmap(-1, n))
-        return zeros[0][:n]
+        return view_of(tensor.numel() * tensor.element_size())
 
     def read_span(fs: Any, ref: Any, offset: int, dest: memoryview, crc: Any, **kw: Any) -> None:
         fs.read_into(ref.path, memoryview(bytearray(0)), offset)
@@ -177,8 +175,16 @@ def no_bytes() -> Iterator[None]:
     def verify_span(
         fs: Any, ref: Any, offset: int, nbytes: int, crc: Any, scratch: memoryview, **kw: Any
     ) -> None:
-        for done in range(0, nbytes, len(scratch)):  # one read per scratch buffer, as streamed
-            fs.read_into(ref.path, memoryview(bytearray(0)), offset + done)
+        fs.size(ref.path)  # checked in the mapped file, as the local backend does: no read
+
+    def span_parts(fs: Any, ref: Any, offset: int, nbytes: int, **kw: Any) -> list[memoryview]:
+        fs.size(ref.path)  # the local backend lends its mapping of the open file: no read
+        return [view_of(nbytes)]
+
+    def view_of(n: int) -> memoryview:
+        if n > len(zeros[0]):
+            zeros[0] = memoryview(mmap.mmap(-1, n))
+        return zeros[0][:n]
 
     with (
         mock.patch.object(dataio, "byte_view", view),
@@ -186,6 +192,7 @@ def no_bytes() -> Iterator[None]:
         mock.patch.object(globalio, "byte_view", view),
         mock.patch.object(chunks, "read_span", read_span),
         mock.patch.object(chunks, "verify_span", verify_span),
+        mock.patch.object(chunks, "span_parts", span_parts),
         mock.patch.object(chunks, "check", lambda ref, data, crc: None),
         _parsed_once(),
     ):
