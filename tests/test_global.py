@@ -146,6 +146,7 @@ def test_a_damaged_block_checked_by_one_band_reader_fails_every_rank(tmp_path):
 
 @multiproc
 @pytest.mark.timeout(TEST_TIMEOUT)
+@pytest.mark.long  # tests/test_async_kill.py kills a DTensor save mid-row by default
 def test_killed_global_save_leaves_the_previous_row_elected(tmp_path):
     store = tmp_path / "store"
     launch(2, store, "save").check()
