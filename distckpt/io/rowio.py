@@ -459,9 +459,9 @@ class RankReader:
         """:meth:`read` for each (entry, into) pair, on a few threads: one file's ``preadv``
         overlaps another's checksum (packed slices stay on this thread: no hand-off)."""
         out: list[torch.Tensor | None] = [None] * len(jobs)
-        if verified:  # verified with their neighbours: copies, no hand-off to a thread
-            for i, (entry, into) in enumerate(jobs):
-                if entry.ranged and entry.offset in self._held:
+        if verified:  # small ones verified with their neighbours: copies, no hand-off
+            for i, (entry, into) in enumerate(jobs):  # (large held bodies: copied on threads)
+                if entry.ranged and entry.nbytes <= SMALL_BYTES and entry.offset in self._held:
                     out[i] = self.read(entry, into, verified=True)
         own = [i for i, (e, _) in enumerate(jobs) if not e.packed and out[i] is None]
         got = _map(
