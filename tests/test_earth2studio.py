@@ -13,11 +13,14 @@ What a resume reproduces depends only on the last committed row; see docs/earth2
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import sys
 import types
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,13 +47,35 @@ E2S_STATE_IDS = {
 }
 
 
+@contextlib.contextmanager
+def _light_stacks() -> Iterator[None]:
+    """``inspect.stack()`` as frames with their file names only, while Earth2Studio is
+    imported: its optional-dependency registry asks for the caller's file name some 3,800
+    times per import, and each full ``inspect.stack()`` searches every loaded module for
+    every frame (about 50 s of a 60 s import here, a minute of the default test run)."""
+    real = inspect.stack
+
+    def light(context: int = 1) -> list[Any]:
+        frames, frame = [], sys._getframe(1)
+        while frame is not None:
+            frames.append(types.SimpleNamespace(frame=frame, filename=frame.f_code.co_filename))
+            frame = frame.f_back
+        return frames
+
+    inspect.stack = light  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        inspect.stack = real
+
+
 @pytest.fixture(scope="module")
 def e2s() -> Any:
     """Earth2Studio with its checkpoint names routed to distckpt for this module's tests."""
     from loguru import logger
 
     handle = compat.use_distckpt()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _light_stacks():
         # netCDF4 (imported by earth2studio.data) warns about its numpy ABI; not ours
         warnings.filterwarnings("ignore", "numpy.ndarray size changed", RuntimeWarning)
         import earth2studio.run
