@@ -47,39 +47,6 @@ def _as_value(read: ArrayRead, tensor: torch.Tensor) -> Any:
     return array.view(np.dtype(read.np_dtype)) if read.np_dtype is not None else array
 
 
-def _local_view(read: BoxRead, target: Any) -> torch.Tensor | None:
-    """The live target's local tensor as the region's shape, where the region's bytes can
-    go straight into it (CPU, contiguous, same dtype and size); else None (through a host
-    buffer)."""
-    _, _, _, local = target_region(target)
-    if (
-        local is None
-        or local.device.type != "cpu"
-        or not local.is_contiguous()
-        or local.is_conj()
-        or local.is_neg()
-        or local.dtype != read.dtype
-        or local.numel() != read.box.numel
-    ):
-        return None
-    return local.detach().view(read.box.lengths)
-
-
-def _fill_checked(read: BoxRead, target: Any, globals_: GlobalReader) -> None:
-    """Read a verified region into the live target: straight into its local tensor, or
-    through a host buffer (a CUDA shard, another dtype)."""
-    view = _local_view(read, target)
-    if view is not None:
-        globals_.read(read.entry, read.box, view, verified=True)
-        return
-    _, _, _, local = target_region(target)
-    if local is None or not read.box.numel:
-        return
-    host = torch.empty(read.box.lengths, dtype=read.dtype)
-    globals_.read(read.entry, read.box, host, verified=True)
-    local.detach().copy_(host.reshape(local.shape))
-
-
 def _new_box(read: BoxRead, globals_: GlobalReader) -> torch.Tensor:
     out = torch.empty(read.box.lengths, dtype=read.dtype)
     if read.box.numel:
@@ -112,7 +79,7 @@ def execute(
     where = f"cannot restore row {row}"
     got: dict[int, Any] = {}
     staged: dict[int, torch.Tensor] = {}  # global regions read and verified, not yet live
-    checked: list[int] = []  # global regions verified, to be read straight into live memory
+    checked: set[int] = set()  # global regions verified, filled without their checksums
     direct: dict[int, list[int]] = {}  # saved rank -> reads going straight into live memory
     fresh: dict[int, list[int]] = {}  # saved rank -> reads into new tensors
 
@@ -135,7 +102,7 @@ def execute(
                     staged[i] = _new_box(src, globals_)
                 else:  # streamed, nothing kept; a DTensor's blocks shared among its ranks
                     globals_.verify(src.entry, src.box, tiled=tiles(at(live, item.path)))
-                    checked.append(i)
+                    checked.add(i)
             elif item.dest == "new" and isinstance(src, BoxRead):
                 whole = _new_box(src, globals_)
                 shape = src.entry.shape
@@ -166,11 +133,9 @@ def execute(
                     _, _, _, local = target_region(target)
                     if local is not None:
                         local.detach().copy_(staged[i].reshape(local.shape))
-                elif i in checked:
-                    assert isinstance(item.source, BoxRead)
-                    _fill_checked(item.source, target, globals_)
                 elif isinstance(item.source, BoxRead):
-                    fill_region(target, GlobalValue(item.source.entry, globals_))
+                    value = GlobalValue(item.source.entry, globals_, verified=i in checked)
+                    fill_region(target, value)
                 else:
                     target.copy_(got.get(i, item.source))
 

@@ -311,6 +311,23 @@ def check_parts(ref: ChunkRef, parts: Sequence[memoryview], crc: int | None) -> 
         raise ref.fail(CorruptChunkError.CHECKSUM, "checksum mismatch (data corrupted)")
 
 
+def _lent_checksum(
+    fs: ChunkFiles, ref: ChunkRef, offset: int, nbytes: int, size: int
+) -> int | None:
+    """The crc32c of the ``nbytes`` at ``offset`` computed in the bytes the files lend (no
+    copy), :data:`BORROW_BYTES` at a time; None where they lend none."""
+    running, done = 0, 0
+    while done < nbytes:
+        parts = span_parts(fs, ref, offset + done, min(BORROW_BYTES, nbytes - done), size=size)
+        if parts is None:
+            return None
+        for part in parts:
+            running = checksum(part, running)
+            done += len(part)
+            part.release()
+    return running
+
+
 def read_span(
     fs: ChunkFiles,
     ref: ChunkRef,
@@ -341,31 +358,20 @@ def verify_span(
     *,
     size: int,
 ) -> None:
-    """Check the ``nbytes`` at ``offset`` against ``crc`` without keeping them (streamed
-    through ``scratch``); with no checksum only that they lie inside the array."""
+    """Check the ``nbytes`` at ``offset`` against ``crc`` without keeping them (in the bytes
+    the files lend, else streamed through ``scratch``); with no checksum only that they lie
+    inside the array."""
     span_fits(ref, offset, nbytes, size)
     if crc is None:
         return
-    running, done = 0, 0
-    while done < nbytes:  # in place where the files lend their bytes: no copy
-        n = min(BORROW_BYTES, nbytes - done)
-        parts = span_parts(fs, ref, offset + done, n, size=size)
-        if parts is None:
-            break
-        for part in parts:
+    running = _lent_checksum(fs, ref, offset, nbytes, size)
+    if running is None:  # nothing lent: streamed through ``scratch``
+        running, done = 0, 0
+        while done < nbytes:
+            part = scratch[: min(len(scratch), nbytes - done)]
+            if _read(fs, ref, [part], offset + done) != len(part):
+                raise ref.fail(CorruptChunkError.TRUNCATED, "data array file is truncated")
             running = checksum(part, running)
-            part.release()
-        done += n
-    else:
-        if running != crc:
-            raise ref.fail(CorruptChunkError.CHECKSUM, "checksum mismatch (data corrupted)")
-        return
-    running, done = 0, 0
-    while done < nbytes:
-        part = scratch[: min(len(scratch), nbytes - done)]
-        if _read(fs, ref, [part], offset + done) != len(part):
-            raise ref.fail(CorruptChunkError.TRUNCATED, "data array file is truncated")
-        running = checksum(part, running)
-        done += len(part)
+            done += len(part)
     if running != crc:
         raise ref.fail(CorruptChunkError.CHECKSUM, "checksum mismatch (data corrupted)")

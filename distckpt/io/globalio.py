@@ -542,6 +542,7 @@ class GlobalValue:
 
     entry: GlobalEntry
     reader: GlobalReader
+    verified: bool = False  # GlobalReader.verify passed for the regions read: no checksums
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -552,7 +553,7 @@ class GlobalValue:
         return torch_dtype(self.entry.dtype)
 
     def read(self, box: Box, dest: torch.Tensor) -> None:
-        self.reader.read(self.entry, box, dest)
+        self.reader.read(self.entry, box, dest, verified=self.verified)
 
     def full(self) -> torch.Tensor:
         """The whole logical tensor (for a target that is a plain tensor or absent)."""
@@ -577,8 +578,9 @@ def target_region(live: Any) -> tuple[tuple[int, ...], torch.dtype, Box, torch.T
 def fill(live: Any, saved: GlobalValue) -> None:
     """Read this rank's region of ``saved`` into ``live`` (DTensor, Sharded or tensor).
 
-    Chunks go straight into the live memory when it is a contiguous CPU tensor; otherwise
-    through a host buffer of the local size (e.g. a CUDA local shard).
+    Bytes go straight into the live memory when it is a contiguous CPU tensor of the saved
+    dtype (no conjugate or negative view bit, which raw bytes would bypass); otherwise
+    through a host buffer of the local size (e.g. a CUDA local shard, another dtype).
     """
     import torch
 
@@ -587,10 +589,16 @@ def fill(live: Any, saved: GlobalValue) -> None:
         return
     with torch.no_grad():
         dest = local.detach()
-        if dest.device.type == "cpu" and dest.is_contiguous():
+        if (
+            dest.device.type == "cpu"
+            and dest.is_contiguous()
+            and not dest.is_conj()
+            and not dest.is_neg()
+            and dest.dtype == saved.dtype
+        ):
             saved.read(box, dest)
         else:
-            host = torch.empty(box.lengths, dtype=dest.dtype)
+            host = torch.empty(box.lengths, dtype=saved.dtype)
             saved.read(box, host)
             dest.copy_(host)
 

@@ -333,8 +333,9 @@ class RankReader:
 
     def verify(self, entry: ArrayEntry, *, hold: bool = False) -> None:
         """Check everything a later :meth:`read` would check (the byte count against shape
-        and dtype, the byte range or file size, the checksum) without keeping the bytes:
-        streamed through a small reused buffer (no allocation of the tensor's size). A
+        and dtype, the byte range or file size, the checksum) without keeping the bytes: in
+        the bytes the files lend (mapped pages) or streamed through a small reused buffer
+        (no allocation of the tensor's size). A
         load runs this before it touches live memory, so whatever :meth:`read` would refuse
         must be refused here first. ``hold``: keep the bytes the files lend (an object
         store's response bodies) for :meth:`read` with ``verified``, which copies them into
