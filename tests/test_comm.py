@@ -6,6 +6,7 @@ test_multiproc.py.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +146,19 @@ def test_without_mpi4py_an_mpi_launch_is_a_clear_error(tmp_path, launcher):
     assert out.startswith(f"error: launched under MPI ({variable} is set)"), out
     assert 'pip install "distckpt[mpi]"' in out
     assert not (tmp_path / "zarr.json").exists()
+
+
+@pytest.mark.parametrize("launcher", ["torch", "mpi"])
+def test_messages_short_and_long_cross_between_ranks_intact(launcher: str):
+    """Short messages cross in one exchange, long ones in a second: a call where some ranks
+    send short and others long messages still gives every rank every message, byte for
+    byte (3 ranks, sizes on both sides of the slot)."""
+    from multiproc import WORKERS, run_mpiexec, run_torchrun
+
+    if launcher == "mpi":
+        pytest.importorskip("mpi4py")
+    run = run_torchrun if launcher == "torch" else run_mpiexec
+    result = run(3, WORKERS / "comm_worker.py", [launcher], timeout=120).check()
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    assert json.loads(lines["GATHERED"]) == [True] * 5
+    assert json.loads(lines["BROADCAST"]) == [True] * 5

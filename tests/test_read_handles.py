@@ -226,3 +226,57 @@ def test_small_tensors_are_verified_and_filled_from_one_read_of_their_span(tmp_p
     data = [r for r in fs.reads if f"{os.sep}data{os.sep}c." in r[0]]
     # 500 checksummed tensors: verified as one span, then filled from it (not 1,000 reads)
     assert len(data) == 1
+
+
+def _record_preadv(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(thread id, bytes) of every local ``preadv``."""
+    calls: list[tuple[int, int]] = []
+    real = filesystem._preadv_all
+
+    def recording(fd: int, parts: Any, offset: int) -> int:
+        n = real(fd, parts, offset)
+        calls.append((threading.get_ident(), n))
+        return n
+
+    monkeypatch.setattr(filesystem, "_preadv_all", recording)
+    return calls
+
+
+def _large_model(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"w{i}": torch.randn(256, 1024, generator=g) for i in range(6)}  # 1 MiB each
+
+
+def test_a_verified_local_load_checks_and_copies_the_mapped_pages_without_reading_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """With mapped reads a verified load takes each tensor's bytes from the pages its check
+    mapped (no read call copies them a second time); with mapping off it reads them."""
+    saved = _large_model(0)
+    distckpt.save(saved, tmp_path)
+    total = sum(v.numel() * 4 for v in saved.values())
+    for mapped in ("1", "0"):
+        monkeypatch.setenv(filesystem.MAPPED_READS_ENV, mapped)
+        calls = _record_preadv(monkeypatch)
+        target = _large_model(1)
+        distckpt.load(target, tmp_path)
+        assert all(torch.equal(target[k], v) for k, v in saved.items())
+        read = sum(n for _, n in calls)
+        assert (read < total) if mapped == "1" else (read >= total), (mapped, read, total)
+
+
+def test_a_rank_with_one_core_to_itself_reads_on_its_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Ranks sharing a node's cores (``LOCAL_WORLD_SIZE``) read local files on no more
+    threads than their share: page-cache reads are CPU work, and extra threads only
+    contend with the other ranks'."""
+    saved = _large_model(0)
+    distckpt.save(saved, tmp_path)
+    monkeypatch.setenv(filesystem.MAPPED_READS_ENV, "0")  # every read is a preadv
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(len(os.sched_getaffinity(0))))
+    calls = _record_preadv(monkeypatch)
+    target = _large_model(1)
+    distckpt.load(target, tmp_path)
+    assert all(torch.equal(target[k], v) for k, v in saved.items())
+    assert len(calls) >= len(saved) and {t for t, _ in calls} == {threading.get_ident()}

@@ -162,17 +162,17 @@ class TorchDistComm(Communicator):
     def allgather_bytes(self, data: bytes) -> list[bytes]:
         import torch
 
-        n = torch.tensor([len(data)], dtype=torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self._size)]
-        self._dist.all_gather(sizes, n, group=self._group)
-        lengths = [int(s.item()) for s in sizes]
-        longest = max(lengths)
-        if longest == 0:
-            return [b""] * self._size
-        buf = torch.zeros(longest, dtype=torch.uint8)
+        slot = torch.from_numpy(pack_slot(data))
+        slots = [torch.empty_like(slot) for _ in range(self._size)]
+        self._dist.all_gather(slots, slot, group=self._group)
+        opened = [open_slot(s.numpy()) for s in slots]
+        if all(message is not None for _, message in opened):
+            return [message for _, message in opened]  # type: ignore[misc]
+        lengths = [n for n, _ in opened]
+        buf = torch.zeros(max(lengths), dtype=torch.uint8)
         if data:
             buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        outs = [torch.empty(longest, dtype=torch.uint8) for _ in range(self._size)]
+        outs = [torch.empty_like(buf) for _ in range(self._size)]
         self._dist.all_gather(outs, buf, group=self._group)
         return [o[:k].numpy().tobytes() for o, k in zip(outs, lengths, strict=True)]
 
@@ -180,17 +180,43 @@ class TorchDistComm(Communicator):
         import torch
 
         src = self._dist.get_global_rank(self._group, root) if self._group else root
-        n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
-        self._dist.broadcast(n, src=src, group=self._group)
-        length = int(n.item())
-        if length == 0:
-            return b""
-        if self._rank == root and data is not None:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        sending = self._rank == root and data is not None
+        slot = torch.from_numpy(pack_slot(data if sending else b""))  # type: ignore[arg-type]
+        self._dist.broadcast(slot, src=src, group=self._group)
+        length, message = open_slot(slot.numpy())
+        if message is not None:
+            return message
+        if sending:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # type: ignore[arg-type]
         else:
             buf = torch.empty(length, dtype=torch.uint8)
         self._dist.broadcast(buf, src=src, group=self._group)
         return buf.numpy().tobytes()
+
+
+# Messages cross in a fixed slot (an int64 length, then up to SLOT_BYTES of message) in one
+# collective: most step messages are agreements (``null``), and each collective is a round
+# trip through every rank, so lengths first and bytes second cost two. Only when some rank's
+# message is longer than the slot does a second collective carry the payloads.
+SLOT_BYTES = 504
+_HEADER = 8
+
+
+def pack_slot(data: bytes) -> np.ndarray:
+    """The fixed slot carrying ``data``'s length, and ``data`` itself when it fits."""
+    slot = np.zeros(_HEADER + SLOT_BYTES, dtype=np.uint8)
+    slot[:_HEADER] = np.frombuffer(np.int64(len(data)).tobytes(), dtype=np.uint8)
+    if len(data) <= SLOT_BYTES:
+        slot[_HEADER : _HEADER + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return slot
+
+
+def open_slot(slot: np.ndarray) -> tuple[int, bytes | None]:
+    """(length, message) of a slot; the message is None when it did not fit."""
+    length = int(slot[:_HEADER].view(np.int64)[0])
+    if length <= SLOT_BYTES:
+        return length, slot[_HEADER : _HEADER + length].tobytes()
+    return length, None
 
 
 class MPIComm(Communicator):
@@ -216,25 +242,27 @@ class MPIComm(Communicator):
         self._comm.Barrier()
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
-        counts = np.zeros(self.world_size, dtype=np.int64)
-        self._comm.Allgather(np.array([len(data)], dtype=np.int64), counts)
-        total = int(counts.sum())
-        if total == 0:
-            return [b""] * self.world_size
-        out = np.empty(total, dtype=np.uint8)
+        slots = np.empty((self.world_size, _HEADER + SLOT_BYTES), dtype=np.uint8)
+        self._comm.Allgather(pack_slot(data), slots)
+        opened = [open_slot(slot) for slot in slots]
+        if all(message is not None for _, message in opened):
+            return [message for _, message in opened]  # type: ignore[misc]
+        counts = np.array([n for n, _ in opened], dtype=np.int64)
+        out = np.empty(int(counts.sum()), dtype=np.uint8)
         send = np.frombuffer(data, dtype=np.uint8) if data else np.empty(0, dtype=np.uint8)
         self._comm.Allgatherv(send, [out, counts.tolist()])
         bounds = np.concatenate([[0], np.cumsum(counts)])
         return [out[bounds[i] : bounds[i + 1]].tobytes() for i in range(self.world_size)]
 
     def broadcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
-        n = np.array([len(data) if data is not None else 0], dtype=np.int64)
-        self._comm.Bcast(n, root=root)
-        length = int(n[0])
-        if length == 0:
-            return b""
-        if self.rank == root and data is not None:
-            buf = np.frombuffer(bytearray(data), dtype=np.uint8)
+        sending = self.rank == root and data is not None
+        slot = pack_slot(data if sending else b"")  # type: ignore[arg-type]
+        self._comm.Bcast(slot, root=root)
+        length, message = open_slot(slot)
+        if message is not None:
+            return message
+        if sending:
+            buf = np.frombuffer(bytearray(data), dtype=np.uint8)  # type: ignore[arg-type]
         else:
             buf = np.empty(length, dtype=np.uint8)
         self._comm.Bcast(buf, root=root)

@@ -49,7 +49,7 @@ from distckpt.format.shards import (
     plan_layouts,
 )
 from distckpt.io.dataio import PieceSlot, block_ranges, piece_slots
-from distckpt.io.rowio import byte_view
+from distckpt.io.rowio import byte_view, copy_parts
 from distckpt.plan.save import PlannedShard, RankPlan
 from distckpt.storage.filesystem import FileSystem, ReadHandles
 from distckpt.storage.store import Store
@@ -373,15 +373,16 @@ class GlobalReader:
             buf = target if direct and target is not None else torch.empty(sub.lengths, dtype=dtype)
             start = ranges[b0][0]
             view = byte_view(buf)
-            chunks.read_span(
-                self._files,
-                ref,
-                pc.offset + start,
-                view,
-                None,
-                size=self._size(rank, ref),
-                verify=False,
-            )
+            size = self._size(rank, ref)
+            lent = None
+            if verified and self._files.lends_in_memory:  # the pages the check mapped
+                lent = chunks.span_parts(self._files, ref, pc.offset + start, len(view), size=size)
+            if lent is not None:
+                copy_parts(view, lent)
+            else:
+                chunks.read_span(
+                    self._files, ref, pc.offset + start, view, None, size=size, verify=False
+                )
             for b in range(b0, b1) if not verified else ():
                 a, e = ranges[b]
                 chunks.check(ref, view[a - start : e - start], crcs[b])

@@ -47,15 +47,19 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def _workers() -> int:
-    """Threads for chunk writes and reads: writev, preadv, fsync and crc32c release the GIL.
-
-    Two at least (so checksumming overlaps I/O), four at most, and no more than this
-    rank's share of the cores when several ranks share a node (``LOCAL_WORLD_SIZE``)."""
+def core_share() -> int:
+    """This rank's share of the node's cores (``LOCAL_WORLD_SIZE`` ranks share them)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    share = (cpus or 1) // max(1, int(local) if local.isdigit() else 1)
-    return max(2, min(4, share))
+    return max(1, (cpus or 1) // max(1, int(local) if local.isdigit() else 1))
+
+
+def _workers() -> int:
+    """Threads for chunk writes: writev, fsync and crc32c release the GIL. Two at least
+    (a checksum overlaps another chunk's wait on the disk), four at most, and no more than
+    this rank's share of the cores beyond that. Reads ask their store
+    (:meth:`FileSystem.read_threads`)."""
+    return max(2, min(4, core_share()))
 
 
 def write_rank_arrays(
@@ -211,19 +215,39 @@ def batched(items: Sequence[_T], size: Callable[[_T], int]) -> list[Sequence[_T]
 
 
 def _map(
-    fn: Callable[[_T], _R], items: Sequence[_T], size: Callable[[_T], int] | None = None
+    fn: Callable[[_T], _R],
+    items: Sequence[_T],
+    size: Callable[[_T], int] | None = None,
+    *,
+    workers: int,
 ) -> list[_R]:
-    """``fn`` of every item, in order, on a few threads. With ``size``, consecutive items go
-    to a thread together, about :data:`BATCH_BYTES` at a time: a hand-off costs tens of
-    microseconds, so 10,000 tensors of 4 KiB one per task spent seconds in the pool."""
-    if len(items) <= 1 or _workers() == 1:
+    """``fn`` of every item, in order, on ``workers`` threads. With ``size``, consecutive
+    items go to a thread together, about :data:`BATCH_BYTES` at a time: a hand-off costs
+    tens of microseconds, so 10,000 tensors of 4 KiB one per task spent seconds in the pool."""
+    if len(items) <= 1 or workers <= 1:
         return [fn(item) for item in items]
     batches = [[item] for item in items] if size is None else batched(items, size)
     if len(batches) == 1:
         return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         done = pool.map(lambda batch: [fn(item) for item in batch], batches)
         return [result for batch in done for result in batch]
+
+
+def copy_parts(dest: memoryview, parts: Sequence[memoryview]) -> None:
+    """``parts`` one after another into ``dest``, then released (lent mapped pages are
+    unmapped once no view holds them). numpy's copy: a memoryview slice assignment of
+    large buffers measured 20-40% slower."""
+    out = np.frombuffer(dest, dtype=np.uint8)
+    at = 0
+    try:
+        for part in parts:
+            n = len(part)
+            np.copyto(out[at : at + n], np.frombuffer(part, dtype=np.uint8))
+            at += n
+    finally:
+        for part in parts:
+            part.release()
 
 
 def fits_directly(entry: ArrayEntry, live: torch.Tensor) -> bool:
@@ -282,6 +306,10 @@ class RankReader:
         # verified in spans, and every tensor a remote store lent (``verify(hold=True)``).
         self._held: dict[int, list[memoryview]] = {}
         self._held_bytes = 0
+        self._threads = fs.read_threads(core_share())
+        # Whether the files lend what they hold without a request (mapped local pages):
+        # then a verified fill copies out of them instead of reading again.
+        self._local_lends = self._files.lends_in_memory
 
     def _size(self, entry: ArrayEntry) -> int:
         size = self._sizes.get(entry.array)
@@ -430,10 +458,21 @@ class RankReader:
         dest = byte_view(out)
         held = self._held.pop(entry.offset, None) if verified and entry.ranged else None
         if held is not None and sum(len(p) for p in held) == len(dest):
-            at = 0  # verified already (with its neighbours, or as lent): a copy, no read
-            for part in held:
-                dest[at : at + len(part)] = part
-                at += len(part)
+            copy_parts(dest, held)  # verified already (with neighbours, or as lent): no read
+        elif entry.ranged and verified and self._local_lends:
+            # The pages the check mapped, copied in user space: on this machine a copy out of
+            # a mapping ran 10-40% faster than the kernel's copy of the same page-cache
+            # bytes through preadv, and the check already faulted the mapping in.
+            size = self._size(entry)
+            lent = chunks.span_parts(
+                self._files, self.ref(entry), entry.offset, len(dest), size=size
+            )
+            if lent is None:
+                chunks.read_span(
+                    self._files, self.ref(entry), entry.offset, dest, None, size=size, verify=False
+                )
+            else:
+                copy_parts(dest, lent)
         elif entry.ranged:
             chunks.read_span(
                 self._files,
@@ -466,7 +505,10 @@ class RankReader:
                     out[i] = self.read(entry, into, verified=True)
         own = [i for i, (e, _) in enumerate(jobs) if not e.packed and out[i] is None]
         got = _map(
-            lambda i: self.read(*jobs[i], verified=verified), own, lambda i: jobs[i][0].nbytes
+            lambda i: self.read(*jobs[i], verified=verified),
+            own,
+            lambda i: jobs[i][0].nbytes,
+            workers=self._threads,
         )
         for i, tensor in zip(own, got, strict=True):
             out[i] = tensor
@@ -494,8 +536,9 @@ class RankReader:
             spans.append([e])
         grouped = {id(e) for span in spans for e in span}
         rest = [e for e in entries if not e.packed and id(e) not in grouped]
-        _map(self._verify_span, spans, lambda span: sum(e.nbytes for e in span))
-        _map(functools.partial(self.verify, hold=hold), rest, lambda e: e.nbytes)
+        threads = self._threads
+        _map(self._verify_span, spans, lambda s: sum(e.nbytes for e in s), workers=threads)
+        _map(functools.partial(self.verify, hold=hold), rest, lambda e: e.nbytes, workers=threads)
         for entry in entries:
             if entry.packed:
                 self.verify(entry)

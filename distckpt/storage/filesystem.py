@@ -174,6 +174,13 @@ class FileSystem(ABC):
         :meth:`read_into`)."""
         return None
 
+    def read_threads(self, cores: int) -> int:
+        """Threads one reader uses on a rank with ``cores`` cores to itself. Reads served
+        from memory (the page cache) are copies and checksums, CPU work: no more threads
+        than cores (two ranks of two threads each on two cores loaded 10-15% slower than
+        one thread each). Backends whose reads wait on a network override it."""
+        return max(1, min(4, cores))
+
     def open_reads(self) -> ReadHandles:
         """A reader-scoped view for the reads of one load: each file is opened once for
         all the sizes and byte ranges asked of it (a parallel filesystem's metadata server
@@ -253,6 +260,10 @@ class ReadHandles:
     holds them (a committed row's files never are).
     """
 
+    #: Whether :meth:`borrow` lends bytes already in this process's memory (mapped pages):
+    #: borrowing them again costs no request.
+    lends_in_memory: bool = False
+
     def __init__(self, fs: FileSystem) -> None:
         self.fs = fs
 
@@ -298,6 +309,7 @@ class _LocalReadHandles(ReadHandles):
         # A page that fails to read through a mapping is SIGBUS, not an error: sites whose
         # filesystem may fail reads (client evictions) can turn mapping off.
         self._map_files = os.environ.get(MAPPED_READS_ENV, "1") != "0"
+        self.lends_in_memory = self._map_files
         self._finalizer = weakref.finalize(self, _close_all, self._open, self._lock)
 
     def _acquire(self, path: str) -> int:

@@ -370,6 +370,10 @@ class S3FileSystem(FileSystem):
                 data, pos, i = data[k:], pos + k, i + 1
         return got
 
+    def read_threads(self, cores: int) -> int:
+        # A GET waits on the server: two in flight at least, whatever the cores.
+        return max(2, min(4, cores))
+
     def borrow(self, path: str, offset: int, nbytes: int) -> list[memoryview] | None:
         # The response bodies themselves: a verified load checks them and copies them into
         # live memory once, with no staging buffer between.
