@@ -12,6 +12,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -321,7 +322,23 @@ def test_the_lease_is_taken_when_a_checkpoint_block_opens(store):
     assert not lease_status(store).held  # released when the block ends
 
 
-def test_threads_racing_to_acquire_only_one_wins(store):
+@pytest.mark.parametrize("slow_start", [False, True], ids=["plain", "slow-lease-object"])
+def test_threads_racing_to_acquire_only_one_wins(store, monkeypatch, slow_start: bool):
+    """Threads of one process racing for the lease: exactly one wins. ``slow_start`` widens
+    the moment between publishing the lease and its ``Lease`` object existing (a thread
+    scheduled out there): another thread must not mistake the fresh lease for one this
+    process failed to publish and take it back."""
+    if slow_start:
+        made = threading.Event()
+        real_init = Lease.__init__
+
+        def slow_init(self: Lease, *args: Any, **kwargs: Any) -> None:
+            if not made.is_set():  # the first winner only: others would only wait longer
+                made.set()
+                time.sleep(0.2)
+            real_init(self, *args, **kwargs)
+
+        monkeypatch.setattr(Lease, "__init__", slow_init)
     n = 16
     barrier = threading.Barrier(n)
     wins: list[Lease] = []

@@ -617,7 +617,9 @@ class Lease:
                 pid_start=_process_start(os.getpid()),
             )
             cls._publish(st, lock, info)
-        return cls(st, info, clock=clock, lock_wait_s=lock_wait_s, lock_stale_s=lock_stale_s)
+            # Live before the lock is let go: another thread of this process that takes the
+            # lock next must see this token as held, not as a failed publish to take back.
+            return cls(st, info, clock=clock, lock_wait_s=lock_wait_s, lock_stale_s=lock_stale_s)
 
     @staticmethod
     def _publish(st: Store, lock: _LockFile, info: LeaseInfo) -> None:
