@@ -34,7 +34,6 @@ ELECT_ANY_SIZE = "elect.any_size"  # the coordinator looks for a newer row of an
 LOAD_CHECK_ROW = "load.check_row"  # an explicitly named row: every rank reads its manifest
 LOAD_CHECK_ANY_SIZE = "load.check_any_size"  # ... or the coordinator reads all of them
 LOAD_OPEN = "load.open"  # every rank opens its part of the chosen row
-LOAD_LAYOUT = "load.layout"  # whether any rank's part holds global (sharded) arrays
 LOAD_STAND_INS = "load.stand_ins"  # decode the saved structure without reading bytes
 LOAD_FIT = "load.fit"  # the saved structure fits the live state_dict
 LOAD_VERIFY = "load.verify"  # verify bytes bound for live tensors, read the others
@@ -66,7 +65,6 @@ STEPS: dict[str, str] = {
         LOAD_CHECK_ROW,
         LOAD_CHECK_ANY_SIZE,
         LOAD_OPEN,
-        LOAD_LAYOUT,
         LOAD_STAND_INS,
         LOAD_FIT,
         LOAD_VERIFY,
@@ -103,7 +101,6 @@ LOAD_STEPS = (
     ELECT_SAME_SIZE,
     ELECT_ANY_SIZE,
     LOAD_OPEN,
-    LOAD_LAYOUT,
     LOAD_STAND_INS,
     LOAD_FIT,
     LOAD_VERIFY,

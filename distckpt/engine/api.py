@@ -210,9 +210,8 @@ def _load_row(
     # At the same world size the plan reads this rank's own part straight from the
     # manifest (global arrays included), at another world size from the saved ranks'
     # parts the mapping names; migration decodes states first, then plans from them.
-    # The layout step is kept so that load's collective steps stay the same on every
-    # path of the same world size.
-    step.gather(c, step.LOAD_LAYOUT, lambda: bool(view.manifest.globals))
+    # Every rank takes the same branch (the row's world size and ``version`` are the same
+    # on all of them), so their collective steps stay in step.
     saved: dict[str, Any] = {}
     readers = {view.rank: view.reader}
     if view.saved_world_size == c.world_size and version is None:

@@ -375,7 +375,8 @@ class GlobalReader:
             view = byte_view(buf)
             size = self._size(rank, ref)
             lent = None
-            if verified and self._files.lends_in_memory:  # the pages the check mapped
+            if verified and crcs[b0] is not None and self._files.lends_in_memory:
+                # the pages the check mapped (a piece saved without checksums: read instead)
                 lent = chunks.span_parts(self._files, ref, pc.offset + start, len(view), size=size)
             if lent is not None:
                 copy_parts(view, lent)

@@ -459,10 +459,11 @@ class RankReader:
         held = self._held.pop(entry.offset, None) if verified and entry.ranged else None
         if held is not None and sum(len(p) for p in held) == len(dest):
             copy_parts(dest, held)  # verified already (with neighbours, or as lent): no read
-        elif entry.ranged and verified and self._local_lends:
+        elif entry.ranged and verified and entry.crc32c is not None and self._local_lends:
             # The pages the check mapped, copied in user space: on this machine a copy out of
             # a mapping ran 10-40% faster than the kernel's copy of the same page-cache
-            # bytes through preadv, and the check already faulted the mapping in.
+            # bytes through preadv, and the check already mapped them in (mapping them costs
+            # about 17 ms per 256 MiB here: a row saved without checksums is read instead).
             size = self._size(entry)
             lent = chunks.span_parts(
                 self._files, self.ref(entry), entry.offset, len(dest), size=size
