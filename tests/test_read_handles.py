@@ -280,3 +280,28 @@ def test_a_rank_with_one_core_to_itself_reads_on_its_own_thread(
     distckpt.load(target, tmp_path)
     assert all(torch.equal(target[k], v) for k, v in saved.items())
     assert len(calls) >= len(saved) and {t for t, _ in calls} == {threading.get_ident()}
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "ranks"),
+    [
+        ("LOCAL_WORLD_SIZE", "4", 4),  # torchrun
+        ("OMPI_COMM_WORLD_LOCAL_SIZE", "8", 8),  # Open MPI
+        ("MPI_LOCALNRANKS", "2", 2),  # MPICH's hydra
+        ("SLURM_TASKS_PER_NODE", "4(x16)", 4),  # srun: 4 ranks on each of 16 nodes
+        ("SLURM_TASKS_PER_NODE", "", 1),
+    ],
+)
+def test_the_ranks_sharing_a_node_are_read_from_each_launcher(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, ranks: int
+):
+    """Read threads are the rank's share of the cores under torchrun, mpiexec and srun
+    alike, not only where ``LOCAL_WORLD_SIZE`` is set."""
+    from distckpt.io import rowio
+
+    for name in rowio._LOCAL_RANKS_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, value)
+    assert rowio.local_ranks() == ranks
+    cpus = len(os.sched_getaffinity(0))
+    assert rowio.core_share() == max(1, cpus // ranks)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -47,11 +48,29 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
+# Ranks on this node, as each launcher says it (SLURM's "2(x3),1": the first count is ours
+# on a uniform allocation).
+_LOCAL_RANKS_ENV = (
+    "LOCAL_WORLD_SIZE",  # torchrun
+    "OMPI_COMM_WORLD_LOCAL_SIZE",  # Open MPI
+    "MPI_LOCALNRANKS",  # MPICH's hydra
+    "SLURM_TASKS_PER_NODE",  # srun
+)
+
+
+def local_ranks() -> int:
+    """How many ranks share this node (1 when no launcher says)."""
+    for name in _LOCAL_RANKS_ENV:
+        digits = re.match(r"\d+", os.environ.get(name, ""))
+        if digits and int(digits.group()) > 0:
+            return int(digits.group())
+    return 1
+
+
 def core_share() -> int:
-    """This rank's share of the node's cores (``LOCAL_WORLD_SIZE`` ranks share them)."""
+    """This rank's share of the cores it may run on (the node's ranks share them)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    return max(1, (cpus or 1) // max(1, int(local) if local.isdigit() else 1))
+    return max(1, (cpus or 1) // local_ranks())
 
 
 def _workers() -> int:
@@ -92,7 +111,7 @@ def write_rank_arrays(
     files: list[str] = []
     tasks: list[Callable[[], list[str]]] = [write_pack] if packed else []
     tasks += [functools.partial(write_own, p) for p in own]
-    if len(tasks) <= 1 or _workers() == 1:
+    if len(tasks) <= 1:
         for task in tasks:
             files += task()
     else:
