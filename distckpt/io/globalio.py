@@ -49,7 +49,7 @@ from distckpt.format.shards import (
     plan_layouts,
 )
 from distckpt.io.dataio import PieceSlot, block_ranges, piece_slots
-from distckpt.io.rowio import byte_view, copy_parts
+from distckpt.io.rowio import byte_view, read_checked_span
 from distckpt.plan.save import PlannedShard, RankPlan
 from distckpt.storage.filesystem import FileSystem, ReadHandles
 from distckpt.storage.store import Store
@@ -374,12 +374,8 @@ class GlobalReader:
             start = ranges[b0][0]
             view = byte_view(buf)
             size = self._size(rank, ref)
-            lent = None
-            if verified and crcs[b0] is not None and self._files.lends_in_memory:
-                # the pages the check mapped (a piece saved without checksums: read instead)
-                lent = chunks.span_parts(self._files, ref, pc.offset + start, len(view), size=size)
-            if lent is not None:
-                copy_parts(view, lent)
+            if verified:  # the check passed over these blocks (pieces always have checksums)
+                read_checked_span(self._files, ref, pc.offset + start, view, size=size)
             else:
                 chunks.read_span(
                     self._files, ref, pc.offset + start, view, None, size=size, verify=False
